@@ -1,0 +1,65 @@
+"""What crosses the executor boundary: one virtual engine's microbatch and its result.
+
+Kept to plain lists and small dataclasses: a microbatch is pickled once per step and
+sent to every rank, so it must stay cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncpp.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SampleSpec:
+    """How to sample the next token of one sequence (read by the last stage only)."""
+    params: SamplingParams
+    seed: int | None  # per-sequence seed (request seed + sequence index); None: unseeded
+    step: int  # tokens generated so far; with `seed` it keys the random draw
+    blocked_token_ids: list[int] = field(default_factory=list)  # masked (min_tokens)
+    prompt_token_ids: list[int] | None = None  # only when penalties are active
+    output_token_ids: list[int] | None = None  # only when penalties are active
+
+
+@dataclass(slots=True)
+class SeqWork:
+    """One sequence's share of a microbatch."""
+    seq_id: int
+    token_ids: list[int]  # the tokens to compute now: a prompt chunk, or the last sampled token
+    start_pos: int  # position of token_ids[0] == tokens already in the KV cache
+    block_table: list[int]  # physical blocks (in the VE's region) covering start_pos + len(token_ids)
+    sample: SampleSpec | None  # set when this step ends with sampling a token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class MicroBatch:
+    ve_id: int
+    seqs: list[SeqWork]
+    mb_id: int = -1  # set by the executor
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(1 for s in self.seqs if s.sample is not None)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """Sampled tokens, in the order of the microbatch's sequences that sample."""
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # logprob of each sampled token (when any asked)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per sampled token, best first
+
+
+# Tensors passed from one stage to the next: "hidden_states" and, for models that keep
+# one, "residual"; each [num_tokens, hidden_size].
+IntermediateTensors = dict[str, torch.Tensor]

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random checkpoints built with transformers, and the HF oracle."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 1000
+
+
+def _save(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rope_theta=10000.0, tie_word_embeddings=tie, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=2)
+    if qkv_bias:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    return _save(model.eval(), path)
+
+
+def make_gpt2(path: Path, *, layers: int = 4) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
+                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return _save(GPT2LMHeadModel(cfg).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def model_dir(request, llama_dir, gpt2_dir) -> Path:
+    return {"llama": llama_dir, "gpt2": gpt2_dir}[request.param]
+
+
+def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of mixed lengths, always including both ends of the range."""
+    rng = random.Random(seed)
+    lengths = [lo, hi] + [rng.randint(lo, hi) for _ in range(count - 2)]
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+_HF_CACHE: dict[tuple, list[int]] = {}
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: transformers generate(), greedy fp32, one prompt at a time, EOS ignored."""
+    from transformers import AutoModelForCausalLM
+
+    model = None
+    results = []
+    for prompt in prompts:
+        key = (str(model_dir), tuple(prompt), max_new_tokens)
+        if key not in _HF_CACHE:
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                     pad_token_id=0)
+            _HF_CACHE[key] = out[0, len(prompt):].tolist()
+        results.append(_HF_CACHE[key])
+    return results
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
