@@ -96,3 +96,23 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def greedy(max_tokens: int) -> "SamplingParams":
+    from asyncpp import SamplingParams
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_kwargs):
+    """Greedy token ids from asyncpp's offline LLM, and the engine stats at the end."""
+    from asyncpp import LLM
+
+    engine_kwargs.setdefault("skip_tokenizer_init", True)
+    with LLM(str(model_dir), **engine_kwargs) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
+        stats = llm.engine.stats()
+    return [o.outputs[0].token_ids for o in outs], stats
+
+
+# KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
+TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4

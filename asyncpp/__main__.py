@@ -1,0 +1,3 @@
+from asyncpp.cli import main
+
+main()

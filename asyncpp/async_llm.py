@@ -1,0 +1,230 @@
+"""AsyncLLM: the async engine. Requests go to the least-loaded virtual engine and stay there."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
+from asyncpp.engine.output_processor import OutputProcessor
+from asyncpp.engine.request_stream import RequestStream
+from asyncpp.engine.scheduler import SchedulerLimits
+from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.errors import EngineDeadError, QueueFullError
+from asyncpp.executor.base import Executor, PipelineStats, create_executor
+from asyncpp.outputs import RequestMetrics, RequestOutput
+from asyncpp.prompts import PromptInput, resolve_prompt
+from asyncpp.sampling_params import SamplingParams
+
+log = logging.getLogger("asyncpp")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+    pipeline: PipelineStats
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
+                 **engine_kwargs: Any):
+        self.args = engine_args or EngineArgs(model=model, **engine_kwargs)
+        self.config: EngineConfig | None = None
+        self.tokenizer = None
+        self._executor: Executor | None = None
+        self._ves: list[VirtualEngine] = []
+        self._where: dict[str, VirtualEngine] = {}
+        self._task_group: TaskGroup | None = None
+        self._dead: BaseException | None = None
+        self._started = False
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
+        return cls(engine_args=args)
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def __aenter__(self) -> "AsyncLLM":
+        self.config = await anyio.to_thread.run_sync(create_engine_config, self.args)
+        if self.config.tokenizer_path is not None:
+            self.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        try:
+            await self._start_executor()
+        except BaseException as e:
+            await self._close(type(e), e, e.__traceback__)
+            raise
+        self._started = True
+        return self
+
+    async def _start_executor(self) -> None:
+        config = self.config
+        self._executor = create_executor(config)
+        log.info("layer partition over %d stage(s): %s", len(config.layer_partition), config.layer_partition)
+        await self._executor.start(self._task_group)
+        per_ve = self._blocks_per_ve(self._executor.num_available_blocks())
+        await self._executor.init_kv_cache(per_ve)
+        processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
+        limits = SchedulerLimits(config.args.max_num_seqs, config.max_num_batched_tokens,
+                                 config.args.enable_chunked_prefill)
+        self._ves = [VirtualEngine(i, limits, per_ve, config.args.block_size, self._executor,
+                                   processor, self._mark_dead, self._forget)
+                     for i in range(config.num_virtual_engines)]
+        for ve in self._ves:
+            self._task_group.start_soon(ve.run, name=f"virtual-engine-{ve.ve_id}")
+
+    def _blocks_per_ve(self, total: int) -> int:
+        config = self.config
+        block_size, v = config.args.block_size, config.num_virtual_engines
+        per_ve = total // v
+        log.info("# KV blocks: %d (max tokens %d), %d per virtual engine x %d",
+                 per_ve * v, per_ve * v * block_size, per_ve, v)
+        if per_ve * block_size < config.max_model_len:
+            raise ValueError(
+                f"KV cache too small: each of the {v} virtual engines holds {per_ve * block_size} "
+                f"tokens but max_model_len is {config.max_model_len}; raise --kv-cache-memory "
+                f"(now {config.args.kv_cache_memory}) or lower --max-model-len")
+        return per_ve
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._close(*exc_info)
+
+    async def _close(self, *exc_info: Any) -> bool | None:
+        self._started = False
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was shut down")
+        for ve in self._ves:
+            ve.fail_all(self._dead)
+        with anyio.CancelScope(shield=True):
+            if self._executor is not None:
+                await self._executor.shutdown()
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(*exc_info)
+
+    def _mark_dead(self, error: BaseException) -> None:
+        if self._dead is None:
+            log.error("engine failed: %s", error)
+            self._dead = error
+        for ve in self._ves:
+            ve.fail_all(self._dead)
+
+    # -- health and stats ----------------------------------------------------------
+    def dead_error(self) -> BaseException | None:
+        if self._dead is None and self._executor is not None:
+            error = self._executor.dead_error()
+            if error is not None:
+                self._mark_dead(error)
+        return self._dead
+
+    def is_healthy(self) -> bool:
+        return self._started and self.dead_error() is None
+
+    @property
+    def model_name(self) -> str:
+        return self.args.served_model_name or str(self.args.model or "SmolLM2-135M-Instruct")
+
+    def stats(self) -> EngineStats:
+        ves = self._ves
+        return EngineStats(
+            num_running=sum(len(ve.scheduler.running) for ve in ves),
+            num_waiting=sum(len(ve.scheduler.waiting) for ve in ves),
+            kv_blocks_used=sum(ve.blocks.num_used for ve in ves),
+            kv_blocks_total=sum(ve.blocks.num_blocks for ve in ves),
+            prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
+            generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
+            num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
+            pipeline=self._executor.stats() if self._executor else PipelineStats([], 0.0))
+
+    # -- requests ------------------------------------------------------------------
+    async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
+                          request_id: str | None = None) -> RequestStream:
+        """Validate and enqueue now; iterate the returned stream for cumulative outputs."""
+        return self.add_request_nowait(prompt, params, request_id)
+
+    def add_request_nowait(self, prompt: PromptInput, params: SamplingParams | None = None,
+                           request_id: str | None = None, queue_limit: bool = True) -> RequestStream:
+        if not self._started:
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
+        if (error := self.dead_error()) is not None:
+            raise EngineDeadError(f"the engine is unhealthy: {error}")
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._where:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        text, token_ids = resolve_prompt(prompt, self.tokenizer, self.config.hf_config.vocab_size)
+        max_tokens = self._max_tokens(len(token_ids), params)
+        if queue_limit and self.stats_waiting() >= self.args.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.args.max_waiting_requests} "
+                                 "requests); retry later")
+        request = Request(request_id, text, token_ids, params, max_tokens,
+                          RequestMetrics(arrival_time=time.monotonic()))
+        request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
+        ve = min(self._ves, key=lambda v: v.num_unfinished_seqs)
+        stream = RequestStream(request_id, self._on_stream_closed)
+        self._where[request_id] = ve
+        ve.add(request, stream)
+        return stream
+
+    def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        limit = self.config.max_model_len
+        if prompt_len >= limit:
+            raise ValueError(f"prompt is {prompt_len} tokens long but max_model_len is {limit}: "
+                             "the prompt plus at least one output token must fit")
+        room = limit - prompt_len
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def stats_waiting(self) -> int:
+        return sum(len(ve.scheduler.waiting) for ve in self._ves)
+
+    async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = self.add_request_nowait(prompt, sampling_params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    async def abort(self, request_id: str) -> bool:
+        return self.abort_now(request_id)
+
+    def abort_now(self, request_id: str) -> bool:
+        ve = self._where.pop(request_id, None)
+        return ve.abort(request_id) if ve is not None else False
+
+    def _forget(self, request_id: str) -> None:
+        self._where.pop(request_id, None)
+
+    def _on_stream_closed(self, request_id: str) -> None:
+        """The consumer is gone: abort if unfinished, else just forget the request."""
+        self.abort_now(request_id)
+
+    def encode(self, prompt: PromptInput) -> list[int]:
+        return resolve_prompt(prompt, self.tokenizer, self.config.hf_config.vocab_size)[1]
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no usable tokenizer at {path} ({e}); pass skip_tokenizer_init=True "
+                         "to send token ids instead of text") from e

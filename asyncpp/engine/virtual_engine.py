@@ -1,0 +1,165 @@
+"""A virtual engine: its own scheduler and KV-block share, feeding the shared executor."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.output_processor import OutputProcessor, SampledToken
+from asyncpp.engine.request_stream import RequestStream
+from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
+from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.errors import EngineDeadError
+from asyncpp.executor.base import Executor
+from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TokenCounters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class VirtualEngine:
+    def __init__(self, ve_id: int, limits: SchedulerLimits, num_blocks: int, block_size: int,
+                 executor: Executor, processor: OutputProcessor,
+                 on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None]):
+        self.ve_id = ve_id
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(limits, self.blocks)
+        self.executor = executor
+        self.processor = processor
+        self.counters = TokenCounters()
+        self._on_dead = on_dead
+        self._on_finished = on_finished
+        self._requests: dict[str, tuple[Request, RequestStream]] = {}
+        self._wake = anyio.Event()
+
+    # -- called by AsyncLLM --------------------------------------------------------
+    @property
+    def num_unfinished_seqs(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    def add(self, request: Request, stream: RequestStream) -> None:
+        for seq in request.seqs:
+            self.processor.start(seq)
+            self.scheduler.add(seq)
+        self._requests[request.request_id] = (request, stream)
+        self.counters.prompt_tokens += len(request.prompt_token_ids)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Free the request's blocks now and end its stream with finish_reason 'abort'.
+
+        Safe while a microbatch is in flight: this VE submits nothing new until that one
+        returns, and stages run in order, so a block reused later is rewritten first.
+        """
+        entry = self._requests.pop(request_id, None)
+        if entry is None:
+            return False
+        request, stream = entry
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        request.metrics.finished_time = time.monotonic()
+        stream.put(self.processor.request_output(request))
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        for request, stream in self._requests.values():
+            for seq in request.seqs:
+                self.scheduler.remove(seq)
+            stream.fail(error)
+        self._requests.clear()
+
+    # -- the loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._loop()
+        except EngineDeadError as e:
+            self.fail_all(e)
+            self._on_dead(e)
+        except Exception as e:  # a bug must fail requests loudly, not hang them
+            log.exception("virtual engine %d crashed", self.ve_id)
+            dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}")
+            self.fail_all(dead)
+            self._on_dead(dead)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = self.scheduler.schedule() if self.scheduler.has_work() else []
+            if not batch:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            output = await self.executor.submit(self._microbatch(batch))
+            self._apply(batch, output)
+
+    def _microbatch(self, batch: list[ScheduledSeq]) -> MicroBatch:
+        seqs = []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new), start,
+                                seq.block_table, self._sample_spec(seq) if item.samples else None))
+        return MicroBatch(self.ve_id, seqs)
+
+    def _sample_spec(self, seq: Sequence) -> SampleSpec:
+        params = seq.request.params
+        step = len(seq.output_token_ids)
+        blocked = []
+        if step < params.min_tokens:
+            blocked = params.stop_token_ids + ([] if params.ignore_eos else list(self.processor.eos_token_ids))
+        spec = SampleSpec(params, seq.seed, step, blocked)
+        if params.has_penalties:
+            spec.prompt_token_ids = seq.prompt_token_ids
+            spec.output_token_ids = seq.output_token_ids
+        return spec
+
+    def _apply(self, batch: list[ScheduledSeq], output: StepOutput) -> None:
+        touched: dict[str, Request] = {}
+        sample_index = 0
+        for item in batch:
+            seq = item.seq
+            sampled = None
+            if item.samples:
+                sampled = self._sampled(output, sample_index)
+                sample_index += 1
+            if seq.finished:  # aborted while in flight
+                continue
+            seq.num_computed += item.num_new
+            if sampled is None:
+                continue
+            self.processor.append(seq, sampled)
+            self.counters.generation_tokens += 1
+            if seq.finished:
+                self.scheduler.remove(seq)
+            touched[seq.request.request_id] = seq.request
+        now = time.monotonic()
+        for request_id, request in touched.items():
+            self._emit(request_id, request, now)
+
+    def _emit(self, request_id: str, request: Request, now: float) -> None:
+        entry = self._requests.get(request_id)
+        if entry is None:
+            return
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        if request.finished:
+            request.metrics.finished_time = now
+            del self._requests[request_id]
+            self._on_finished(request_id)
+        entry[1].put(self.processor.request_output(request))
+
+    @staticmethod
+    def _sampled(output: StepOutput, i: int) -> SampledToken:
+        return SampledToken(
+            output.token_ids[i],
+            output.logprobs[i] if output.logprobs is not None else None,
+            output.top_logprobs[i] if output.top_logprobs is not None else None)

@@ -1,0 +1,97 @@
+"""LLM: the synchronous, offline face of AsyncLLM.
+
+The async engine runs on its own event loop in a background thread (an anyio blocking
+portal), so LLM works from plain scripts and from inside an already running loop
+(Jupyter) alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from anyio.from_thread import start_blocking_portal
+
+from asyncpp.async_llm import AsyncLLM
+from asyncpp.config import EngineArgs
+from asyncpp.outputs import RequestOutput
+from asyncpp.prompts import PromptInput
+from asyncpp.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_kwargs: Any):
+        engine_kwargs.setdefault("max_waiting_requests", 1 << 30)  # offline batches queue it all
+        self._portal_cm = start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._engine_cm = self._portal.wrap_async_context_manager(
+                AsyncLLM(engine_args=EngineArgs(model=model, **engine_kwargs)))
+            self.engine: AsyncLLM = self._engine_cm.__enter__()
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+        self._closed = False
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of the prompts."""
+        if self._closed:
+            raise RuntimeError("this LLM was shut down")
+        prompt_list = [prompts] if _is_single(prompts) else list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
+        return self._portal.call(self._run_all, prompt_list, params_list)
+
+    async def _run_all(self, prompts: list[PromptInput], params: list[SamplingParams]) -> list[RequestOutput]:
+        streams = [self.engine.add_request_nowait(p, sp) for p, sp in zip(prompts, params)]
+        results: list[RequestOutput | None] = [None] * len(streams)
+
+        async def drain(i: int) -> None:
+            async for out in streams[i]:
+                results[i] = out
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(len(streams)):
+                    tg.start_soon(drain, i)
+        finally:
+            for s in streams:
+                s.close()
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._engine_cm.__exit__(None, None, None)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _is_single(prompts: Any) -> bool:
+    if isinstance(prompts, (str, dict)):
+        return True
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], int)

@@ -1,0 +1,37 @@
+"""Prompt forms users may pass: text, token ids, or vLLM-style dicts."""
+from __future__ import annotations
+
+from typing import Any, Union
+
+PromptInput = Union[str, list[int], dict[str, Any]]
+
+
+def resolve_prompt(prompt: PromptInput, tokenizer: Any, vocab_size: int) -> tuple[str | None, list[int]]:
+    """(text or None, token ids), validated."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return _check_ids(prompt["prompt_token_ids"], vocab_size, prompt.get("prompt"))
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (the engine runs with "
+                             "skip_tokenizer_init=True): pass {'prompt_token_ids': [...]}")
+        return _check_ids(tokenizer.encode(prompt), vocab_size, prompt)
+    if isinstance(prompt, (list, tuple)):
+        return _check_ids(list(prompt), vocab_size, None)
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _check_ids(ids: Any, vocab_size: int, text: str | None) -> tuple[str | None, list[int]]:
+    ids = list(ids)
+    if not ids:
+        raise ValueError("prompt is empty (no tokens)")
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids holds {t!r}, not a token id in [0, {vocab_size})")
+    return text, ids
