@@ -1,0 +1,129 @@
+"""torch.distributed for stage ranks: world setup, stage-to-stage tensors, the TP group.
+
+One world of P*T ranks, rank = pp_rank * T + tp_rank. Intermediate tensors go from a
+stage's rank to the next stage's rank at the same tp position, point to point: gloo
+on CPU, NCCL on GPUs. Every stage handles microbatches in submission order, so the
+n-th message between two ranks always belongs to the n-th microbatch.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from asyncpp.config import StageSpec
+from asyncpp.executor.microbatch import IntermediateTensors
+
+TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_init_method() -> str:
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
+
+
+def init_world(rank: int, world_size: int, init_method: str, device: str,
+               timeout_s: float = 600.0) -> torch.device:
+    """Join the world; returns the device this rank computes on."""
+    if device == "cuda":
+        local = rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s), device_id=dev)
+        return dev
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return torch.device("cpu")
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(slots=True)
+class TPGroup:
+    """The ranks of one stage, for tensor-parallel collectives."""
+    ranks: list[int]
+    rank_in_group: int
+    group: dist.ProcessGroup | None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, t: torch.Tensor, src_in_group: int = 0) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(t, src=self.ranks[src_in_group], group=self.group)
+        return t
+
+
+def make_tp_groups(pp_size: int, tp_size: int, my_rank: int) -> TPGroup:
+    """Every rank must call this: new_group is collective over the whole world."""
+    mine = None
+    for pp in range(pp_size):
+        ranks = [pp * tp_size + t for t in range(tp_size)]
+        group = dist.new_group(ranks) if tp_size > 1 else None
+        if my_rank in ranks:
+            mine = TPGroup(ranks, ranks.index(my_rank), group)
+    assert mine is not None
+    return mine
+
+
+@dataclass(slots=True)
+class StageLink:
+    """This rank's point-to-point links: from the previous stage, to the next one."""
+    stage: StageSpec
+    device: torch.device
+    _pending_sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def prev_rank(self) -> int:
+        return (self.stage.pp_rank - 1) * self.stage.tp_size + self.stage.tp_rank
+
+    @property
+    def next_rank(self) -> int:
+        return (self.stage.pp_rank + 1) * self.stage.tp_size + self.stage.tp_rank
+
+    def recv(self, spec: TensorSpec) -> IntermediateTensors:
+        """Receive one microbatch's tensors from the previous stage (blocks)."""
+        tensors = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                   for name, (shape, dtype) in sorted(spec.items())}
+        works = [dist.irecv(t, src=self.prev_rank, tag=i) for i, t in enumerate(tensors.values())]
+        for w in works:
+            w.wait()
+        return tensors
+
+    def send(self, tensors: IntermediateTensors) -> None:
+        """Start sending to the next stage; the previous send must finish first, so at
+        most one microbatch's tensors are held alive by in-flight sends."""
+        self.wait_sends()
+        for i, (_, t) in enumerate(sorted(tensors.items())):
+            t = t.contiguous()
+            self._pending_sends.append((dist.isend(t, dst=self.next_rank, tag=i), t))
+
+    def wait_sends(self) -> None:
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends.clear()
