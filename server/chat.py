@@ -1,0 +1,51 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then plain or streamed
+`chat.completion` objects (streamed: the assistant role first, then content deltas)."""
+from __future__ import annotations
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from asyncpp.outputs import CompletionOutput
+from server.errors import ServerError
+from server.logprobs import chat_logprobs
+from server.protocol import ChatCompletionRequest, ChatMessage
+from server.serving import ResponseShape, ServerState, respond
+
+
+class ChatShape(ResponseShape):
+    object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    body: ChatCompletionRequest
+
+    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
+        logprobs = None
+        if self.body.logprobs and c.logprobs is not None:
+            logprobs = chat_logprobs(c.token_ids[first_token:], c.logprobs[first_token:],
+                                     self.body.top_logprobs or 0, self.state.engine.tokenizer)
+        content = {"delta": {"content": text}} if chunk else {"message": {"role": "assistant", "content": text}}
+        return {"index": index, **content, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+    def opening_choices(self, num_choices: int) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for i in range(num_choices)]
+
+
+def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> list[int]:
+    tokenizer = state.tokenizer_or_400("chat")
+    try:
+        text = tokenizer.apply_chat_template([m.template_dict() for m in messages], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
+    except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or one the messages do not fit
+        raise ServerError(400, f"cannot apply the chat template: {exc}", "messages") from exc
+    # The template writes special tokens (BOS included) itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    state.check_model(body.model)
+    ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    return await respond(state, request, body, [{"prompt_token_ids": ids}], ChatShape(state, body))

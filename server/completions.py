@@ -1,0 +1,30 @@
+"""POST /v1/completions: plain and streamed `text_completion` objects."""
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from asyncpp.outputs import CompletionOutput
+from server.logprobs import completion_logprobs
+from server.protocol import CompletionRequest
+from server.serving import ResponseShape, ServerState, respond
+
+
+class CompletionShape(ResponseShape):
+    object_name = chunk_object_name = "text_completion"
+    id_prefix = "cmpl"
+    body: CompletionRequest
+
+    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
+        logprobs = None
+        if self.body.logprobs is not None and c.logprobs is not None:
+            offset = len(c.text) - len(text)
+            logprobs = completion_logprobs(c.token_ids[first_token:], c.logprobs[first_token:],
+                                           self.body.logprobs, self.state.engine.tokenizer, offset)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    state.check_model(body.model)
+    return await respond(state, request, body, body.prompts(), CompletionShape(state, body))

@@ -1,0 +1,48 @@
+"""Per-token logprobs in OpenAI's two shapes: the legacy completions one and chat's."""
+from __future__ import annotations
+
+from typing import Any
+
+from asyncpp.outputs import Logprob
+
+
+def _token_text(token_id: int, lp: Logprob, tokenizer: Any) -> str:
+    if lp.decoded_token is not None:
+        return lp.decoded_token
+    if tokenizer is not None:
+        return tokenizer.decode([token_id])
+    return f"token_id:{token_id}"
+
+
+def _top(entries: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
+    ranked = sorted(entries.items(), key=lambda item: (item[1].rank is None, item[1].rank or 0, -item[1].logprob))
+    return ranked[:limit]
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
+                        tokenizer: Any, text_offset: int = 0) -> dict[str, list]:
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, entries in zip(token_ids, logprobs):
+        text = _token_text(token_id, entries[token_id], tokenizer)
+        tokens.append(text)
+        token_logprobs.append(entries[token_id].logprob)
+        top_logprobs.append({_token_text(t, lp, tokenizer): lp.logprob for t, lp in _top(entries, top)}
+                            if top else None)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
+                  tokenizer: Any) -> dict[str, list]:
+    def entry(token_id: int, lp: Logprob) -> dict[str, Any]:
+        text = _token_text(token_id, lp, tokenizer)
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+
+    content = []
+    for token_id, entries in zip(token_ids, logprobs):
+        item = entry(token_id, entries[token_id])
+        item["top_logprobs"] = [entry(t, lp) for t, lp in _top(entries, top)]
+        content.append(item)
+    return {"content": content}

@@ -1,0 +1,209 @@
+"""What completions and chat share: one app's engine state, starting engine requests with
+errors mapped to HTTP statuses, and iterating their outputs until done or cancelled."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from asyncpp.outputs import CompletionOutput, RequestOutput
+from asyncpp.sampling_params import SamplingParams
+from server.errors import ServerError, to_server_error
+from server.metrics import RequestTracker, ServerMetrics
+from server.protocol import Prompt, SamplingFields
+from server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
+
+OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: Any  # AsyncLLM
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise ServerError(404, f"The model `{name}` does not exist.", "model")
+
+    def tokenizer_or_400(self, what: str) -> Any:
+        if self.engine.tokenizer is None:
+            raise ServerError(400, f"{what} needs a tokenizer; this server runs with skip_tokenizer_init")
+        return self.engine.tokenizer
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def open_streams(engine: Any, prompts: list[Prompt | dict], params: SamplingParams,
+                       request_id: str) -> list[Any]:
+    """Enqueues every prompt (all or none), so that refusals become HTTP errors before a
+    streamed response has started."""
+    streams: list[Any] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(await engine.add_request(prompt, params, request_id=rid))
+    except Exception as exc:
+        await close_streams(streams)
+        raise to_server_error(exc) from exc
+    return streams
+
+
+async def close_streams(streams: list[Any]) -> None:
+    with anyio.CancelScope(shield=True):  # abort even when the caller is being cancelled
+        for stream in streams:
+            await stream.aclose()
+
+
+async def run_streams(streams: list[Any], tracker_of: Callable[[], RequestTracker], on_output: OnOutput) -> None:
+    """Feeds each stream's outputs to `on_output` with the stream's index, concurrently;
+    every request still running on exit (error, cancellation, disconnect) is aborted."""
+    async def pump(index: int, stream: Any) -> None:
+        tracker = tracker_of()
+        async for out in stream:
+            tracker.observe(out)
+            await on_output(index, out)
+
+    errors: list[Exception] = []
+
+    async def pump_or_stop_all(index: int, stream: Any, tg: TaskGroup) -> None:
+        try:
+            await pump(index, stream)
+        except Exception as exc:  # raised again outside the group, so not wrapped in an ExceptionGroup
+            errors.append(exc)
+            tg.cancel_scope.cancel()
+
+    try:
+        if len(streams) == 1:
+            await pump(0, streams[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for index, stream in enumerate(streams):
+                    tg.start_soon(pump_or_stop_all, index, stream, tg)
+            if errors:
+                raise errors[0]
+    finally:
+        await close_streams(streams)
+
+
+def usage(finals: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(out.prompt_token_ids) for out in finals)
+    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass(slots=True)
+class DeltaTracker:
+    """Cuts each choice's cumulative text (and tokens) into the part not yet sent."""
+    sent_chars: dict[int, int] = field(default_factory=dict)
+    sent_tokens: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+    def deltas(self, base: int, out: RequestOutput) -> list[tuple[int, CompletionOutput, str, int]]:
+        """(choice index, output, new text, first new token) for every choice with news."""
+        news = []
+        for choice in out.outputs:
+            index = base + choice.index
+            if index in self.done:
+                continue
+            chars, tokens = self.sent_chars.get(index, 0), self.sent_tokens.get(index, 0)
+            text = choice.text[chars:]
+            if not text and choice.finish_reason is None:
+                continue
+            self.sent_chars[index], self.sent_tokens[index] = len(choice.text), len(choice.token_ids)
+            if choice.finish_reason is not None:
+                self.done.add(index)
+            news.append((index, choice, text, tokens))
+        return news
+
+
+class ResponseShape:
+    """How one endpoint dresses choices: `chunk` selects the streamed form."""
+    object_name = ""
+    chunk_object_name = ""
+    id_prefix = ""
+
+    def __init__(self, state: ServerState, body: Any):
+        self.state, self.body = state, body
+        self.request_id = new_id(self.id_prefix)
+        self.created = int(time.time())
+
+    def envelope(self, choices: list[dict], chunk: bool, **extra: Any) -> dict[str, Any]:
+        return {"id": self.request_id, "object": self.chunk_object_name if chunk else self.object_name,
+                "created": self.created, "model": self.state.model_name, "choices": choices, **extra}
+
+    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
+        raise NotImplementedError
+
+    def opening_choices(self, num_choices: int) -> list[dict]:
+        """Chunks sent before any output (chat's role deltas)."""
+        return []
+
+
+async def respond(state: ServerState, request: Request, body: SamplingFields,
+                  prompts: list[Prompt | dict], shape: ResponseShape) -> Response:
+    """Runs one completions/chat request: a streamed or a whole response."""
+    try:
+        params = body.sampling_params()
+    except ValueError as exc:
+        raise to_server_error(exc) from exc
+    streams = await open_streams(state.engine, prompts, params, shape.request_id)
+    if body.stream:
+        return EventStreamResponse(lambda emit: _stream(state, streams, body, shape, emit))
+
+    finals: dict[int, RequestOutput] = {}
+
+    async def keep_last(index: int, out: RequestOutput) -> None:
+        finals[index] = out
+
+    async def collect() -> None:
+        try:
+            await run_streams(streams, state.metrics.tracker, keep_last)
+        except Exception as exc:
+            raise to_server_error(exc) from exc
+
+    finished, _ = await cancel_on_disconnect(request.receive, collect)
+    if not finished:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    outs = [finals[i] for i in sorted(finals)]
+    choices = [shape.choice(i * body.n + c.index, c, c.text, 0, chunk=False)
+               for i, out in enumerate(outs) for c in out.outputs]
+    return JSONResponse(shape.envelope(choices, chunk=False, usage=usage(outs)))
+
+
+async def _stream(state: ServerState, streams: list[Any], body: SamplingFields, shape: ResponseShape,
+                  emit: Emit) -> None:
+    deltas = DeltaTracker()
+    finals: dict[int, RequestOutput] = {}
+    opening = shape.opening_choices(len(streams) * body.n)
+    if opening:
+        await emit(event(shape.envelope(opening, chunk=True)))
+
+    async def send_deltas(index: int, out: RequestOutput) -> None:
+        if out.finished:
+            finals[index] = out
+        for choice_index, choice, text, first_token in deltas.deltas(index * body.n, out):
+            await emit(event(shape.envelope([shape.choice(choice_index, choice, text, first_token, chunk=True)],
+                                            chunk=True)))
+
+    try:
+        await run_streams(streams, state.metrics.tracker, send_deltas)
+    except Exception as exc:
+        await emit(event(to_server_error(exc).body()))
+    else:
+        if body.include_usage:
+            await emit(event(shape.envelope([], chunk=True, usage=usage([finals[i] for i in sorted(finals)]))))
+    await emit(DONE)
