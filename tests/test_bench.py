@@ -1,0 +1,78 @@
+"""Keeps the throughput benchmark from rotting: a tiny run end to end, plus its pure parts."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from asyncpp.bench import (BenchConfig, Layout, RequestTrace, SystemResult, add_arguments,
+                           bench_config_from_args, check_parity, format_report, format_table,
+                           parse_layout, parse_layouts, run_benchmark)
+
+
+def test_tiny_benchmark_runs_end_to_end(llama_dir):
+    cfg = BenchConfig(model=str(llama_dir), num_requests=2, min_prompt_len=4, max_prompt_len=12,
+                      output_len=4, layouts=[Layout(pp=1)], hf_requests=2, hf_threads=1)
+    report = run_benchmark(cfg, log=lambda *_: None)
+    p1, hf = report.results
+    assert (p1.name, p1.kind, p1.ok) == ("P=1", "asyncpp", True)
+    assert p1.output_tokens == hf.output_tokens == 8
+    assert [len(ids) for ids in p1.token_ids] == [4, 4]
+    assert p1.ttft_p50_ms is not None and p1.itl_p50_ms is not None
+    assert p1.speedup_vs_hf is not None and p1.ratio_vs_p1 == pytest.approx(1.0)
+    assert report.parity == []  # asyncpp and HF agree token by token (greedy, fp32)
+    text = format_report(report)
+    assert "P=1" in text and "HF generate" in text and "parity: identical" in text
+    json.dumps(report.to_json())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("p1", Layout(1, 1, None)), ("p2v2", Layout(2, 1, 2)), ("P=2,V=1", Layout(2, 1, 1)),
+    ("t2", Layout(1, 2, None)), ("p2t2", Layout(2, 2, None)), ("v1p3", Layout(3, 1, 1)),
+])
+def test_parse_layout(text, expected):
+    assert parse_layout(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "x2", "p", "p2p2", "p0", "p2x"])
+def test_parse_layout_rejects(text):
+    with pytest.raises(ValueError, match="layout"):
+        parse_layout(text)
+
+
+def test_layout_names():
+    assert [l.name for l in parse_layouts("p1 p2v2 p2v1 t2 p2t2")] == ["P=1", "P=2,V=2", "P=2,V=1", "P=1,T=2", "P=2,T=2"]
+
+
+def test_inter_token_latency_splits_a_multi_token_arrival():
+    trace = RequestTrace(start=10.0)
+    for now, total in [(10.5, 1), (10.6, 2), (10.6, 2), (10.9, 5)]:
+        trace.record(now, total)
+    assert trace.ttft == pytest.approx(0.5)
+    assert trace.inter_token_latencies() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert trace.end == 10.9
+
+
+def _result(name, kind, ids):
+    return SystemResult(name=name, kind=kind, requests=len(ids), output_tokens=sum(map(len, ids)),
+                        total_s=1.0, token_ids=ids)
+
+
+def test_parity_reports_the_first_differing_token():
+    same = _result("P=1", "asyncpp", [[1, 2, 3], [4, 5, 6]])
+    other = _result("P=2,V=2", "asyncpp", [[1, 2, 3], [4, 9, 6]])
+    skipped = SystemResult(name="P=1,T=2", kind="asyncpp", error="ValueError: no TP")
+    assert check_parity([same, other, skipped], 3) == ["P=2,V=2 vs P=1: request 1 differs from token 1"]
+    assert check_parity([same, _result("HF generate", "hf", [[1, 2, 3]])], 3) == []
+    assert "skipped" in format_table([same, skipped])
+
+
+def test_cli_flags_become_engine_kwargs():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = bench_config_from_args(parser.parse_args(
+        ["/some/model", "--layouts", "p2v1 t2", "--max-num-seqs", "8", "--hf-requests", "4", "--output-len", "16"]))
+    assert cfg.model == "/some/model" and cfg.output_len == 16 and cfg.hf_requests == 4
+    assert cfg.layouts == [Layout(2, 1, 1), Layout(1, 2, None)]
+    assert cfg.engine_kwargs == {"max_num_seqs": 8}
