@@ -18,14 +18,14 @@ class ChatShape(ResponseShape):
     id_prefix = "chatcmpl"
     body: ChatCompletionRequest
 
-    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
-        logprobs = None
-        if self.body.logprobs and c.logprobs is not None:
-            logprobs = chat_logprobs(c.token_ids[first_token:], c.logprobs[first_token:],
-                                     self.body.top_logprobs or 0, self.state.engine.tokenizer)
-        content = {"delta": {"content": text}} if chunk else {"message": {"role": "assistant", "content": text}}
-        return {"index": index, **content, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason}
+    def content(self, text: str, chunk: bool) -> dict:
+        return {"delta": {"content": text}} if chunk else {"message": {"role": "assistant", "content": text}}
+
+    def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:
+        if not self.body.logprobs or c.logprobs is None:
+            return None
+        return chat_logprobs(c.token_ids[first_token:], c.logprobs[first_token:], self.body.top_logprobs or 0,
+                             self.state.engine.tokenizer)
 
     def opening_choices(self, num_choices: int) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

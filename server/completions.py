@@ -15,14 +15,14 @@ class CompletionShape(ResponseShape):
     id_prefix = "cmpl"
     body: CompletionRequest
 
-    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
-        logprobs = None
-        if self.body.logprobs is not None and c.logprobs is not None:
-            offset = len(c.text) - len(text)
-            logprobs = completion_logprobs(c.token_ids[first_token:], c.logprobs[first_token:],
-                                           self.body.logprobs, self.state.engine.tokenizer, offset)
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason}
+    def content(self, text: str, chunk: bool) -> dict:
+        return {"text": text}
+
+    def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:
+        if self.body.logprobs is None or c.logprobs is None:
+            return None
+        return completion_logprobs(c.token_ids[first_token:], c.logprobs[first_token:], self.body.logprobs,
+                                   self.state.engine.tokenizer, text_offset=len(c.text) - len(text))
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:

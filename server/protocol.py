@@ -60,6 +60,7 @@ class SamplingFields(RequestModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice also carries its (new) token ids
 
     @property
     def include_usage(self) -> bool:

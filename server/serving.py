@@ -121,7 +121,9 @@ class DeltaTracker:
                 continue
             chars, tokens = self.sent_chars.get(index, 0), self.sent_tokens.get(index, 0)
             text = choice.text[chars:]
-            if not text and choice.finish_reason is None:
+            # New tokens count as news even without new text (ids-only engines, a partial
+            # UTF-8 character): clients see every step and can time it.
+            if not text and len(choice.token_ids) == tokens and choice.finish_reason is None:
                 continue
             self.sent_chars[index], self.sent_tokens[index] = len(choice.text), len(choice.token_ids)
             if choice.finish_reason is not None:
@@ -146,6 +148,17 @@ class ResponseShape:
                 "created": self.created, "model": self.state.model_name, "choices": choices, **extra}
 
     def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
+        """One choice holding `text` and the tokens from `first_token` on."""
+        entry = {"index": index, **self.content(text, chunk), "logprobs": self.logprobs(c, text, first_token),
+                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if self.body.return_token_ids:
+            entry["token_ids"] = c.token_ids[first_token:]
+        return entry
+
+    def content(self, text: str, chunk: bool) -> dict:
+        raise NotImplementedError
+
+    def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:
         raise NotImplementedError
 
     def opening_choices(self, num_choices: int) -> list[dict]:
