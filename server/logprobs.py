@@ -15,8 +15,8 @@ def _token_text(token_id: int, lp: Logprob, tokenizer: Any) -> str:
 
 
 def _top(entries: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
-    ranked = sorted(entries.items(), key=lambda item: (item[1].rank is None, item[1].rank or 0, -item[1].logprob))
-    return ranked[:limit]
+    """The `limit` most likely tokens (entries hold them plus the sampled one)."""
+    return sorted(entries.items(), key=lambda item: -item[1].logprob)[:limit]
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
