@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.stop_checker import find_stop, hold_back_length
 from asyncpp.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -55,8 +56,6 @@ class OutputProcessor:
         return len(delta)
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
-        from asyncpp.engine.stop_checker import find_stop
-
         params = seq.request.params
         hit = find_stop(seq.text, delta_len, params.stop, params.include_stop_str_in_output)
         if hit is None:
@@ -77,10 +76,19 @@ class OutputProcessor:
         seq.logprobs.append(entry)
         seq.cumulative_logprob += sampled.logprob
 
+    @staticmethod
+    def _visible_text(seq: Sequence) -> str:
+        """Text a user may see now: never a tail that may still become a stop string."""
+        params = seq.request.params
+        if seq.finished or not params.stop:
+            return seq.text
+        held = hold_back_length(seq.text, params.stop, params.include_stop_str_in_output)
+        return seq.text[:len(seq.text) - held] if held else seq.text
+
     def request_output(self, request: Request) -> RequestOutput:
         want_logprobs = request.params.logprobs is not None
         outputs = [CompletionOutput(
-            index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+            index=s.index, text=self._visible_text(s), token_ids=list(s.output_token_ids),
             cumulative_logprob=s.cumulative_logprob if want_logprobs else None,
             logprobs=list(s.logprobs or []) if want_logprobs else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in request.seqs]
