@@ -201,9 +201,6 @@ async def _stream(state: ServerState, streams: list[Any], body: SamplingFields, 
                   emit: Emit) -> None:
     deltas = DeltaTracker()
     finals: dict[int, RequestOutput] = {}
-    opening = shape.opening_choices(len(streams) * body.n)
-    if opening:
-        await emit(event(shape.envelope(opening, chunk=True)))
 
     async def send_deltas(index: int, out: RequestOutput) -> None:
         if out.finished:
@@ -213,10 +210,15 @@ async def _stream(state: ServerState, streams: list[Any], body: SamplingFields, 
                                             chunk=True)))
 
     try:
+        opening = shape.opening_choices(len(streams) * body.n)
+        if opening:
+            await emit(event(shape.envelope(opening, chunk=True)))
         await run_streams(streams, state.metrics.tracker, send_deltas)
     except Exception as exc:
         await emit(event(to_server_error(exc).body()))
     else:
         if body.include_usage:
             await emit(event(shape.envelope([], chunk=True, usage=usage([finals[i] for i in sorted(finals)]))))
+    finally:
+        await close_streams(streams)  # also when cancelled before run_streams took them over
     await emit(DONE)
