@@ -1,0 +1,89 @@
+"""Paged attention with plain torch ops.
+
+Cache layout per layer (one pair per virtual engine region):
+  K: [num_blocks, kv_heads, head_dim, block_size]   (transposed inside a block)
+  V: [num_blocks, block_size, kv_heads, head_dim]
+Both hold the same bytes as the textbook [num_blocks, block_size, kv_heads, head_dim].
+
+Decode (one new token per sequence) is memory bound: gathering K/V into a padded batch and
+then running SDPA reads the context three times. Instead, two `embedding_bag` calls read the
+cache in place: scores = sum_d q[d] * K[block, head, d, :] (a weighted sum of block_size-long
+rows, hence the transposed K), and out = sum_l p[l] * V[slot_l, head, :]. Prefill is compute
+bound and uses scaled_dot_product_attention per sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillSeq
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
+    keys = torch.zeros(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
+    values = torch.zeros(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    return [(keys[i], values[i]) for i in range(num_layers)]
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [tokens, heads, head_dim]; k, v [tokens, kv_heads, head_dim] -> [tokens, heads*head_dim]."""
+        write_kv(cache, k, v, meta)
+        out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)
+        for p in meta.prefills:
+            out[p.token_start:p.token_end] = self._prefill(q, k, v, cache, p)
+        if meta.decode is not None:
+            d = meta.decode
+            if d.token_index is None:
+                out.copy_(self._decode(q, cache, d))
+            else:
+                out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d))
+        return out
+
+    def _prefill(self, q, k, v, cache: KVCache, p: PrefillSeq) -> torch.Tensor:
+        a, b = p.token_start, p.token_end
+        query = q[a:b].transpose(0, 1)
+        if p.context_blocks is None:
+            keys, values, mask = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), None
+        else:
+            keys, values = gather_context(cache, p.context_blocks, p.context_len)
+            mask = p.mask
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(0, 1).reshape(b - a, -1)
+
+    def _decode(self, q: torch.Tensor, cache: KVCache, d: DecodeBatch) -> torch.Tensor:
+        key_cache, value_cache = cache
+        weights = q.reshape(-1, self.head_dim).index_select(0, d.query_rows).mul_(self.scale)
+        scores = F.embedding_bag(d.score_index, key_cache.view(-1, key_cache.shape[-1]), d.score_offsets,
+                                 mode="sum", per_sample_weights=weights.view(-1))
+        scores = scores.view(d.num_seqs, self.num_heads, d.padded_len)
+        probs = scores.masked_fill_(d.pad_mask, float("-inf")).softmax(dim=-1)
+        out = F.embedding_bag(d.value_index, value_cache.view(-1, self.head_dim), d.value_offsets,
+                              mode="sum", per_sample_weights=probs.view(-1).index_select(0, d.prob_index))
+        return out.view(d.num_seqs, self.num_heads * self.head_dim)
+
+
+def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    key_cache, value_cache = cache
+    key_cache[meta.slot_blocks, :, :, meta.slot_offsets] = k
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
+
+
+def gather_context(cache: KVCache, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a sequence's first `length` positions, each [kv_heads, length, head_dim]."""
+    key_cache, value_cache = cache
+    keys = key_cache.index_select(0, blocks).permute(1, 0, 3, 2).flatten(1, 2)[:, :length]
+    values = value_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+    return keys, values

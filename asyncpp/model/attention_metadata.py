@@ -1,0 +1,140 @@
+"""Per-step index tensors for paged attention, built once per microbatch and shared by all layers.
+
+Decode sequences (one new token) are handled together by two `embedding_bag` passes that read
+the paged cache directly (see attention.py); the index arrays for those passes are built here
+with numpy, which is much cheaper than many small torch ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asyncpp.executor.microbatch import SeqWork
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    """One sequence computing several tokens: a whole prompt or a chunk of one."""
+    token_start: int  # its rows in the flattened token batch
+    token_end: int
+    context_len: int  # tokens it attends to: cached ones + its own
+    context_blocks: torch.Tensor | None  # blocks holding the context (None: no cached tokens)
+    mask: torch.Tensor | None  # [tokens, context_len] bool, True = attend (None: plain causal)
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """All one-token sequences of the step, for the two embedding_bag passes."""
+    token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
+    num_seqs: int
+    padded_len: int  # context length rounded up to whole blocks, for the longest sequence
+    score_index: torch.Tensor  # K pass: rows of the K cache viewed [blocks*kv_heads*head_dim, block_size]
+    score_offsets: torch.Tensor  # one bag per (seq, head, block); empty bags pad short sequences
+    query_rows: torch.Tensor  # for each non-empty bag, its (seq, head) query row
+    pad_mask: torch.Tensor  # [seqs, 1, padded_len] True where the position is past the context
+    value_index: torch.Tensor  # V pass: rows of the V cache viewed [slots*kv_heads, head_dim]
+    value_offsets: torch.Tensor  # one bag per (seq, head)
+    prob_index: torch.Tensor  # for each V row, its probability in the flattened [seqs*heads, padded_len]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    num_tokens: int
+    positions: torch.Tensor  # [tokens]
+    slot_mapping: torch.Tensor  # [tokens] where each new K/V goes: block * block_size + offset
+    slot_blocks: torch.Tensor  # [tokens] the block of each slot
+    slot_offsets: torch.Tensor  # [tokens] the offset inside it
+    prefills: list[PrefillSeq]
+    decode: DecodeBatch | None
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    num_heads: int  # query heads on this rank
+    num_kv_heads: int  # KV heads on this rank
+    head_dim: int
+    block_size: int
+
+
+def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device | str) -> AttentionMetadata:
+    bs = layout.block_size
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
+    token_starts = np.concatenate([[0], np.cumsum(lengths)])
+    num_tokens = int(token_starts[-1])
+    seq_of_token = np.repeat(np.arange(len(seqs)), lengths)
+    positions = np.arange(num_tokens) - token_starts[:-1][seq_of_token] + starts[seq_of_token]
+    tables, table_starts = _flat_tables(seqs)
+    slot_blocks = tables[table_starts[seq_of_token] + positions // bs]
+    slot_offsets = positions % bs
+
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    prefills = []
+    decode_rows = []
+    for i, s in enumerate(seqs):
+        a, b = int(token_starts[i]), int(token_starts[i + 1])
+        if b - a == 1:
+            decode_rows.append(i)
+            continue
+        prefills.append(_prefill(s, a, b, bs, device))
+    decode = None
+    if decode_rows:
+        rows = np.asarray(decode_rows)
+        index = None if len(rows) == num_tokens else to(token_starts[rows])
+        decode = _decode_batch([seqs[i] for i in decode_rows], index, layout, to)
+    return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
+                             to(slot_blocks), to(slot_offsets), prefills, decode)
+
+
+def _flat_tables(seqs: list[SeqWork]) -> tuple[np.ndarray, np.ndarray]:
+    sizes = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter((b for s in seqs for b in s.block_table), dtype=np.int64, count=int(sizes.sum()))
+    return flat, np.concatenate([[0], np.cumsum(sizes)])[:-1]
+
+
+def _prefill(s: SeqWork, a: int, b: int, bs: int, device) -> PrefillSeq:
+    n, context = b - a, s.start_pos + b - a
+    if s.start_pos == 0:
+        return PrefillSeq(a, b, context, None, None)
+    blocks = torch.tensor(s.block_table[: -(-context // bs)], dtype=torch.long, device=device)
+    query_pos = torch.arange(s.start_pos, context, device=device)
+    mask = torch.arange(context, device=device)[None, :] <= query_pos[:, None]
+    return PrefillSeq(a, b, context, blocks, mask)
+
+
+def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> DecodeBatch:
+    H, hd, bs = layout.num_heads, layout.head_dim, layout.block_size
+    group = H // layout.num_kv_heads
+    D = len(seqs)
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=D)
+    nblocks = -(-ctx // bs)
+    maxb = int(nblocks.max())
+    padded = maxb * bs
+    table = np.zeros((D, maxb), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        table[i, : nblocks[i]] = s.block_table[: nblocks[i]]
+    kv_head = (np.arange(H) // group)[None, :, None]  # [1, H, 1]
+
+    # K pass: bag (seq, head, block) = the head_dim rows of K[block, kv_head] ([head_dim, block_size]).
+    block_ok = np.broadcast_to((np.arange(maxb)[None, :] < nblocks[:, None])[:, None, :], (D, H, maxb))
+    row0 = ((table[:, None, :] * layout.num_kv_heads + kv_head) * hd)[block_ok]
+    score_index = (row0[:, None] + np.arange(hd)[None, :]).reshape(-1)
+    bags_before = np.concatenate([[0], np.cumsum(nblocks)[:-1]])[:, None, None] * H \
+        + np.arange(H)[None, :, None] * nblocks[:, None, None] \
+        + np.minimum(np.arange(maxb)[None, None, :], nblocks[:, None, None])
+    query_rows = np.broadcast_to((np.arange(D)[:, None] * H + np.arange(H)[None, :])[:, :, None], (D, H, maxb))
+
+    # V pass: bag (seq, head) = V rows of every context position, weighted by its probability.
+    pos = np.arange(padded)
+    pos_ok = np.broadcast_to((pos[None, :] < ctx[:, None])[:, None, :], (D, H, padded))
+    slot = table[:, pos // bs] * bs + pos % bs  # [D, padded]
+    value_index = (slot[:, None, :] * layout.num_kv_heads + kv_head)[pos_ok]
+    prob_index = ((np.arange(D)[:, None, None] * H + np.arange(H)[None, :, None]) * padded + pos)[pos_ok]
+    value_offsets = (np.concatenate([[0], np.cumsum(ctx)[:-1]])[:, None] * H
+                     + np.arange(H)[None, :] * ctx[:, None]).reshape(-1)
+    pad_mask = (pos[None, None, :] >= ctx[:, None, None])
+    return DecodeBatch(token_index, D, padded, to(score_index), to((bags_before * hd).reshape(-1)),
+                       to(query_rows[block_ok]), to(pad_mask), to(value_index), to(value_offsets),
+                       to(prob_index))

@@ -1,0 +1,141 @@
+"""Llama family (Llama, Mistral, Qwen2): one pipeline stage's share of the model.
+
+Stages exchange the un-normalised hidden states and the residual stream separately
+(vLLM style): each layer's first RMSNorm adds the residual, so nothing is recomputed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from asyncpp.config import StageSpec
+from asyncpp.executor.microbatch import IntermediateTensors
+from asyncpp.model.attention import KVCache, PagedAttention
+from asyncpp.model.attention_metadata import AttentionMetadata
+from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
+from asyncpp.model.layers import RMSNorm, silu_and_mul
+from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from asyncpp.model.loader import Checkpoint, WeightPlan, whole
+from asyncpp.model.parallel import HeadSplit, TPGroup
+from asyncpp.model.rotary import RopeAt, RotaryEmbedding
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.head_dim = _head_dim(cfg)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.heads = HeadSplit.of(cfg.num_attention_heads, kv_heads, tp)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, tp, bias=o_bias)
+        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, rope: RopeAt, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        h, kv = self.heads.q_local, self.heads.kv_local
+        qkv = self.qkv_proj(x).view(x.shape[0], h + 2 * kv, self.head_dim)
+        rope.apply(qkv[:, : h + kv])
+        q, k, v = qkv.split([h, kv, kv], dim=1)
+        return self.o_proj(self.attn(q, k, v, cache, meta))
+
+    def plan(self, prefix: str, name: str) -> WeightPlan:
+        return {**self.qkv_proj.plan(f"{prefix}qkv_proj.", [f"{name}q_proj", f"{name}k_proj", f"{name}v_proj"]),
+                **self.o_proj.plan(f"{prefix}o_proj.", f"{name}o_proj")}
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any, tp: TPGroup):
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+    def plan(self, prefix: str, name: str) -> WeightPlan:
+        return {**self.gate_up_proj.plan(f"{prefix}gate_up_proj.", [f"{name}gate_proj", f"{name}up_proj"]),
+                **self.down_proj.plan(f"{prefix}down_proj.", f"{name}down_proj")}
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, tp, qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, tp)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
+                cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def plan(self, prefix: str, name: str) -> WeightPlan:
+        return {f"{prefix}input_layernorm.weight": whole(f"{name}input_layernorm.weight"),
+                f"{prefix}post_attention_layernorm.weight": whole(f"{name}post_attention_layernorm.weight"),
+                **self.self_attn.plan(f"{prefix}self_attn.", f"{name}self_attn."),
+                **self.mlp.plan(f"{prefix}mlp.", f"{name}mlp.")}
+
+
+class LlamaForCausalLM(nn.Module):
+    intermediate_keys = ("hidden_states", "residual")
+
+    def __init__(self, cfg: Any, stage: StageSpec, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.stage = cfg, stage
+        qkv_bias, o_bias = self._biases(cfg)
+        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if stage.is_first else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, qkv_bias, o_bias) for _ in range(stage.num_layers))
+        self.rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp) if stage.is_last else None
+        if self.tie and self.embed_tokens is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _biases(cfg: Any) -> tuple[bool, bool]:
+        if getattr(cfg, "model_type", "") == "qwen2":
+            return True, False
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return bias, bias
+
+    def forward(self, input_ids: torch.Tensor | None, intermediate: IntermediateTensors | None,
+                caches: list[KVCache], meta: AttentionMetadata) -> IntermediateTensors:
+        if self.embed_tokens is not None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate["hidden_states"], intermediate["residual"]
+        rope = self.rotary.at(meta.positions)
+        for layer, cache in zip(self.layers, caches):
+            hidden, residual = layer(hidden, residual, rope, cache, meta)
+        return {"hidden_states": hidden, "residual": residual}
+
+    def compute_logits(self, states: IntermediateTensors, rows: torch.Tensor | None) -> torch.Tensor:
+        hidden, residual = states["hidden_states"], states["residual"]
+        if rows is not None:
+            hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
+        hidden, _ = self.norm(hidden, residual)
+        return self.lm_head(hidden)
+
+    def weight_plan(self, ckpt: Checkpoint) -> WeightPlan:
+        embed = "model.embed_tokens.weight"
+        plan: WeightPlan = {}
+        if self.embed_tokens is not None:
+            plan.update(self.embed_tokens.plan("embed_tokens.", embed))
+        for i, layer in enumerate(self.layers):
+            plan.update(layer.plan(f"layers.{i}.", f"model.layers.{self.stage.layer_start + i}."))
+        if self.norm is not None:
+            plan["norm.weight"] = whole("model.norm.weight")
+            head = embed if self.tie or not ckpt.has("lm_head.weight") else "lm_head.weight"
+            if not (self.tie and self.embed_tokens is not None):
+                plan.update(self.lm_head.plan("lm_head.", head))
+        return plan

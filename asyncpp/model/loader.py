@@ -1,0 +1,114 @@
+"""Read exactly the tensors (and tensor slices) one rank owns from a safetensors checkpoint."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSlice:
+    """`name[start:stop]` along `dim` (the whole tensor when dim is None), then maybe transposed."""
+    name: str
+    dim: int | None = None
+    start: int = 0
+    stop: int | None = None
+    transpose: bool = False
+
+
+@dataclass(slots=True)
+class WeightSource:
+    """Where one parameter comes from: its slices concatenated along dim 0.
+
+    `pad_rows`: the parameter may have more rows than the checkpoint gives (a vocab padded
+    to a multiple of the TP size); the extra rows are zero.
+    """
+    slices: list[TensorSlice]
+    pad_rows: bool = False
+
+
+WeightPlan = dict[str, WeightSource]
+
+
+def whole(name: str) -> WeightSource:
+    return WeightSource([TensorSlice(name)])
+
+
+def rows(name: str, start: int, stop: int, transpose: bool = False) -> TensorSlice:
+    return TensorSlice(name, 0, start, stop, transpose)
+
+
+def cols(name: str, start: int, stop: int, transpose: bool = False) -> TensorSlice:
+    return TensorSlice(name, 1, start, stop, transpose)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Which file of a Hugging Face folder holds each tensor (headers only; nothing is read)."""
+    path: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        ckpt = cls(Path(path))
+        paths = sorted(ckpt.path.glob("*.safetensors"))
+        if not paths:
+            raise ValueError(f"no *.safetensors files in {ckpt.path}")
+        for file in paths:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    ckpt.files[name] = file
+                    ckpt.shapes[name] = tuple(f.get_slice(name).get_shape())
+        return ckpt
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def first_present(self, *names: str) -> str:
+        for name in names:
+            if name in self.files:
+                return name
+        raise ValueError(f"checkpoint {self.path} has none of {names}")
+
+
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan) -> None:
+    """Fill every parameter of `model` from `plan`; each file is opened once, lazily."""
+    params = dict(model.named_parameters())
+    missing = set(params) - set(plan)
+    if missing:
+        raise ValueError(f"no checkpoint source for parameters {sorted(missing)}")
+    with ExitStack() as stack, torch.no_grad():
+        handles: dict[Path, object] = {}
+
+        def read(sl: TensorSlice) -> torch.Tensor:
+            if sl.name not in ckpt.files:
+                raise ValueError(f"tensor {sl.name!r} not found in checkpoint {ckpt.path}")
+            file = ckpt.files[sl.name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            view = handles[file].get_slice(sl.name)
+            if sl.dim is None:
+                t = view[:]
+            else:
+                index = [slice(None)] * len(view.get_shape())
+                index[sl.dim] = slice(sl.start, sl.stop)
+                t = view[tuple(index)]
+            return t.t() if sl.transpose else t
+
+        for name, source in plan.items():
+            _fill(name, params[name], [read(sl) for sl in source.slices], source.pad_rows)
+
+
+def _fill(name: str, param: torch.Tensor, parts: list[torch.Tensor], pad_rows: bool) -> None:
+    value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    rows_ok = value.shape[0] == param.shape[0] or (pad_rows and value.shape[0] < param.shape[0])
+    if value.shape[1:] != param.shape[1:] or not rows_ok:
+        raise ValueError(f"checkpoint shape {tuple(value.shape)} does not fit parameter {name} "
+                         f"{tuple(param.shape)}")
+    param[: value.shape[0]].copy_(value)
+    if value.shape[0] < param.shape[0]:
+        param[value.shape[0]:].zero_()

@@ -1,0 +1,62 @@
+"""Which Hugging Face architectures asyncpp implements, and building one stage of them."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from asyncpp.model.gpt2 import GPT2LMHeadModel
+from asyncpp.model.llama import LlamaForCausalLM
+from asyncpp.model.loader import Checkpoint, load_weights
+from asyncpp.model.parallel import SingleRankGroup, TPGroup
+from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+}
+
+
+def architecture(hf_config: Any) -> str:
+    archs = getattr(hf_config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODELS:
+            return arch
+    raise ValueError(f"unsupported model architecture {archs or getattr(hf_config, 'model_type', '?')}; "
+                     f"asyncpp supports {', '.join(MODELS)}")
+
+
+def check_supported(hf_config: Any) -> None:
+    arch = architecture(hf_config)
+    if MODELS[arch] is LlamaForCausalLM:
+        rope = rope_parameters(hf_config)
+        if rope["rope_type"] not in STATIC_ROPE_TYPES:
+            raise ValueError(f"{arch}: rope type {rope['rope_type']!r} is not supported "
+                             f"(supported: {', '.join(STATIC_ROPE_TYPES)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{arch}: partial rotary embeddings are not supported")
+
+
+def build_model(config: Any, stage: Any, tp_group: TPGroup | None = None) -> nn.Module:
+    """This rank's share of the model (config: EngineConfig, stage: StageSpec), weights loaded."""
+    cls = MODELS[architecture(config.hf_config)]
+    tp = tp_group or SingleRankGroup()
+    with _default_dtype(config.dtype), torch.device(config.device):
+        model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
+    ckpt = Checkpoint.open(config.model_path)
+    load_weights(model, ckpt, model.weight_plan(ckpt))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,64 @@
+"""Rotary position embedding (rotate-half / NeoX layout, as Hugging Face Llama)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# RoPE variants whose frequencies do not depend on the sequence length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """rope_theta and scaling from either layout: transformers >= 5 keeps them in
+    `rope_parameters`; older configs have `rope_theta` and `rope_scaling`."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    if not params:
+        params = dict(scaling)
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config)
+    if params["rope_type"] == "default":
+        base = float(params["rope_theta"])
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for every position computed once; a step only indexes the table."""
+
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        positions = torch.arange(max_positions, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
+        table = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+        self.register_buffer("cos_sin", table.to(dtype), persistent=False)
+        self.half = head_dim // 2
+
+    def at(self, positions: torch.Tensor) -> "RopeAt":
+        return RopeAt(self, positions)
+
+
+class RopeAt:
+    """cos/sin for one step's positions, looked up once and shared by every layer."""
+    __slots__ = ("cos", "sin", "half")
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor):
+        self.cos, self.sin = rotary.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        self.half = rotary.half
+
+    def apply(self, x: torch.Tensor) -> None:
+        """Rotate x [tokens, heads, head_dim] in place (rotate-half layout)."""
+        x1, x2 = x[..., : self.half], x[..., self.half:]
+        rotated1 = x1 * self.cos - x2 * self.sin
+        x2.mul_(self.cos).addcmul_(x1, self.sin)
+        x1.copy_(rotated1)

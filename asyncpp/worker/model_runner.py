@@ -1,0 +1,105 @@
+"""One rank's model: build and load its layers, hold its KV cache, run microbatches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from asyncpp.config import EngineConfig, StageSpec, parse_bytes
+from asyncpp.executor.microbatch import IntermediateTensors, MicroBatch, StepOutput
+from asyncpp.model.attention import KVCache, allocate_kv_cache
+from asyncpp.model.attention_metadata import HeadLayout, build_metadata
+from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
+from asyncpp.model.registry import build_model
+
+TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None = None):
+        self.config, self.stage = config, stage
+        self.tp = tp_group or SingleRankGroup()
+        self.device = torch.device(config.device)
+        self.model = build_model(config, stage, self.tp)
+        heads = HeadSplit.of(config.hf_config.num_attention_heads, config.kv_heads, self.tp)
+        self.layout = HeadLayout(heads.q_local, heads.kv_local, config.head_dim, config.args.block_size)
+        self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
+        self._sampler = None
+
+    # -- sizes ------------------------------------------------------------------------
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def local_kv_bytes_per_block(self) -> int:
+        elem = torch.finfo(self.config.dtype).bits // 8
+        return (2 * self.stage.num_layers * self.layout.block_size * self.layout.num_kv_heads
+                * self.layout.head_dim * elem)
+
+    def num_available_blocks(self) -> int:
+        if self.device.type != "cuda":
+            # The CPU budget is for the whole model, so every rank reports the same count.
+            return parse_bytes(self.config.args.kv_cache_memory) // self.config.kv_bytes_per_block()
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.args.gpu_memory_utilization - (total - free) - self._activation_bytes()
+        return max(0, int(budget) // self.local_kv_bytes_per_block())
+
+    def _activation_bytes(self) -> int:
+        """A generous bound on one step's temporaries: the widest per-token tensors and the logits."""
+        c, elem = self.config.hf_config, torch.finfo(self.config.dtype).bits // 8
+        inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+        per_token = 4 * c.hidden_size + 3 * inner // self.tp.size
+        logits = self.config.args.max_num_seqs * c.vocab_size * 4 * 2
+        return 2 * self.config.max_num_batched_tokens * per_token * elem + logits
+
+    def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
+        lay = self.layout
+        self.kv_caches = [allocate_kv_cache(self.stage.num_layers, blocks_per_ve, lay.block_size,
+                                            lay.num_kv_heads, lay.head_dim, self.config.dtype, self.device)
+                          for _ in range(num_virtual_engines)]
+
+    def intermediate_spec(self, num_tokens: int) -> TensorSpec:
+        shape = (num_tokens, self.config.hf_config.hidden_size)
+        return {name: (shape, self.config.dtype) for name in self.model.intermediate_keys}
+
+    # -- running ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, mb: MicroBatch, intermediate: IntermediateTensors | None
+                ) -> IntermediateTensors | torch.Tensor:
+        """Non-last stage: the tensors for the next stage. Last stage: float32 logits
+        [sampling sequences, vocab], in microbatch order."""
+        meta = build_metadata(mb.seqs, self.layout, self.device)
+        input_ids = None
+        if self.stage.is_first:
+            ids = [t for s in mb.seqs for t in s.token_ids]
+            input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        states = self.model(input_ids, intermediate, self.kv_caches[mb.ve_id], meta)
+        if not self.stage.is_last:
+            return states
+        return self.model.compute_logits(states, self._sampling_rows(mb)).float()
+
+    def _sampling_rows(self, mb: MicroBatch) -> torch.Tensor | None:
+        """Rows of the last token of each sampling sequence; None when that is every row."""
+        ends = np.cumsum([len(s.token_ids) for s in mb.seqs]) - 1
+        rows = [int(e) for e, s in zip(ends, mb.seqs) if s.sample is not None]
+        if len(rows) == int(ends[-1]) + 1:
+            return None
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def execute(self, mb: MicroBatch, intermediate: IntermediateTensors | None
+                ) -> IntermediateTensors | StepOutput:
+        out = self.forward(mb, intermediate)
+        if not self.stage.is_last:
+            return out
+        specs = [s.sample for s in mb.seqs if s.sample is not None]
+        if not specs:
+            return StepOutput([])
+        with torch.inference_mode():
+            return self.sampler(out, specs)
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            from asyncpp.worker.sampler import Sampler
+
+            self._sampler = Sampler(self.config.hf_config.vocab_size, base_seed=self.config.args.seed)
+        return self._sampler

@@ -1,0 +1,95 @@
+"""ModelRunner against transformers: greedy fp32 token ids must match generate() exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from asyncpp.worker.model_runner import ModelRunner
+from conftest import hf_greedy, mixed_prompts
+from model_driver import engine_config, generate
+
+MAX_NEW = 12
+NUM_BLOCKS = 400
+
+
+def runners_for(model_dir, pp: int = 1, num_ves: int = 1, **kwargs) -> list[ModelRunner]:
+    config = engine_config(model_dir, pipeline_parallel_size=pp, **kwargs)
+    runners = [ModelRunner(config, stage) for stage in config.stages]
+    for r in runners:
+        r.init_kv_cache(num_ves, NUM_BLOCKS)
+    return runners
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return mixed_prompts(8, 1, 300)
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def any_model_dir(request, llama_dir, qwen2_dir, gpt2_dir):
+    return {"llama": llama_dir, "qwen2": qwen2_dir, "gpt2": gpt2_dir}[request.param]
+
+
+def test_single_stage_matches_transformers(any_model_dir, prompts):
+    torch.set_num_threads(1)
+    expected = hf_greedy(any_model_dir, prompts, MAX_NEW)
+    got = generate(runners_for(any_model_dir), prompts, MAX_NEW, chunk=64)
+    assert got == expected
+
+
+def test_two_stages_match_transformers(any_model_dir, prompts):
+    torch.set_num_threads(1)
+    expected = hf_greedy(any_model_dir, prompts, MAX_NEW)
+    got = generate(runners_for(any_model_dir, pp=2), prompts, MAX_NEW, chunk=48, admit_per_step=3)
+    assert got == expected
+
+
+def test_uneven_stages_second_virtual_engine_and_sampler(llama_dir, prompts):
+    torch.set_num_threads(1)
+    expected = hf_greedy(llama_dir, prompts, MAX_NEW)
+    runners = runners_for(llama_dir, pp=3, num_ves=2, pp_layer_partition="1,2,1")
+    assert [r.stage.num_layers for r in runners] == [1, 2, 1]
+    got = generate(runners, prompts, MAX_NEW, chunk=100, ve_id=1, use_sampler=True)
+    assert got == expected
+
+
+def test_unchunked_prompts_and_pure_decode_batches(llama_dir, prompts):
+    torch.set_num_threads(1)
+    expected = hf_greedy(llama_dir, prompts, MAX_NEW)
+    got = generate(runners_for(llama_dir), prompts, MAX_NEW, chunk=1000, admit_per_step=len(prompts))
+    assert got == expected
+
+
+def _checkpoint_bytes(model_dir, owned) -> int:
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if owned(name):
+                    total += _numel(f, name) * 4
+    return total
+
+
+def _numel(f, name) -> int:
+    n = 1
+    for d in f.get_slice(name).get_shape():
+        n *= d
+    return n
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_param_bytes_per_stage(model, llama_dir, qwen2_dir):
+    model_dir = {"llama": llama_dir, "qwen2": qwen2_dir}[model]
+    runners = runners_for(model_dir, pp=2)
+    first_layers = range(runners[0].stage.layer_start, runners[0].stage.layer_end)
+
+    def first(name: str) -> bool:
+        return name == "model.embed_tokens.weight" or any(name.startswith(f"model.layers.{i}.") for i in first_layers)
+
+    embed = _checkpoint_bytes(model_dir, lambda n: n == "model.embed_tokens.weight")
+    tied_head = embed if model == "qwen2" else 0  # the last stage loads the embedding for its head
+    assert runners[0].param_bytes() == _checkpoint_bytes(model_dir, first)
+    assert runners[1].param_bytes() == _checkpoint_bytes(model_dir, lambda n: not first(n)) + tied_head
+    single = runners_for(model_dir)[0]
+    assert single.param_bytes() == _checkpoint_bytes(model_dir, lambda n: True)  # tied: held once
