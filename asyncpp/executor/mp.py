@@ -68,6 +68,7 @@ class MultiprocExecutor(Executor):
         self._clock = InFlightClock()
         self._next_mb_id = 0
         self._dead: BaseException | None = None
+        self._errors: dict[int, tuple] = {}  # rank -> its ("error", ...) message
         self._closing = False
         self._closed = anyio.Event()
         self._ready: list[tuple] = []
@@ -194,12 +195,24 @@ class MultiprocExecutor(Executor):
                 self._poll, abandon_on_cancel=True, limiter=self._reader_limiter)
             for msg in messages:
                 self._dispatch(msg)
-            if died and self._dead is None and not self._closing:
-                rank, exitcode = died[0]
-                self._dead = StageDiedError(self.config.stage(rank).pp_rank, rank, exitcode)
-            if self._dead is not None and not self._closing:
+            if self._closing:
+                return
+            self._dead = self._dead or self._root_cause(died)
+            if self._dead is not None:
                 await self._fail()
                 return
+
+    def _root_cause(self, died: list[tuple[int, int | None]]) -> BaseException | None:
+        """When one rank fails its peers fail too (their sockets close): blame the rank
+        that died without a word, else the earliest exception reported."""
+        for rank, exitcode in died:
+            if rank not in self._errors:
+                return StageDiedError(self.config.stage(rank).pp_rank, rank, exitcode)
+        if not self._errors:
+            return None
+        _, rank, _, summary, text = min(self._errors.values(), key=lambda msg: msg[2])
+        return EngineDeadError(f"pipeline stage {self.config.stage(rank).pp_rank} (rank {rank}) "
+                               f"raised {summary}\n{text}")
 
     def _poll(self) -> tuple[list[tuple], list[tuple[int, int | None]]]:
         """Block until a rank answers or dies; runs in the reader thread."""
@@ -243,10 +256,7 @@ class MultiprocExecutor(Executor):
             if len(replies.by_rank) == replies.expected:
                 replies.done.set()
         elif kind == "error":
-            rank = msg[1]
-            stage = self.config.stage(rank).pp_rank
-            self._dead = self._dead or EngineDeadError(
-                f"pipeline stage {stage} (rank {rank}) raised an exception:\n{msg[2]}")
+            self._errors[msg[1]] = msg
 
     async def _fail(self) -> None:
         """A rank died or raised: fail every waiter now and take the other ranks down."""

@@ -17,7 +17,6 @@ from asyncpp.config import EngineConfig
 from asyncpp.errors import EngineDeadError
 from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
 from asyncpp.executor.microbatch import MicroBatch, StepOutput
-from asyncpp.worker.comm import TPGroup
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
 
@@ -38,7 +37,7 @@ class UniExecutor(Executor):
         torch.set_num_threads(self.config.threads_per_rank)
         stage = self.config.stage(0)
         self._runner = await anyio.to_thread.run_sync(
-            self._runner_factory, self.config, stage, TPGroup([0], 0, None))
+            self._runner_factory, self.config, stage, None)
 
     def num_available_blocks(self) -> int:
         return self._runner.num_available_blocks()

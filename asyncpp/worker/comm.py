@@ -52,19 +52,18 @@ def close_world() -> None:
 
 @dataclass(slots=True)
 class TPGroup:
-    """The ranks of one stage, for tensor-parallel collectives."""
-    ranks: list[int]
-    rank_in_group: int
+    """The ranks of one stage, for tensor-parallel collectives (asyncpp.model.parallel.TPGroup)."""
+    ranks: list[int]  # global ranks, in tp order
+    rank: int  # this rank's position in the group
     group: dist.ProcessGroup | None
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor) -> None:
         if self.size > 1:
             dist.all_reduce(t, group=self.group)
-        return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
@@ -72,11 +71,6 @@ class TPGroup:
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
-
-    def broadcast(self, t: torch.Tensor, src_in_group: int = 0) -> torch.Tensor:
-        if self.size > 1:
-            dist.broadcast(t, src=self.ranks[src_in_group], group=self.group)
-        return t
 
 
 def make_tp_groups(pp_size: int, tp_size: int, my_rank: int) -> TPGroup:

@@ -5,7 +5,7 @@ Messages from the engine (pickled tuples on the control pipe):
 Messages to the engine (on the result pipe):
     ("ready", rank, param_bytes, num_available_blocks) | ("ok", rank)
     ("result", mb_id, StepOutput)   -- last stage, tp_rank 0 only
-    ("error", rank, traceback_text)
+    ("error", rank, monotonic_time, summary, traceback_text)
 """
 from __future__ import annotations
 
@@ -124,11 +124,16 @@ def run_stage(args: WorkerArgs, control: Connection, results: Connection, busy: 
     try:
         StageWorker(args, results.send_bytes, busy).serve(inbox)
         close_world()
-    except BaseException:
-        text = traceback.format_exc()
-        print(f"asyncpp rank {args.rank} failed:\n{text}", file=sys.stderr, flush=True)
-        try:
-            results.send_bytes(pickle.dumps(("error", args.rank, text)))
-        except OSError:
-            pass
+    except BaseException as exc:
+        report_failure(args.rank, exc, results.send_bytes)
         os._exit(1)  # skip interpreter teardown: peers may hold our collectives forever
+
+
+def report_failure(rank: int, exc: BaseException, send: Callable[[bytes], None]) -> None:
+    """Tell the engine why we stop; stderr only when the engine cannot hear it."""
+    summary = "".join(traceback.format_exception_only(exc)).strip()
+    text = "".join(traceback.format_exception(exc))
+    try:
+        send(pickle.dumps(("error", rank, time.monotonic(), summary, text)))
+    except OSError:
+        print(f"asyncpp rank {rank} failed:\n{text}", file=sys.stderr, flush=True)

@@ -1,0 +1,75 @@
+"""Executors driven by hand-built microbatches: mp pipelines must match uni and transformers."""
+from __future__ import annotations
+
+import pytest
+
+from asyncpp.errors import EngineDeadError
+from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.executor.mp import MultiprocExecutor
+from asyncpp.executor.uni import UniExecutor
+from conftest import VOCAB, hf_greedy, mixed_prompts
+from executor_helpers import GREEDY, checkpoint_share, engine_config, greedy_generate, running
+
+pytestmark = pytest.mark.anyio
+
+NEW_TOKENS = 8
+BLOCKS_PER_VE = 48
+
+
+def prompts() -> list[list[int]]:
+    return mixed_prompts(count=4, lo=1, hi=90, seed=3)
+
+
+async def test_uni_matches_transformers(llama_dir):
+    config = engine_config(llama_dir, num_virtual_engines=2)
+    async with running(config, BLOCKS_PER_VE) as executor:
+        assert isinstance(executor, UniExecutor)
+        tokens, most = await greedy_generate(executor, prompts(), NEW_TOKENS, 2,
+                                             BLOCKS_PER_VE, config.args.block_size)
+        stats = executor.stats()
+        total = executor.param_bytes()
+    assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
+    assert total == [checkpoint_share(llama_dir, config.stage(0), tied=False)]
+    assert stats.microbatches == 2 * NEW_TOKENS
+    assert 0 < stats.busy_fractions[0] <= 1
+
+
+@pytest.mark.parametrize("pp, partition", [(2, None), (3, None)])
+async def test_mp_pipeline_matches_uni_and_transformers(llama_dir, pp, partition):
+    config = engine_config(llama_dir, pp, num_virtual_engines=2, pp_layer_partition=partition)
+    if pp == 3:
+        assert config.layer_partition == [1, 2, 1]  # uneven: the middle stage takes the rest
+    async with running(config, BLOCKS_PER_VE) as executor:
+        assert isinstance(executor, MultiprocExecutor)
+        tokens, most_in_flight = await greedy_generate(
+            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.args.block_size)
+        stats, shares = executor.stats(), executor.param_bytes()
+    assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
+    assert most_in_flight == 2  # both VEs' microbatches were in the pipeline at once
+    assert shares == [checkpoint_share(llama_dir, s, tied=False) for s in config.stages]
+    assert sum(shares) == checkpoint_share(llama_dir, engine_config(llama_dir).stage(0), tied=False)
+    assert stats.microbatches == 2 * NEW_TOKENS and len(stats.stage_busy_s) == pp
+    assert all(0 < f <= 1 for f in stats.busy_fractions)
+
+
+async def test_mp_tied_head_gpt2(gpt2_dir):
+    """GPT-2 ties its head to the embedding: the last stage loads it too."""
+    config = engine_config(gpt2_dir, 2)
+    async with running(config, BLOCKS_PER_VE) as executor:
+        tokens, _ = await greedy_generate(executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE,
+                                          config.args.block_size)
+        shares = executor.param_bytes()
+    assert tokens == hf_greedy(gpt2_dir, prompts(), NEW_TOKENS)
+    assert shares == [checkpoint_share(gpt2_dir, s, tied=True) for s in config.stages]
+
+
+async def test_uni_exception_kills_the_executor(llama_dir):
+    config = engine_config(llama_dir)
+    bad = MicroBatch(0, [SeqWork(0, [VOCAB + 7], 0, [0], SampleSpec(GREEDY, None, 0))])
+    async with running(config, BLOCKS_PER_VE) as executor:
+        with pytest.raises(EngineDeadError, match="IndexError|index"):
+            await executor.submit(bad)
+        assert isinstance(executor.dead_error(), EngineDeadError)
+        good = MicroBatch(0, [SeqWork(0, [5], 0, [0], SampleSpec(GREEDY, None, 0))])
+        with pytest.raises(EngineDeadError):
+            await executor.submit(good)

@@ -1,0 +1,148 @@
+"""A stage that dies or raises fails the engine fast and leaves no process behind."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncpp.errors import EngineDeadError, StageDiedError
+from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from conftest import VOCAB
+from executor_helpers import GREEDY, child_pids, decode_until_error, engine_config, running
+
+pytestmark = pytest.mark.anyio
+
+# A liveness bound, not a speed check: without it a broken executor hangs CI.
+FAIL_WITHIN_S = 5
+
+
+def assert_no_children() -> None:
+    assert multiprocessing.active_children() == []
+    assert child_pids() == []
+
+
+async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
+    """Keep every VE decoding; once all have results back, call `then()`; collect errors."""
+    errors: list[BaseException] = []
+    ready = [anyio.Event() for _ in range(config.num_virtual_engines)]
+
+    async def ve(v: int) -> None:
+        errors.append(await decode_until_error(executor, v, [5 + v, 6, 7], config.args.block_size,
+                                               ready[v]))
+
+    async with anyio.create_task_group() as tg:
+        for v in range(config.num_virtual_engines):
+            tg.start_soon(ve, v)
+        for event in ready:
+            await event.wait()
+        with anyio.fail_after(FAIL_WITHIN_S):
+            then()
+            while len(errors) < len(ready):
+                await anyio.sleep(0.01)
+    return errors
+
+
+async def test_killed_stage_fails_pending_submits(llama_dir):
+    config = engine_config(llama_dir, 3)
+    async with running(config) as executor:
+        victim = executor._ranks[1].process
+        errors = await decode_on_every_ve(executor, config,
+                                          lambda: os.kill(victim.pid, signal.SIGKILL))
+        assert all(isinstance(e, StageDiedError) for e in errors), errors
+        assert {(e.stage, e.rank, e.exitcode) for e in errors} == {(1, 1, -signal.SIGKILL)}
+        assert executor.dead_error() is errors[0]
+        with pytest.raises(StageDiedError, match="stage 1"):
+            await executor.submit(MicroBatch(0, [SeqWork(9, [5], 0, [0], SampleSpec(GREEDY, None, 0))]))
+    assert_no_children()
+
+
+async def test_exception_in_a_stage_fails_the_engine(llama_dir):
+    """A token id beyond the vocabulary makes the first stage's embedding raise."""
+    config = engine_config(llama_dir, 2)
+    bad = MicroBatch(0, [SeqWork(0, [VOCAB + 11], 0, [0], SampleSpec(GREEDY, None, 0))])
+    async with running(config) as executor:
+        with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(EngineDeadError) as info:
+            await executor.submit(bad)
+        assert "stage 0 (rank 0) raised" in str(info.value)
+        assert "Error" in str(info.value)  # the worker's exception and traceback come along
+        assert executor.dead_error() is info.value
+    assert_no_children()
+
+
+async def test_shutdown_leaves_no_children_and_is_idempotent(llama_dir):
+    config = engine_config(llama_dir, 2)
+    async with running(config) as executor:
+        assert len(child_pids()) == 2
+        out = await executor.submit(MicroBatch(0, [SeqWork(0, [5, 6], 0, [0], SampleSpec(GREEDY, None, 0))]))
+        assert len(out.token_ids) == 1
+        await executor.shutdown()
+        await executor.shutdown()
+        assert executor.dead_error() is None
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await executor.submit(MicroBatch(0, [SeqWork(1, [5], 0, [1], SampleSpec(GREEDY, None, 0))]))
+    assert_no_children()
+
+
+async def test_cancelled_while_in_flight_then_shutdown(llama_dir):
+    """Ctrl-C lands as cancellation of everything: shutdown runs in a cancelled scope."""
+    config = engine_config(llama_dir, 2)
+    ready = [anyio.Event(), anyio.Event()]
+    with anyio.CancelScope() as scope:
+        async with running(config) as executor, anyio.create_task_group() as tg:
+            for v in range(2):
+                tg.start_soon(decode_until_error, executor, v, [5 + v], config.args.block_size, ready[v])
+            for event in ready:
+                await event.wait()
+            scope.cancel()
+            await anyio.sleep(60)
+    assert scope.cancelled_caught
+    assert executor.dead_error() is None
+    assert_no_children()
+
+
+_ORPHAN_SCRIPT = textwrap.dedent("""
+    import sys, anyio
+    sys.path.insert(0, {tests!r})
+    from executor_helpers import engine_config, running
+
+    async def main():
+        async with running(engine_config({model!r}, 2)) as executor:
+            print(" ".join(str(r.process.pid) for r in executor._ranks), flush=True)
+            await anyio.sleep(120)
+
+    if __name__ == "__main__":
+        anyio.run(main)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_stage_processes_die_with_a_killed_engine(llama_dir, tmp_path):
+    """SIGKILL gives the engine no chance to clean up: the kernel must take the stages down."""
+    script = tmp_path / "engine.py"
+    script.write_text(_ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent), model=str(llama_dir)))
+    engine = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        stage_pids = [int(p) for p in engine.stdout.readline().split()]
+        assert len(stage_pids) == 2 and all(_alive(p) for p in stage_pids)
+    finally:
+        engine.kill()
+        engine.wait()
+    deadline = time.monotonic() + FAIL_WITHIN_S
+    while any(_alive(p) for p in stage_pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in stage_pids)
