@@ -106,3 +106,40 @@ def _run(runners: list[ModelRunner], mb: MicroBatch, use_sampler: bool) -> list[
 def _num_blocks(runners: list[ModelRunner]) -> int:
     caches = runners[0].kv_caches[0]
     return caches[0][1].shape[0]
+
+
+class GlooGroup:
+    """A real TP group over the default gloo world, for the multi-process tests."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        torch.distributed.all_reduce(t)
+
+    def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=dim)
+
+
+def tp_worker(rank: int, world: int, model_dir: str, pp: int, prompts: list[list[int]], max_new: int,
+              rendezvous: str, result_file: str) -> None:
+    """One TP rank: builds its shard of every pipeline stage and runs them all in order
+    (the TP collectives happen in the same order on every rank)."""
+    import json
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        config = engine_config(Path(model_dir), tensor_parallel_size=world, pipeline_parallel_size=pp,
+                               distributed_executor_backend="mp")
+        group = GlooGroup(rank, world)
+        runners = [ModelRunner(config, s, group) for s in config.stages if s.tp_rank == rank]
+        for r in runners:
+            r.init_kv_cache(1, 400)
+        tokens = generate(runners, prompts, max_new, chunk=64)
+        sizes = [r.param_bytes() for r in runners]
+        Path(f"{result_file}.{rank}").write_text(json.dumps({"tokens": tokens, "param_bytes": sizes}))
+    finally:
+        torch.distributed.destroy_process_group()

@@ -58,14 +58,15 @@ class PagedAttention(nn.Module):
         else:
             keys, values = gather_context(cache, p.context_blocks, p.context_len)
             mask = p.mask
+        # 4-D inputs: with 3-D ones the CPU backend falls back to the slow math kernel.
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)
-        return out.transpose(0, 1).reshape(b - a, -1)
+        return out[0].transpose(0, 1).reshape(b - a, -1)
 
     def _decode(self, q: torch.Tensor, cache: KVCache, d: DecodeBatch) -> torch.Tensor:
         key_cache, value_cache = cache
-        weights = q.reshape(-1, self.head_dim).index_select(0, d.query_rows).mul_(self.scale)
+        weights = (q * self.scale).view(-1, self.head_dim).index_select(0, d.query_rows)
         scores = F.embedding_bag(d.score_index, key_cache.view(-1, key_cache.shape[-1]), d.score_offsets,
                                  mode="sum", per_sample_weights=weights.view(-1))
         scores = scores.view(d.num_seqs, self.num_heads, d.padded_len)
