@@ -50,7 +50,6 @@ class Checkpoint:
     """Which file of a Hugging Face folder holds each tensor (headers only; nothing is read)."""
     path: Path
     files: dict[str, Path] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
@@ -62,7 +61,6 @@ class Checkpoint:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     ckpt.files[name] = file
-                    ckpt.shapes[name] = tuple(f.get_slice(name).get_shape())
         return ckpt
 
     def has(self, name: str) -> bool:
