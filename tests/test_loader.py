@@ -33,6 +33,9 @@ class ReadLog:
             def __exit__(self, *exc):
                 return self.inner.__exit__(*exc)
 
+            def keys(self):
+                return self.handle.keys()
+
             def get_slice(self, name):
                 log.names.add(name)
                 return self.handle.get_slice(name)
