@@ -140,3 +140,23 @@ def test_tensor_parallel_replicated_kv_heads_and_padded_vocab(tmp_path):
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
     results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2)
     assert [r["tokens"] for r in results] == [expected, expected]
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(2)
+    cfg = MistralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        sliding_window=4096, rope_theta=50000.0, initializer_range=0.2,
+                        bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_mistral_matches_transformers(mistral_dir, prompts):
+    torch.set_num_threads(1)
+    expected = hf_greedy(mistral_dir, prompts, MAX_NEW)
+    assert generate(runners_for(mistral_dir, pp=2), prompts, MAX_NEW, chunk=80) == expected

@@ -44,12 +44,23 @@ def check_supported(hf_config: Any) -> None:
 def build_model(config: Any, stage: Any, tp_group: TPGroup | None = None) -> nn.Module:
     """This rank's share of the model (config: EngineConfig, stage: StageSpec), weights loaded."""
     cls = MODELS[architecture(config.hf_config)]
+    _check_no_sliding_window(config.hf_config, config.max_model_len)
     tp = tp_group or SingleRankGroup()
     with _default_dtype(config.dtype), torch.device(config.device):
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
     ckpt = Checkpoint.open(config.model_path)
     load_weights(model, ckpt, model.weight_plan(ckpt))
     return model.eval()
+
+
+def _check_no_sliding_window(hf_config: Any, max_model_len: int) -> None:
+    """Sliding-window attention is not implemented; it only matters past the window."""
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        window = None
+    if window and max_model_len > window:
+        raise ValueError(f"sliding-window attention (window {window}) is not supported; "
+                         f"set max_model_len <= {window}")
 
 
 @contextlib.contextmanager
