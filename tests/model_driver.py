@@ -17,7 +17,8 @@ GREEDY = SamplingParams(temperature=0, ignore_eos=True)
 
 
 def engine_config(model_dir: Path, **kwargs) -> EngineConfig:
-    args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", **kwargs)
     return create_engine_config(args)
 
 

@@ -160,3 +160,14 @@ def test_mistral_matches_transformers(mistral_dir, prompts):
     torch.set_num_threads(1)
     expected = hf_greedy(mistral_dir, prompts, MAX_NEW)
     assert generate(runners_for(mistral_dir, pp=2), prompts, MAX_NEW, chunk=80) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_transformers(llama_dir, prompts):
+    expected = hf_greedy(llama_dir, prompts, MAX_NEW)
+    config = engine_config(llama_dir, device="cuda")
+    runner = ModelRunner(config, config.stages[0])
+    assert runner.num_available_blocks() > NUM_BLOCKS
+    runner.init_kv_cache(1, NUM_BLOCKS)
+    assert generate([runner], prompts, MAX_NEW, chunk=64) == expected
