@@ -25,8 +25,8 @@ FAIL_WITHIN_S = 5
 
 
 def assert_no_children() -> None:
+    assert child_pids() == []  # first: active_children() would reap zombies
     assert multiprocessing.active_children() == []
-    assert child_pids() == []
 
 
 async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
@@ -132,17 +132,25 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_stage_processes_die_with_a_killed_engine(llama_dir, tmp_path):
-    """SIGKILL gives the engine no chance to clean up: the kernel must take the stages down."""
+    """SIGKILL gives the engine no chance to clean up, and stopped stages (standing in for
+    ones stuck in compute or a collective) never see their control pipe close: the kernel
+    must take them down."""
     script = tmp_path / "engine.py"
     script.write_text(_ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent), model=str(llama_dir)))
     engine = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    stage_pids: list[int] = []
     try:
         stage_pids = [int(p) for p in engine.stdout.readline().split()]
         assert len(stage_pids) == 2 and all(_alive(p) for p in stage_pids)
-    finally:
+        for pid in stage_pids:
+            os.kill(pid, signal.SIGSTOP)
         engine.kill()
         engine.wait()
-    deadline = time.monotonic() + FAIL_WITHIN_S
-    while any(_alive(p) for p in stage_pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in stage_pids)
+        deadline = time.monotonic() + FAIL_WITHIN_S
+        while any(_alive(p) for p in stage_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in stage_pids)
+    finally:
+        engine.kill()
+        for pid in filter(_alive, stage_pids):
+            os.kill(pid, signal.SIGKILL)

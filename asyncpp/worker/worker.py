@@ -85,11 +85,11 @@ class StageWorker:
         out = self.runner.execute(mb, intermediate)
         if self.sync_cuda:
             torch.cuda.current_stream().synchronize()
+        self.busy[self.rank] += time.perf_counter() - started  # compute only, not waits
         if not self.stage.is_last:
             self.link.send(out)
         elif self.reports_results:
             self.reply(("result", mb.mb_id, out))
-        self.busy[self.rank] += time.perf_counter() - started
 
 
 def die_with_parent(parent_pid: int) -> None:
