@@ -39,15 +39,14 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [tokens, heads, head_dim]; k, v [tokens, kv_heads, head_dim] -> [tokens, heads*head_dim]."""
         write_kv(cache, k, v, meta)
+        d = meta.decode
+        if d is not None and d.token_index is None:  # decodes only
+            return self._decode(q, cache, d)
         out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)
         for p in meta.prefills:
             out[p.token_start:p.token_end] = self._prefill(q, k, v, cache, p)
-        if meta.decode is not None:
-            d = meta.decode
-            if d.token_index is None:
-                out.copy_(self._decode(q, cache, d))
-            else:
-                out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d))
+        if d is not None:
+            out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d))
         return out
 
     def _prefill(self, q, k, v, cache: KVCache, p: PrefillSeq) -> torch.Tensor:
