@@ -19,6 +19,8 @@ class ModelRunner:
         self.config, self.stage = config, stage
         self.tp = tp_group or SingleRankGroup()
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set by the stage process
         self.model = build_model(config, stage, self.tp)
         heads = HeadSplit.of(config.hf_config.num_attention_heads, config.kv_heads, self.tp)
         self.layout = HeadLayout(heads.q_local, heads.kv_local, config.head_dim, config.args.block_size)
