@@ -83,11 +83,11 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
         if key not in _HF_CACHE:
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+                model.generation_config.eos_token_id = None  # run on through EOS, never suppress it
             ids = torch.tensor([prompt])
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                     pad_token_id=0)
+                                     max_new_tokens=max_new_tokens, pad_token_id=0)
             _HF_CACHE[key] = out[0, len(prompt):].tolist()
         results.append(_HF_CACHE[key])
     return results

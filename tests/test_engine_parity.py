@@ -27,12 +27,12 @@ def test_chunked_prefill_off_matches_hf(gpt2_dir):
 
 
 def test_forced_preemption_keeps_tokens(llama_dir):
-    prompts = mixed_prompts(8, seed=3)
-    blocks = 24  # room for one longest sequence (19 blocks) and little else
-    tokens, stats = engine_tokens(llama_dir, prompts, MAX_TOKENS, max_model_len=320,
+    prompts = mixed_prompts(8, hi=120, seed=3)
+    blocks = 16  # prompts fill the cache; their growth must preempt
+    tokens, stats = engine_tokens(llama_dir, prompts, 32, max_model_len=160,
                                   kv_cache_memory=str(blocks * TINY_LLAMA_BLOCK_BYTES))
     assert stats.num_preemptions > 0
-    assert tokens == hf_greedy(llama_dir, prompts, MAX_TOKENS)
+    assert tokens == hf_greedy(llama_dir, prompts, 32)
     assert stats.kv_blocks_used == 0
 
 
