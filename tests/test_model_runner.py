@@ -171,3 +171,19 @@ def test_cuda_matches_transformers(llama_dir, prompts):
     assert runner.num_available_blocks() > NUM_BLOCKS
     runner.init_kv_cache(1, NUM_BLOCKS)
     assert generate([runner], prompts, MAX_NEW, chunk=64) == expected
+
+
+def test_plain_f_linear_path_matches_transformers(llama_dir, prompts, monkeypatch):
+    """CPU fp32 weights are prepacked for oneDNN by default; the F.linear path must agree too."""
+    monkeypatch.setenv("ASYNCPP_ONEDNN", "0")
+    torch.set_num_threads(1)
+    runners = runners_for(llama_dir)
+    assert not runners[0].model.layers[0].mlp.down_proj.weight.is_mkldnn
+    assert generate(runners, prompts, MAX_NEW, chunk=64) == hf_greedy(llama_dir, prompts, MAX_NEW)
+
+
+def test_cpu_weights_are_prepacked(qwen2_dir):
+    model = runners_for(qwen2_dir)[0].model
+    assert model.layers[0].self_attn.qkv_proj.weight.is_mkldnn
+    assert not model.embed_tokens.weight.is_mkldnn  # tied: the embedding stays dense ...
+    assert model.lm_head.packed is not None and model.lm_head.packed.is_mkldnn  # ... the head gets a packed copy

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncpp.model.gemm import PackableLinear, linear
 from asyncpp.model.loader import WeightPlan, WeightSource, rows
 from asyncpp.model.parallel import TPGroup
 
@@ -32,13 +33,11 @@ class VocabParallelEmbedding(nn.Module):
         return {f"{prefix}weight": WeightSource([rows(name, self.start, stop)], pad_rows=True)}
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
     """Logits for the whole vocab: local matmul, then the slices gathered across ranks."""
 
-    chunk_rows = 2048  # MKL runs a few-row GEMM against 2048-row slices ~15% faster than whole
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.cat([F.linear(hidden, part) for part in self.weight.split(self.chunk_rows)], dim=1)
+        logits = linear(hidden, self.gemm_weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]
         return logits

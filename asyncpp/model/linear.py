@@ -4,9 +4,9 @@ Conv1D checkpoints ([in, out]) are transposed while loading."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from asyncpp.model.gemm import PackableLinear, linear
 from asyncpp.model.loader import TensorSlice, WeightPlan, WeightSource, cols, rows
 from asyncpp.model.parallel import HeadSplit, TPGroup, divide
 
@@ -20,7 +20,7 @@ def _out_slice(name: str, start: int, stop: int, conv1d: bool) -> TensorSlice:
     return cols(name, start, stop, transpose=True) if conv1d else rows(name, start, stop)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackableLinear):
     """One or more projections of the same input fused into one matmul (e.g. gate and up),
     each split by rows across the TP group."""
 
@@ -32,7 +32,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(sum(self.local_sizes)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.gemm_weight, self.bias)
 
     def plan(self, prefix: str, names: list[str], conv1d: bool = False) -> WeightPlan:
         """`names`: the checkpoint tensors (without .weight), one per output size."""
@@ -79,7 +79,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return plan
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """Input split across the group; partial products summed with one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
@@ -91,8 +91,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.gemm_weight, self.bias)
+        y = linear(x, self.gemm_weight)
         self.tp.all_reduce(y)
         return y if self.bias is None else y.add_(self.bias)
 

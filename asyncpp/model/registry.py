@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from asyncpp.model.gemm import onednn_available, prepack_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
@@ -50,6 +51,8 @@ def build_model(config: Any, stage: Any, tp_group: TPGroup | None = None) -> nn.
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
     ckpt = Checkpoint.open(config.model_path)
     load_weights(model, ckpt, model.weight_plan(ckpt))
+    if onednn_available(config.device, config.dtype):
+        prepack_model(model)
     return model.eval()
 
 
