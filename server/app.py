@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from asyncpp.config import EngineArgs
 from server.chat import chat_prompt_ids, create_chat_completion
 from server.completions import create_completion
-from server.errors import ServerError, logger, unavailable
+from server.errors import ServerError, unavailable
 from server.metrics import ServerMetrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              describe_validation_error)
@@ -141,5 +141,5 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    # Starlette raises the exception again after this answer, and uvicorn logs it.
     return ServerError(500, f"internal error: {type(exc).__name__}: {exc}").response()

@@ -26,6 +26,9 @@ class ServerError(Exception):
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
     @property
     def type(self) -> str:
         return _ERROR_TYPES.get(self.status, HTTPStatus(self.status).phrase.replace(" ", "") + "Error")
