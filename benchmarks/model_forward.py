@@ -1,0 +1,85 @@
+"""ModelRunner.forward() alone on workload W's shapes: a decode step of 32 sequences (context
+100..400, ~265 on average) and 2048-token prefill chunks. Compares the oneDNN prepacked GEMMs
+with plain F.linear side by side in one process (interleaved, best of N).
+
+    .venv/bin/python benchmarks/model_forward.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+import torch
+
+from asyncpp.bench import make_workload_model
+from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.sampling_params import SamplingParams
+from asyncpp.worker.model_runner import ModelRunner
+
+NUM_BLOCKS = 1024
+SAMPLE = SampleSpec(SamplingParams(temperature=0), None, 0)
+
+
+def runner(model: str, onednn: bool) -> ModelRunner:
+    os.environ["ASYNCPP_ONEDNN"] = "1" if onednn else "0"
+    config = create_engine_config(EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
+                                             device="cpu"))
+    r = ModelRunner(config, config.stages[0])
+    r.init_kv_cache(1, NUM_BLOCKS)
+    return r
+
+
+def microbatches(seed: int = 0) -> dict[str, MicroBatch]:
+    rng = random.Random(seed)
+    free = list(range(NUM_BLOCKS))
+    rng.shuffle(free)
+
+    def table(tokens: int) -> list[int]:
+        return [free.pop() for _ in range(-(-tokens // 16))]
+
+    decode = [SeqWork(i, [5], ctx - 1, table(ctx), SAMPLE)
+              for i, ctx in enumerate(rng.randint(100, 400) for _ in range(32))]
+    prompt = lambda n: [rng.randrange(3, 32000) for _ in range(n)]  # noqa: E731
+    return {
+        "decode 32 seqs": MicroBatch(0, decode),
+        "prefill 8 x 256": MicroBatch(0, [SeqWork(100 + i, prompt(256), 0, table(256), SAMPLE) for i in range(8)]),
+        "prefill 1 x 2048": MicroBatch(0, [SeqWork(200, prompt(2048), 0, table(2048), SAMPLE)]),
+    }
+
+
+def best_ms(r: ModelRunner, mb: MicroBatch, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        r.forward(mb, None)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default=None, help="default: workload W")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = args.model or str(make_workload_model())
+    runners = {"oneDNN prepacked": runner(model, True), "F.linear (MKL)": runner(model, False)}
+    print(f"torch threads: {args.threads}; best of {args.rounds} interleaved rounds, ms per forward()")
+    print(f"{'step':18s}" + "".join(f"{name:>20s}" for name in runners))
+    for name, mb in microbatches().items():
+        repeats = 5 if mb.num_tokens < 100 else 1
+        times = {k: float("inf") for k in runners}
+        for r in runners.values():
+            r.forward(mb, None)  # warm-up
+        for _ in range(args.rounds):
+            for k, r in runners.items():
+                times[k] = min(times[k], best_ms(r, mb, repeats))
+        print(f"{name:18s}" + "".join(f"{times[k]:20.1f}" for k in runners))
+
+
+if __name__ == "__main__":
+    main()
