@@ -80,7 +80,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 # -- the HTTP load -------------------------------------------------------------------
 async def stream_one(http: httpx.AsyncClient, prompt: list[int], max_tokens: int, trace: RequestTrace) -> None:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     trace.start = time.perf_counter()
     async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -119,7 +119,7 @@ async def compare(url: str, args: EngineArgs, prompts: list[list[int]], output_l
     machine hits both alike."""
     from asyncpp import AsyncLLM, SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with AsyncLLM.from_engine_args(args) as engine, \
             httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:

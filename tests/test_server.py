@@ -90,11 +90,9 @@ async def test_openai_models(server):
 
 @pytest.mark.anyio
 async def test_token_ids_equal_transformers(server, llama_dir, reference):
-    """Token-id prompts, as vLLM accepts them; the ids streamed back are HF's greedy ids
-    (min_tokens, not ignore_eos: the oracle blocks EOS until the end, as min_tokens does)."""
+    """Token-id prompts, as vLLM accepts them; the ids streamed back are HF's greedy ids."""
     prompt = mixed_prompts(1, lo=40, hi=40, seed=3)[0]
-    body = {"model": MODEL_NAME, "prompt": prompt, "stream": True, "return_token_ids": True,
-            "min_tokens": MAX_TOKENS, **GREEDY}
+    body = {"model": MODEL_NAME, "prompt": prompt, "stream": True, "return_token_ids": True, **GREEDY, **EXTRAS}
     ids = []
     async with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
         async for line in response.aiter_lines():
