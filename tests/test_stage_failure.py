@@ -51,15 +51,15 @@ async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
 
 
 async def test_killed_stage_fails_pending_submits(llama_dir):
-    config = engine_config(llama_dir, 3)
+    config = engine_config(llama_dir, 2)
     async with running(config) as executor:
-        victim = executor._ranks[1].process
+        victim = executor._ranks[0].process
         errors = await decode_on_every_ve(executor, config,
                                           lambda: os.kill(victim.pid, signal.SIGKILL))
         assert all(isinstance(e, StageDiedError) for e in errors), errors
-        assert {(e.stage, e.rank, e.exitcode) for e in errors} == {(1, 1, -signal.SIGKILL)}
+        assert {(e.stage, e.rank, e.exitcode) for e in errors} == {(0, 0, -signal.SIGKILL)}
         assert executor.dead_error() is errors[0]
-        with pytest.raises(StageDiedError, match="stage 1"):
+        with pytest.raises(StageDiedError, match="stage 0"):
             await executor.submit(MicroBatch(0, [SeqWork(9, [5], 0, [0], SampleSpec(GREEDY, None, 0))]))
     assert_no_children()
 
