@@ -68,8 +68,9 @@ class AsyncLLM:
         await self._task_group.__aenter__()
         try:
             await self._start_executor()
-        except BaseException as e:
-            await self._close(type(e), e, e.__traceback__)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._close(None, None, None)
             raise
         self._started = True
         return self
