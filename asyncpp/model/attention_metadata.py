@@ -135,6 +135,10 @@ def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> D
     value_offsets = (np.concatenate([[0], np.cumsum(ctx)[:-1]])[:, None] * H
                      + np.arange(H)[None, :] * ctx[:, None]).reshape(-1)
     pad_mask = (pos[None, None, :] >= ctx[:, None, None])
-    return DecodeBatch(token_index, D, padded, to(score_index), to((bags_before * hd).reshape(-1)),
-                       to(query_rows[block_ok]), to(pad_mask), to(value_index), to(value_offsets),
-                       to(prob_index))
+    score_offsets = (bags_before * hd).reshape(-1)
+    # int32 bag indices when they fit: ~10% faster embedding_bag (less index traffic).
+    small = max(score_index.max(), value_index.max(), len(score_index)) < 2**31
+    narrow = (lambda a: a.astype(np.int32)) if small else (lambda a: a)  # noqa: E731
+    return DecodeBatch(token_index, D, padded, to(narrow(score_index)), to(narrow(score_offsets)),
+                       to(query_rows[block_ok]), to(pad_mask), to(narrow(value_index)),
+                       to(narrow(value_offsets)), to(prob_index))
