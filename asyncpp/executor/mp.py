@@ -30,6 +30,7 @@ from asyncpp.worker.worker import STOP, RunnerFactory, WorkerArgs, default_runne
 
 _STOP_BYTES = pickle.dumps(STOP)
 _JOIN_TIMEOUT_S = 10.0
+_SETTLE_S = 1.0  # how long a reported exception waits for a silent death to outrank it
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class _Rank:
     control: Connection  # engine -> rank
     results: Connection  # rank -> engine
     open: bool = True  # results not yet at EOF
+    exited: bool = False  # its exit was seen by the reader (reading exitcode reaps, so we keep our own)
 
 
 @dataclass(slots=True)
@@ -190,45 +192,52 @@ class MultiprocExecutor(Executor):
 
     # -- reader --------------------------------------------------------------------
     async def _read_loop(self) -> None:
+        settle_until: float | None = None
         while not self._closing:
+            timeout = None if settle_until is None else max(0.0, settle_until - time.monotonic())
             messages, died = await anyio.to_thread.run_sync(
-                self._poll, abandon_on_cancel=True, limiter=self._reader_limiter)
+                self._poll, timeout, abandon_on_cancel=True, limiter=self._reader_limiter)
             for msg in messages:
                 self._dispatch(msg)
             if self._closing:
                 return
-            self._dead = self._dead or self._root_cause(died)
+            if self._errors and settle_until is None:
+                settle_until = time.monotonic() + _SETTLE_S
+            self._dead = self._root_cause(died, settle_until)
             if self._dead is not None:
                 await self._fail()
                 return
 
-    def _root_cause(self, died: list[tuple[int, int | None]]) -> BaseException | None:
-        """When one rank fails its peers fail too (their sockets close): blame the rank
-        that died without a word, else the earliest exception reported."""
+    def _root_cause(self, died: list[tuple[int, int | None]], settle_until: float | None
+                    ) -> BaseException | None:
+        """When one rank fails its peers fail too, as their sockets close, and may report
+        that before the culprit's exit shows. So a rank that died without a word is to
+        blame; reported exceptions count once no such death came within _SETTLE_S."""
         for rank, exitcode in died:
             if rank not in self._errors:
                 return StageDiedError(self.config.stage(rank).pp_rank, rank, exitcode)
-        if not self._errors:
+        if settle_until is None or time.monotonic() < settle_until:
             return None
         _, rank, _, summary, text = min(self._errors.values(), key=lambda msg: msg[2])
         return EngineDeadError(f"pipeline stage {self.config.stage(rank).pp_rank} (rank {rank}) "
                                f"raised {summary}\n{text}")
 
-    def _poll(self) -> tuple[list[tuple], list[tuple[int, int | None]]]:
-        """Block until a rank answers or dies; runs in the reader thread."""
+    def _poll(self, timeout: float | None) -> tuple[list[tuple], list[tuple[int, int | None]]]:
+        """Block until a rank answers or exits (or `timeout`); runs in the reader thread."""
         with self._poll_lock:
             if self._wake_r.closed:
                 return [], []
             handles = [r.results for r in self._ranks if r.open]
-            handles += [r.process.sentinel for r in self._ranks] + [self._wake_r]
-            ready = set(wait(handles))
+            handles += [r.process.sentinel for r in self._ranks if not r.exited]
+            ready = set(wait(handles + [self._wake_r], timeout))
             messages = [m for r in self._ranks if r.open and r.results in ready for m in self._drain(r)]
             died = []
             for rank, r in enumerate(self._ranks):
-                if r.process.sentinel in ready or not r.open:
+                if not r.exited and (r.process.sentinel in ready or not r.open):
                     with self._reap_lock:
                         r.process.join(1.0)  # EOF comes a moment before the exit code
                     if r.process.exitcode is not None:
+                        r.exited = True
                         died.append((rank, r.process.exitcode))
             return messages, died
 
