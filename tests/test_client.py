@@ -75,9 +75,12 @@ async def test_server_errors_raise_api_error(server):
 
 @pytest.mark.anyio
 async def test_leaving_a_stream_early_aborts_the_request(server):
+    before = server.wait_idle().generation_tokens_total
+    max_tokens = 200
     async with Client(server.url, api_key=API_KEY) as client:
-        async with aclosing(client.stream(COMPLETION_PROMPT, temperature=0, max_tokens=200, ignore_eos=True)) as s:
-            async for _ in s:
+        async with aclosing(client.stream(COMPLETION_PROMPT, temperature=0, max_tokens=max_tokens,
+                                          ignore_eos=True)) as stream:
+            async for _ in stream:
                 break
-        server.wait_idle()
+        assert server.wait_idle().generation_tokens_total - before < max_tokens
         assert await client.generate(COMPLETION_PROMPT, **GREEDY)

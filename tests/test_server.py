@@ -17,6 +17,8 @@ from server_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODE
                              reference, server_pool, tok_dir)  # noqa: F401  (fixtures)
 
 GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS}
+# One running slot, one waiting place, and room for requests that need seconds to finish.
+LONG_SERVER = {"max_num_seqs": 1, "max_waiting_requests": 1, "max_model_len": 1024}
 EXTRAS = {"ignore_eos": True}
 
 
@@ -156,13 +158,15 @@ async def test_64_streams_a_third_disconnecting(server):
 
 
 @pytest.mark.anyio
-async def test_abort_on_disconnect_of_a_whole_response(server1):
+async def test_abort_on_disconnect_of_a_whole_response(server_pool):
     """A client that gives up on a non-streamed request aborts it too."""
-    body = {"prompt": COMPLETION_PROMPT, "temperature": 0, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True}
-    async with server1.http() as http:
+    server = server_pool.get(**LONG_SERVER)
+    body = {"prompt": COMPLETION_PROMPT, "temperature": 0, "max_tokens": 1000, "ignore_eos": True}
+    before = server.wait_idle().generation_tokens_total
+    async with server.http() as http:
         with anyio.move_on_after(0.3):
             await http.post("/v1/completions", json=body)
-    server1.wait_idle()
+    assert server.wait_idle().generation_tokens_total - before < 1000
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -218,12 +222,12 @@ async def test_unknown_routes_answer_error_json(server1, method, path, status):
 
 @pytest.mark.anyio
 async def test_queue_full_is_503_with_retry_after(server_pool):
-    # One running slot, one waiting place; the running request needs seconds to finish.
-    server = server_pool.get(max_num_seqs=1, max_waiting_requests=1, max_model_len=1024)
+    server = server_pool.get(**LONG_SERVER)
     long = {"prompt": COMPLETION_PROMPT, "temperature": 0, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     async with server.http() as http:
         async with http.stream("POST", "/v1/completions", json=long) as running:
-            await running.aiter_lines().__anext__()  # the only slot is taken
+            lines = running.aiter_lines()  # held: a dropped iterator closes the connection when collected
+            await lines.__anext__()  # the only slot is taken
             async with http.stream("POST", "/v1/completions", json=long) as waiting:
                 assert waiting.status_code == 200  # accepted into the one-place queue
                 refused = await http.post("/v1/completions", json={"prompt": COMPLETION_PROMPT})
