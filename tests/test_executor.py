@@ -77,3 +77,16 @@ async def test_uni_exception_kills_the_executor(llama_dir):
         good = MicroBatch(0, [SeqWork(0, [5], 0, [0], SampleSpec(GREEDY, None, 0))])
         with pytest.raises(EngineDeadError):
             await executor.submit(good)
+
+
+async def test_ray_pipeline_matches_transformers(llama_dir):
+    pytest.importorskip("ray")
+    config = engine_config(llama_dir, 2, distributed_executor_backend="ray")
+    async with running(config, BLOCKS_PER_VE) as executor:
+        tokens, most_in_flight = await greedy_generate(
+            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.args.block_size)
+        stats, shares = executor.stats(), executor.param_bytes()
+    assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
+    assert most_in_flight == 2
+    assert shares == [checkpoint_share(llama_dir, s, tied=False) for s in config.stages]
+    assert all(0 < f <= 1 for f in stats.busy_fractions)

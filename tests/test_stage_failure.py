@@ -64,9 +64,24 @@ async def test_killed_stage_fails_pending_submits(llama_dir):
     assert_no_children()
 
 
-async def test_exception_in_a_stage_fails_the_engine(llama_dir):
+async def test_killed_ray_actor_fails_pending_submits(llama_dir):
+    ray = pytest.importorskip("ray")
+    config = engine_config(llama_dir, 2, distributed_executor_backend="ray")
+    async with running(config) as executor:
+        victim = ray.get(executor._actors[1].pid.remote())
+        errors = await decode_on_every_ve(executor, config, lambda: os.kill(victim, signal.SIGKILL))
+        assert all(isinstance(e, StageDiedError) for e in errors), errors
+        assert {(e.stage, e.rank) for e in errors} == {(1, 1)}
+        assert executor.dead_error() is errors[0]
+    assert_no_children()
+
+
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+async def test_exception_in_a_stage_fails_the_engine(llama_dir, backend):
     """A token id beyond the vocabulary makes the first stage's embedding raise."""
-    config = engine_config(llama_dir, 2)
+    if backend == "ray":
+        pytest.importorskip("ray")
+    config = engine_config(llama_dir, 2, distributed_executor_backend=backend)
     bad = MicroBatch(0, [SeqWork(0, [VOCAB + 11], 0, [0], SampleSpec(GREEDY, None, 0))])
     async with running(config) as executor:
         with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(EngineDeadError) as info:

@@ -22,8 +22,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
-from asyncpp.errors import EngineDeadError, StageDiedError
+from asyncpp.errors import EngineDeadError
 from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
+from asyncpp.executor.failures import Report, RootCause
 from asyncpp.executor.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.comm import local_init_method
 from asyncpp.worker.worker import STOP, RunnerFactory, WorkerArgs, default_runner_factory, run_stage
@@ -70,7 +71,7 @@ class MultiprocExecutor(Executor):
         self._clock = InFlightClock()
         self._next_mb_id = 0
         self._dead: BaseException | None = None
-        self._errors: dict[int, tuple] = {}  # rank -> its ("error", ...) message
+        self._blame = RootCause(config.stages, _SETTLE_S)
         self._closing = False
         self._closed = anyio.Event()
         self._ready: list[tuple] = []
@@ -192,35 +193,17 @@ class MultiprocExecutor(Executor):
 
     # -- reader --------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        settle_until: float | None = None
         while not self._closing:
-            timeout = None if settle_until is None else max(0.0, settle_until - time.monotonic())
             messages, died = await anyio.to_thread.run_sync(
-                self._poll, timeout, abandon_on_cancel=True, limiter=self._reader_limiter)
+                self._poll, self._blame.wait_s(), abandon_on_cancel=True, limiter=self._reader_limiter)
             for msg in messages:
                 self._dispatch(msg)
             if self._closing:
                 return
-            if self._errors and settle_until is None:
-                settle_until = time.monotonic() + _SETTLE_S
-            self._dead = self._root_cause(died, settle_until)
+            self._dead = self._blame.verdict(died)
             if self._dead is not None:
                 await self._fail()
                 return
-
-    def _root_cause(self, died: list[tuple[int, int | None]], settle_until: float | None
-                    ) -> BaseException | None:
-        """When one rank fails its peers fail too, as their sockets close, and may report
-        that before the culprit's exit shows. So a rank that died without a word is to
-        blame; reported exceptions count once no such death came within _SETTLE_S."""
-        for rank, exitcode in died:
-            if rank not in self._errors:
-                return StageDiedError(self.config.stage(rank).pp_rank, rank, exitcode)
-        if settle_until is None or time.monotonic() < settle_until:
-            return None
-        _, rank, _, summary, text = min(self._errors.values(), key=lambda msg: msg[2])
-        return EngineDeadError(f"pipeline stage {self.config.stage(rank).pp_rank} (rank {rank}) "
-                               f"raised {summary}\n{text}")
 
     def _poll(self, timeout: float | None) -> tuple[list[tuple], list[tuple[int, int | None]]]:
         """Block until a rank answers or exits (or `timeout`); runs in the reader thread."""
@@ -265,7 +248,7 @@ class MultiprocExecutor(Executor):
             if len(replies.by_rank) == replies.expected:
                 replies.done.set()
         elif kind == "error":
-            self._errors[msg[1]] = msg
+            self._blame.reported(msg[1], Report(*msg[2:]))
 
     async def _fail(self) -> None:
         """A rank died or raised: fail every waiter now and take the other ranks down."""

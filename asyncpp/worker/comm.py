@@ -20,9 +20,9 @@ from asyncpp.executor.microbatch import IntermediateTensors
 TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def free_tcp_port() -> int:
+def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from asyncpp.config import EngineConfig, StageSpec
-from asyncpp.executor.microbatch import MicroBatch
+from asyncpp.executor.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.comm import StageLink, TPGroup, close_world, init_world, make_tp_groups
 
 STOP = ("stop",)
@@ -51,10 +51,10 @@ class WorkerArgs:
 class StageWorker:
     """One rank's loop; the transport (pipes, Ray) is whatever `send` and `inbox` are."""
 
-    def __init__(self, args: WorkerArgs, send: Callable[[bytes], None], busy: Any):
+    def __init__(self, args: WorkerArgs, busy: Any, send: Callable[[bytes], None] | None = None):
         self.config, self.rank = args.config, args.rank
         self.stage = args.config.stage(args.rank)
-        self.send, self.busy = send, busy
+        self.busy, self.send = busy, send
         device = init_world(args.rank, len(args.config.stages), args.init_method, args.config.device)
         self.link = StageLink(self.stage, device)
         self.sync_cuda = device.type == "cuda"
@@ -63,21 +63,28 @@ class StageWorker:
         self.reports_results = self.stage.is_last and self.stage.tp_rank == 0
 
     def reply(self, msg: tuple) -> None:
+        assert self.send is not None
         self.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
     def serve(self, inbox: "queue.SimpleQueue[tuple]") -> None:
         self.reply(("ready", self.rank, self.runner.param_bytes(), self.runner.num_available_blocks()))
         while (msg := inbox.get())[0] != "stop":
             if msg[0] == "run":
-                self.run(msg[1])
+                out = self.run(msg[1])
+                if out is not None:
+                    self.reply(("result", msg[1].mb_id, out))
             elif msg[0] == "init_kv":
-                self.runner.init_kv_cache(msg[1], msg[2])
+                self.init_kv_cache(msg[1], msg[2])
                 self.reply(("ok", self.rank))
             else:
                 raise ValueError(f"unknown control message {msg[0]!r}")
         self.link.wait_sends()
 
-    def run(self, mb: MicroBatch) -> None:
+    def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
+        self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
+
+    def run(self, mb: MicroBatch) -> StepOutput | None:
+        """Run one microbatch; the sampled tokens on the rank that reports them, else None."""
         intermediate = None
         if not self.stage.is_first:
             intermediate = self.link.recv(self.runner.intermediate_spec(mb.num_tokens))
@@ -88,8 +95,8 @@ class StageWorker:
         self.busy[self.rank] += time.perf_counter() - started  # compute only, not waits
         if not self.stage.is_last:
             self.link.send(out)
-        elif self.reports_results:
-            self.reply(("result", mb.mb_id, out))
+            return None
+        return out if self.reports_results else None
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -122,18 +129,23 @@ def run_stage(args: WorkerArgs, control: Connection, results: Connection, busy: 
     threading.Thread(target=_read_control, args=(control, inbox), daemon=True,
                      name="asyncpp-control").start()
     try:
-        StageWorker(args, results.send_bytes, busy).serve(inbox)
+        StageWorker(args, busy, results.send_bytes).serve(inbox)
         close_world()
     except BaseException as exc:
         report_failure(args.rank, exc, results.send_bytes)
         os._exit(1)  # skip interpreter teardown: peers may hold our collectives forever
 
 
+def failure_report(rank: int, exc: BaseException) -> tuple:
+    """("error", rank, monotonic time, summary, traceback): what the engine blames ranks by."""
+    summary = "".join(traceback.format_exception_only(exc)).strip()
+    return ("error", rank, time.monotonic(), summary, "".join(traceback.format_exception(exc)))
+
+
 def report_failure(rank: int, exc: BaseException, send: Callable[[bytes], None]) -> None:
     """Tell the engine why we stop; stderr only when the engine cannot hear it."""
-    summary = "".join(traceback.format_exception_only(exc)).strip()
-    text = "".join(traceback.format_exception(exc))
+    msg = failure_report(rank, exc)
     try:
-        send(pickle.dumps(("error", rank, time.monotonic(), summary, text)))
+        send(pickle.dumps(msg))
     except OSError:
-        print(f"asyncpp rank {rank} failed:\n{text}", file=sys.stderr, flush=True)
+        print(f"asyncpp rank {rank} failed:\n{msg[4]}", file=sys.stderr, flush=True)
