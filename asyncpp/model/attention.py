@@ -24,8 +24,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
-    keys = torch.zeros(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
-    values = torch.zeros(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    # Uninitialised on purpose: every read is either of a written slot or masked out, and
+    # zero-filling gigabytes takes seconds at start.
+    keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
+    values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     return [(keys[i], values[i]) for i in range(num_layers)]
 
 
