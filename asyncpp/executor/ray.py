@@ -6,6 +6,11 @@ calls one at a time in the order they were made, so stages stay FIFO. A watcher 
 waits on the outstanding calls: the last stage's answer resolves a submit, a call that
 fails because its actor died names the dead rank. While idle the watcher pings every
 actor once a second, so a death is noticed without traffic too.
+
+Ray is imported only when this backend is chosen. Without a running cluster a local one
+is started (and stopped with the executor); with `RAY_ADDRESS` or an earlier
+`ray.init(address=...)` the actors go to that cluster, where every node needs asyncpp
+and the model folder at the same path. GPU ranks ask Ray for one GPU each.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ class WorkerArgs:
 
 
 class StageWorker:
-    """One rank's loop; the transport (pipes, Ray) is whatever `send` and `inbox` are."""
+    """One rank: its place in the world, its links, its model. `serve` is the loop for the
+    pipe transport (`mp`); Ray actors call `run` and `init_kv_cache` directly."""
 
     def __init__(self, args: WorkerArgs, busy: Any, send: Callable[[bytes], None] | None = None):
         self.config, self.rank = args.config, args.rank
