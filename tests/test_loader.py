@@ -4,7 +4,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import safetensors
+from safetensors.torch import load_file
 import torch
 from safetensors import safe_open
 
@@ -79,7 +79,7 @@ def test_tensor_parallel_slices(llama_dir):
     runner = ModelRunner(config, config.stages[1], GlooGroup(1, 2))
     model = runner.model
     dense = lambda t: t.to_dense() if t.is_mkldnn else t  # noqa: E731  (CPU weights may be prepacked)
-    tensors = safetensors.torch.load_file(next(llama_dir.glob("*.safetensors")))
+    tensors = load_file(next(llama_dir.glob("*.safetensors")))
     q, k, v = (tensors[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
     qkv = dense(model.layers[0].self_attn.qkv_proj.weight)
     assert torch.equal(qkv, torch.cat([q[q.shape[0] // 2:], k[k.shape[0] // 2:], v[v.shape[0] // 2:]]))
