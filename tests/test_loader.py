@@ -4,9 +4,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from safetensors.torch import load_file
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from asyncpp.model import loader
 from asyncpp.model.registry import check_supported
