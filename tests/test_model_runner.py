@@ -187,3 +187,13 @@ def test_cpu_weights_are_prepacked(qwen2_dir):
     assert model.layers[0].self_attn.qkv_proj.weight.is_mkldnn
     assert not model.embed_tokens.weight.is_mkldnn  # tied: the embedding stays dense ...
     assert model.lm_head.packed is not None and model.lm_head.packed.is_mkldnn  # ... the head gets a packed copy
+
+
+def test_unwritten_cache_slots_are_never_read(gpt2_dir, prompts):
+    """The cache is allocated uninitialised: NaN everywhere must not reach any output."""
+    torch.set_num_threads(1)
+    runners = runners_for(gpt2_dir)
+    for keys, values in runners[0].kv_caches[0]:
+        keys.fill_(float("nan"))
+        values.fill_(float("nan"))
+    assert generate(runners, prompts, MAX_NEW, chunk=50) == hf_greedy(gpt2_dir, prompts, MAX_NEW)
