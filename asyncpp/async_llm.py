@@ -141,6 +141,12 @@ class AsyncLLM:
     def model_name(self) -> str:
         return self.args.served_model_name or str(self.args.model or "SmolLM2-135M-Instruct")
 
+    def param_bytes_per_rank(self) -> list[int]:
+        """Parameter bytes each rank loaded, by global rank (rank = pp_rank * T + tp_rank)."""
+        if self._executor is None:
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
+        return self._executor.param_bytes()
+
     def stats(self) -> EngineStats:
         ves = self._ves
         return EngineStats(

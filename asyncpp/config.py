@@ -3,6 +3,7 @@ and the resolved configuration every process works from."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -252,6 +253,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) "
                          "when chunked prefill is off")
     pp, tp = args.pipeline_parallel_size, args.tensor_parallel_size
+    check_tensor_parallel(hf_config, tp)
     parts = partition_layers(hf_config.num_hidden_layers, pp, args.pp_layer_partition)
     stages = [StageSpec(p, pp, t, tp, start, end)
               for p, (start, end) in enumerate(layer_ranges(parts)) for t in range(tp)]
@@ -262,8 +264,36 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         num_virtual_engines=args.num_virtual_engines or pp, layer_partition=parts,
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         eos_token_ids=_eos_ids(Path(model_path), hf_config),
-        threads_per_rank=args.num_threads or max(1, available_cores() // args.world_size),
-        stages=stages)
+        threads_per_rank=_threads_per_rank(args, device), stages=stages)
+
+
+def check_tensor_parallel(hf_config: Any, tp: int) -> None:
+    """Fail at start, naming the constraint, when T cannot split the model's layers.
+    (The vocabulary needs no check: embedding and LM head pad it to a multiple of T.)"""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    inner = (getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
+             or 4 * hf_config.hidden_size)
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide num_attention_heads ({heads}): "
+                         "every rank holds the same number of query heads")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp}) and num_key_value_heads ({kv_heads}) must divide "
+                         "one another: KV heads are split across ranks, or each rank keeps one")
+    if inner % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide the MLP's intermediate size ({inner})")
+
+
+def _threads_per_rank(args: EngineArgs, device: str) -> int:
+    """Torch threads per rank: cores // ranks. More ranks than cores still runs (one thread
+    each, sharing cores), with a warning: that layout is for testing, not for speed."""
+    cores, ranks = available_cores(), args.world_size
+    threads = args.num_threads or max(1, cores // ranks)
+    if device == "cpu" and threads * ranks > cores:
+        logging.getLogger("asyncpp").warning(
+            "%d ranks x %d thread(s) on %d cores: the ranks share cores (oversubscribed); expect "
+            "a slower engine than fewer ranks would give", ranks, threads, cores)
+    return threads
 
 
 def available_cores() -> int:

@@ -7,7 +7,9 @@ n-th message between two ranks always belongs to the n-th microbatch.
 """
 from __future__ import annotations
 
+import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,6 +18,9 @@ import torch.distributed as dist
 
 from asyncpp.config import StageSpec
 from asyncpp.executor.microbatch import IntermediateTensors
+from asyncpp.worker.shm_collectives import (DEFAULT_SLOT_BYTES, SharedRegion, ShmCollectives,
+                                            unlink_quietly)
+from asyncpp.worker.shm_collectives import supported as shm_supported
 
 TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -52,25 +57,64 @@ def close_world() -> None:
 
 @dataclass(slots=True)
 class TPGroup:
-    """The ranks of one stage, for tensor-parallel collectives (asyncpp.model.parallel.TPGroup)."""
+    """The ranks of one stage, for tensor-parallel collectives (asyncpp.model.parallel.TPGroup).
+
+    On CPU ranks of one machine the collectives go through shared memory
+    (asyncpp.worker.shm_collectives); elsewhere through the world's library (NCCL, gloo).
+    `comm_s` counts the seconds spent inside collectives, waits for slower peers included.
+    """
     ranks: list[int]  # global ranks, in tp order
     rank: int  # this rank's position in the group
     group: dist.ProcessGroup | None
+    shm: ShmCollectives | None = None
+    comm_s: float = 0.0
+    calls: int = 0
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
+    @property
+    def transport(self) -> str:
+        if self.size == 1:
+            return "none"
+        return "shm" if self.shm is not None else dist.get_backend(self.group)
+
     def all_reduce(self, t: torch.Tensor) -> None:
-        if self.size > 1:
+        if self.size == 1:
+            return
+        started = time.perf_counter()
+        if self.shm is not None:
+            self.shm.all_reduce(t)
+        else:
             dist.all_reduce(t, group=self.group)
+        self._count(started)
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        started = time.perf_counter()
+        if self.shm is not None:
+            out = self.shm.all_gather(t, dim)
+        else:
+            parts = [torch.empty_like(t) for _ in range(self.size)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
+            out = torch.cat(parts, dim=dim)
+        self._count(started)
+        return out
+
+    def _count(self, started: float) -> None:
+        self.comm_s += time.perf_counter() - started
+        self.calls += 1
+
+
+def tp_transport() -> str:
+    """ASYNCPP_TP_COMM: auto (shared memory between CPU ranks of one machine, else the
+    world's library) | shm (insist) | gloo (always the world's library: gloo, NCCL on GPUs)."""
+    value = os.environ.get("ASYNCPP_TP_COMM", "auto").lower()
+    if value not in ("auto", "shm", "gloo"):
+        raise ValueError(f"ASYNCPP_TP_COMM must be auto, shm or gloo, got {value!r}")
+    return value
 
 
 def make_tp_groups(pp_size: int, tp_size: int, my_rank: int) -> TPGroup:
@@ -82,7 +126,42 @@ def make_tp_groups(pp_size: int, tp_size: int, my_rank: int) -> TPGroup:
         if my_rank in ranks:
             mine = TPGroup(ranks, ranks.index(my_rank), group)
     assert mine is not None
+    if mine.size > 1 and _wants_shm():
+        mine.shm = open_shared_memory(mine)
     return mine
+
+
+def _wants_shm() -> bool:
+    transport = tp_transport()
+    if transport == "gloo":
+        return False
+    cpu = dist.get_backend() == "gloo"
+    if transport == "shm" and not (cpu and shm_supported()):
+        raise ValueError("ASYNCPP_TP_COMM=shm needs CPU ranks on x86-64")
+    return cpu and shm_supported()
+
+
+def open_shared_memory(tp: TPGroup, slot_bytes: int = DEFAULT_SLOT_BYTES) -> ShmCollectives | None:
+    """Collective over the TP group: map one shared file on every rank, or None on every
+    rank when one of them cannot see it (another machine, another IPC namespace)."""
+    region, ok = None, False
+    meta: list = [None, None]
+    if tp.rank == 0:
+        region = SharedRegion.create(tp.size, slot_bytes)
+        meta = [region.path, region.token]
+    dist.broadcast_object_list(meta, src=tp.ranks[0], group=tp.group)
+    try:
+        region = region or SharedRegion.attach(meta[0], tp.size, slot_bytes)
+        ok = region.token == meta[1]
+    except OSError:
+        ok = False
+    seen: list = [None] * tp.size
+    dist.all_gather_object(seen, ok, group=tp.group)
+    if tp.rank == 0:
+        unlink_quietly(meta[0])  # every rank has mapped it (or given up): nothing left to leak
+    if not all(seen):
+        return None
+    return ShmCollectives(region, tp.rank)
 
 
 @dataclass(slots=True)
