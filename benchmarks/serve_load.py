@@ -11,7 +11,9 @@ The gap between the two rows is what HTTP, JSON and SSE cost.
 
 Engine flags (those of `asyncpp serve`) apply to both the server and the in-process engine.
 On one machine the load generator shares the cores with the server, which is part of the
-HTTP row's cost.
+HTTP row's cost. On a small or busy machine pass `--num-threads 1`: torch's OpenMP threads
+spin-wait, and when the HTTP client or anything else takes one of their cores every step
+stalls, which swamps what is being measured (2 cores: 2-8x slower steps, either row).
 """
 from __future__ import annotations
 
