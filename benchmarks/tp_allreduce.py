@@ -7,8 +7,9 @@
    bit-identical results equal to the rank-order sum.
 2. Steps of workload W's model at T ranks (ModelRunner, one process per rank): prefill
    steps of 2048 tokens (8 sequences x 256) and decode steps of 32 sequences, with the
-   TP group on shared memory and on gloo, beside T = 1 in one process: step time, time
-   inside TP collectives (waits for the peer included), collectives per step.
+   TP group on shared memory and on gloo, beside T = 1 (this process, every core, before
+   the ranks start): step time, time inside TP collectives (waits for the peer
+   included), collectives per step.
 
     .venv/bin/python benchmarks/tp_allreduce.py [--tp 2] [--rounds 5] [--skip-steps]
 """
@@ -150,7 +151,7 @@ def run_steps(runner, tp: TPGroup | None, batches) -> dict[str, list[float]]:
     return out
 
 
-def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int, threads: int) -> dict:
+def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int) -> dict:
     prefills, decodes, blocks = step_batches(PREFILL_LEN, decode_steps)
     runner = make_runner(model, tp.size, tp.rank, tp, blocks)
     shm = tp.shm
@@ -164,16 +165,20 @@ def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int, threads:
                 for key, values in measured.items():
                     results.setdefault(f"T={tp.size} {transport}/{key}", []).extend(values)
     tp.shm = shm
-    if tp.rank == 0:  # T = 1 with every core, while the peers wait in a barrier
-        torch.set_num_threads(threads * tp.size)
-        single = make_runner(model, 1, 0, None, blocks)
-        for r in range(rounds + 1):
-            measured = run_steps(single, None, (prefills, decodes))
-            if r > 0:
-                for key, values in measured.items():
-                    results.setdefault(f"T=1 -/{key}", []).extend(values)
-        torch.set_num_threads(threads)
-    dist.barrier(group=tp.group)
+    return {key: statistics.median(values) for key, values in results.items()}
+
+
+def time_single_rank(model: str, rounds: int, decode_steps: int, threads: int) -> dict:
+    """T = 1 in this process with every core, before the ranks start (nothing else of ours runs)."""
+    prefills, decodes, blocks = step_batches(PREFILL_LEN, decode_steps)
+    torch.set_num_threads(threads)
+    runner = make_runner(model, 1, 0, None, blocks)
+    results: dict[str, list[float]] = {}
+    for r in range(rounds + 1):
+        measured = run_steps(runner, None, (prefills, decodes))
+        if r > 0:
+            for key, values in measured.items():
+                results.setdefault(f"T=1 -/{key}", []).extend(values)
     return {key: statistics.median(values) for key, values in results.items()}
 
 
@@ -186,7 +191,7 @@ def rank_main(rank: int, world: int, port: int, opts: dict, result_path: str) ->
         assert tp.shm is not None, "shared memory is not available between these ranks"
         report = {"collectives": time_collectives(tp, opts["shapes"], opts["methods"], opts["rounds"])}
         if opts["model"]:
-            report["steps"] = time_steps(tp, opts["model"], opts["step_rounds"], opts["decode_steps"], opts["threads"])
+            report["steps"] = time_steps(tp, opts["model"], opts["step_rounds"], opts["decode_steps"])
         if rank == 0:
             Path(result_path).write_text(json.dumps(report))
     finally:
@@ -250,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             "model": model, "step_rounds": ns.step_rounds, "decode_steps": ns.decode_steps, "threads": threads}
     result_path = f"/tmp/asyncpp-tp-allreduce-{os.getpid()}.json"
     load = os.getloadavg()[0]
+    single = time_single_rank(model, ns.step_rounds, ns.decode_steps, available_cores()) if model else {}
     mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
     report = json.loads(Path(result_path).read_text())
     Path(result_path).unlink()
+    if model:
+        report["steps"].update(single)
     print(f"T={ns.tp} ranks, {threads} thread(s) each, {available_cores()} cores, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}")
     print("\nall-reduce, fp32, median per call:")
