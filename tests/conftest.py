@@ -116,3 +116,28 @@ def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int, **
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
+
+
+def _children() -> dict[int, str]:
+    from executor_helpers import child_pids
+
+    found = {}
+    for pid in child_pids():
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes():
+    """No process a test started may outlive it (engines, stage workers, servers)."""
+    before = set(_children())
+    yield
+    import time
+
+    deadline = time.monotonic() + 10
+    while (leaked := {p: c for p, c in _children().items() if p not in before}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not leaked, f"processes outlived the test: {leaked}"
