@@ -430,6 +430,7 @@ def format_report(report: BenchReport) -> str:
     c = report.config
     lines = [f"model {c['model']}; {c['num_requests']} requests, prompt {c['prompt_len'][0]}..{c['prompt_len'][1]} "
              f"tokens, {c['output_len']} output tokens, greedy, ignore_eos; {c['cores']} cores, torch {c['torch']}",
+             *([f"engine arguments for every layout: {c['engine_kwargs']}"] if c["engine_kwargs"] else []),
              "", format_table(report.results), ""]
     lines += [f"note: {n}" for n in report.notes]
     if report.parity:
