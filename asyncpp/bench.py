@@ -220,7 +220,7 @@ async def run_asyncpp(layout: Layout, model: str, prompts: list[list[int]], outp
 
     from asyncpp import AsyncLLM, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     warmup = SamplingParams(temperature=0.0, max_tokens=_WARMUP_TOKENS, ignore_eos=True)
     kwargs = {**engine_kwargs, **layout.engine_kwargs(), "model": model, "skip_tokenizer_init": True}
     engine = AsyncLLM(**kwargs)
@@ -269,8 +269,8 @@ def _hf_generate(model: Any, prompt: list[int], output_len: int, trace: RequestT
     streamer = _arrival_streamer(trace) if trace is not None else None
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0,
-                             streamer=streamer)
+                             max_new_tokens=output_len, eos_token_id=None, pad_token_id=0,
+                             streamer=streamer)  # runs through EOS like ignore_eos, never suppresses it
     return out[0, len(prompt):].tolist()
 
 
