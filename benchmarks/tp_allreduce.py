@@ -7,8 +7,8 @@
    bit-identical results equal to the rank-order sum.
 2. Steps of workload W's model at T ranks (ModelRunner, one process per rank): prefill
    steps of 2048 tokens (8 sequences x 256) and decode steps of 32 sequences, with the
-   TP group on shared memory and on gloo, beside T = 1 (this process, every core, before
-   the ranks start): step time, time inside TP collectives (waits for the peer
+   TP group on shared memory and on gloo, beside T = 1 (rank 0 alone with every core),
+   in alternating rounds: step time, time inside TP collectives (waits for the peer
    included), collectives per step.
 
     .venv/bin/python benchmarks/tp_allreduce.py [--tp 2] [--rounds 5] [--skip-steps]
@@ -151,35 +151,36 @@ def run_steps(runner, tp: TPGroup | None, batches) -> dict[str, list[float]]:
     return out
 
 
-def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int) -> dict:
+def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int, threads: int) -> dict:
+    """Rounds alternate T = 1 (rank 0 with every core, the peers waiting in a barrier),
+    T ranks on shared memory and T ranks on gloo, so a change of machine load hits all three."""
     prefills, decodes, blocks = step_batches(PREFILL_LEN, decode_steps)
     runner = make_runner(model, tp.size, tp.rank, tp, blocks)
-    shm = tp.shm
-    results: dict[str, list[float]] = {}
-    for r in range(rounds + 1):  # round 0 warms up both transports
-        for transport in ("shm", "gloo"):
-            tp.shm = shm if transport == "shm" else None
+    single = make_runner(model, 1, 0, None, blocks) if tp.rank == 0 else None
+    shm, results = tp.shm, {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for layout in ("T=1 -", f"T={tp.size} shm", f"T={tp.size} gloo"):
             dist.barrier(group=tp.group)
-            measured = run_steps(runner, tp, (prefills, decodes))
-            if r > 0:
-                for key, values in measured.items():
-                    results.setdefault(f"T={tp.size} {transport}/{key}", []).extend(values)
+            if layout.startswith("T=1 "):
+                measured = run_single(single, (prefills, decodes), threads * tp.size, threads)
+            else:
+                tp.shm = shm if layout.endswith("shm") else None
+                measured = run_steps(runner, tp, (prefills, decodes))
+            for key, values in measured.items():
+                if r > 0:
+                    results.setdefault(f"{layout}/{key}", []).extend(values)
     tp.shm = shm
     return {key: statistics.median(values) for key, values in results.items()}
 
 
-def time_single_rank(model: str, rounds: int, decode_steps: int, threads: int) -> dict:
-    """T = 1 in this process with every core, before the ranks start (nothing else of ours runs)."""
-    prefills, decodes, blocks = step_batches(PREFILL_LEN, decode_steps)
+def run_single(runner, batches, threads: int, restore: int) -> dict[str, list[float]]:
+    if runner is None:
+        return {}
     torch.set_num_threads(threads)
-    runner = make_runner(model, 1, 0, None, blocks)
-    results: dict[str, list[float]] = {}
-    for r in range(rounds + 1):
-        measured = run_steps(runner, None, (prefills, decodes))
-        if r > 0:
-            for key, values in measured.items():
-                results.setdefault(f"T=1 -/{key}", []).extend(values)
-    return {key: statistics.median(values) for key, values in results.items()}
+    try:
+        return run_steps(runner, None, batches)
+    finally:
+        torch.set_num_threads(restore)
 
 
 # -- processes and report ----------------------------------------------------------
@@ -191,7 +192,8 @@ def rank_main(rank: int, world: int, port: int, opts: dict, result_path: str) ->
         assert tp.shm is not None, "shared memory is not available between these ranks"
         report = {"collectives": time_collectives(tp, opts["shapes"], opts["methods"], opts["rounds"])}
         if opts["model"]:
-            report["steps"] = time_steps(tp, opts["model"], opts["step_rounds"], opts["decode_steps"])
+            report["steps"] = time_steps(tp, opts["model"], opts["step_rounds"], opts["decode_steps"],
+                                         opts["threads"])
         if rank == 0:
             Path(result_path).write_text(json.dumps(report))
     finally:
@@ -255,12 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": model, "step_rounds": ns.step_rounds, "decode_steps": ns.decode_steps, "threads": threads}
     result_path = f"/tmp/asyncpp-tp-allreduce-{os.getpid()}.json"
     load = os.getloadavg()[0]
-    single = time_single_rank(model, ns.step_rounds, ns.decode_steps, available_cores()) if model else {}
     mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
     report = json.loads(Path(result_path).read_text())
     Path(result_path).unlink()
-    if model:
-        report["steps"].update(single)
     print(f"T={ns.tp} ranks, {threads} thread(s) each, {available_cores()} cores, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}")
     print("\nall-reduce, fp32, median per call:")
