@@ -136,13 +136,14 @@ class ShmCollectives:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         """Sum in place; slot 0 + slot 1 + ... on every rank, so results are identical."""
-        flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        in_place = t.is_contiguous()
+        flat = t.view(-1) if in_place else t.contiguous().view(-1)
         for piece in self._pieces(flat):
             slots = self._publish(piece)
             torch.add(slots[0], slots[1], out=piece)
             for r in range(2, self.size):
                 piece.add_(slots[r])
-        if flat.data_ptr() != t.data_ptr():
+        if not in_place:
             t.copy_(flat.view_as(t))
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
