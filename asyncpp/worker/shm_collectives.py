@@ -30,6 +30,7 @@ _FLAG_STRIDE = _CACHE_LINE // 8
 _PHASES = 2
 _SPIN_BEFORE_YIELD = 64  # busy checks before giving the core away (ranks may outnumber cores)
 _TOKEN_BYTES = 16
+_PREFIX = "asyncpp-tp-"  # then the creator's pid
 DEFAULT_SLOT_BYTES = 8 << 20  # larger tensors go through in pieces of this size
 
 
@@ -66,7 +67,8 @@ class SharedRegion:
 
     @classmethod
     def create(cls, size: int, slot_bytes: int) -> "SharedRegion":
-        fd, path = tempfile.mkstemp(prefix=f"asyncpp-tp-{os.getpid()}-", dir=shm_dir())
+        remove_stale_regions()
+        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=shm_dir())
         try:
             total = cls.header_bytes(size) + _PHASES * size * slot_bytes
             os.ftruncate(fd, total)  # zero-filled: every flag starts at step 0
@@ -160,3 +162,13 @@ class ShmCollectives:
 
 def unlink_quietly(path: str) -> None:
     Path(path).unlink(missing_ok=True)
+
+
+def remove_stale_regions() -> None:
+    """Files left by a creator killed between creating and unlinking (a short window)."""
+    if not Path("/proc/self").exists():
+        return  # no way to tell a live creator here
+    for path in Path(shm_dir()).glob(f"{_PREFIX}*"):
+        pid = path.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
