@@ -55,10 +55,14 @@ class LLM:
     async def _run_all(self, prompts: list[PromptInput], params: list[SamplingParams]) -> list[RequestOutput]:
         streams = [self.engine.add_request_nowait(p, sp) for p, sp in zip(prompts, params)]
         results: list[RequestOutput | None] = [None] * len(streams)
+        errors: list[Exception] = []
 
         async def drain(i: int) -> None:
-            async for out in streams[i]:
-                results[i] = out
+            try:
+                async for out in streams[i]:
+                    results[i] = out
+            except Exception as e:  # one engine failure fails every request: report it once
+                errors.append(e)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -67,6 +71,8 @@ class LLM:
         finally:
             for s in streams:
                 s.close()
+        if errors:
+            raise errors[0]
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
