@@ -8,38 +8,27 @@ the next step, that is, after every peer has finished reading it: one wait per s
 Every rank sums the slots in rank order with the same kernel, so all of them end with
 bit-identical results (greedy parity across ranks depends on it).
 
-Ordering relies on x86-64's total store order (data stores become visible before the
-flag store that follows them); other architectures use gloo instead.
+Ordering relies on x86-64's total store order (asyncpp.worker.shm_common); other
+architectures use gloo instead.
 """
 from __future__ import annotations
 
 import mmap
-import os
-import platform
-import secrets
-import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-_CACHE_LINE = 64  # one arrival flag per cache line: no false sharing between ranks
-_FLAG_STRIDE = _CACHE_LINE // 8
+from asyncpp.worker.shm_common import (CACHE_LINE, attach_mapping, create_mapping, read_token,
+                                       remove_stale_regions, supported, unlink_quietly, wait_until,
+                                       write_token)
+
+__all__ = ["DEFAULT_SLOT_BYTES", "SharedRegion", "ShmCollectives", "remove_stale_regions", "supported",
+           "unlink_quietly"]
+
+_FLAG_STRIDE = CACHE_LINE // 8
 _PHASES = 2
-_SPIN_BEFORE_YIELD = 64  # busy checks before giving the core away (ranks may outnumber cores)
-_TOKEN_BYTES = 16
-_PREFIX = "asyncpp-tp-"  # then the creator's pid
 DEFAULT_SLOT_BYTES = 8 << 20  # larger tensors go through in pieces of this size
-
-
-def supported() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 @dataclass(slots=True)
@@ -56,37 +45,28 @@ class SharedRegion:
     def __post_init__(self) -> None:
         head = self.header_bytes(self.size)
         self.flags = np.frombuffer(self.buffer, dtype=np.int64, count=self.size * _FLAG_STRIDE)[::_FLAG_STRIDE]
-        self.token = bytes(self.buffer[head - _CACHE_LINE: head - _CACHE_LINE + _TOKEN_BYTES])
+        self.token = read_token(self.buffer, head - CACHE_LINE)
         raw = torch.frombuffer(self.buffer, dtype=torch.uint8, offset=head,
                                count=_PHASES * self.size * self.slot_bytes)
         self.data = raw.view(_PHASES, self.size, self.slot_bytes)
 
     @staticmethod
     def header_bytes(size: int) -> int:
-        return size * _CACHE_LINE + _CACHE_LINE
+        return size * CACHE_LINE + CACHE_LINE
+
+    @classmethod
+    def total_bytes(cls, size: int, slot_bytes: int) -> int:
+        return cls.header_bytes(size) + _PHASES * size * slot_bytes
 
     @classmethod
     def create(cls, size: int, slot_bytes: int) -> "SharedRegion":
-        remove_stale_regions()
-        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=shm_dir())
-        try:
-            total = cls.header_bytes(size) + _PHASES * size * slot_bytes
-            os.ftruncate(fd, total)  # zero-filled: every flag starts at step 0
-            buffer = mmap.mmap(fd, total)
-        finally:
-            os.close(fd)
-        head = cls.header_bytes(size)
-        buffer[head - _CACHE_LINE: head - _CACHE_LINE + _TOKEN_BYTES] = secrets.token_bytes(_TOKEN_BYTES)
+        path, buffer = create_mapping("tp", cls.total_bytes(size, slot_bytes))  # zero-filled: steps start at 0
+        write_token(buffer, cls.header_bytes(size) - CACHE_LINE)
         return cls(path, size, slot_bytes, buffer)
 
     @classmethod
     def attach(cls, path: str, size: int, slot_bytes: int) -> "SharedRegion":
-        fd = os.open(path, os.O_RDWR)
-        try:
-            buffer = mmap.mmap(fd, cls.header_bytes(size) + _PHASES * size * slot_bytes)
-        finally:
-            os.close(fd)
-        return cls(path, size, slot_bytes, buffer)
+        return cls(path, size, slot_bytes, attach_mapping(path, cls.total_bytes(size, slot_bytes)))
 
 
 class ShmCollectives:
@@ -117,20 +97,11 @@ class ShmCollectives:
         return slots
 
     def _wait_for_peers(self) -> None:
-        flags, step, deadline = self.region.flags, self._step, 0.0
+        flags, step = self.region.flags, self._step
         for peer in self._peers:
-            spins = 0
-            while flags[peer] < step:
-                spins += 1
-                if spins <= _SPIN_BEFORE_YIELD:
-                    continue
-                os.sched_yield()
-                if spins % 1024 == 0:
-                    now = time.monotonic()
-                    deadline = deadline or now + self.timeout_s
-                    if now > deadline:
-                        raise TimeoutError(f"tensor-parallel peer {peer} did not reach collective "
-                                           f"step {step} within {self.timeout_s:.0f} s")
+            if flags[peer] < step:  # peers of one collective arrive close together: never nap
+                wait_until(lambda: flags[peer] >= step, self.timeout_s, max_nap_s=None,
+                           what=lambda: f"tensor-parallel peer {peer} did not reach collective step {step}")
 
     def _pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
         per = self.region.slot_bytes // flat.element_size()
@@ -158,17 +129,3 @@ class ShmCollectives:
             start += piece.numel()
         parts = out.view(self.size, *t.shape)
         return torch.cat(parts.unbind(0), dim=dim)
-
-
-def unlink_quietly(path: str) -> None:
-    Path(path).unlink(missing_ok=True)
-
-
-def remove_stale_regions() -> None:
-    """Files left by a creator killed between creating and unlinking (a short window)."""
-    if not Path("/proc/self").exists():
-        return  # no way to tell a live creator here
-    for path in Path(shm_dir()).glob(f"{_PREFIX}*"):
-        pid = path.name[len(_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            path.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import torch
 
 from asyncpp.config import EngineConfig, StageSpec
 from asyncpp.executor.microbatch import MicroBatch, StepOutput
-from asyncpp.worker.comm import StageLink, TPGroup, close_world, init_world, make_tp_groups
+from asyncpp.worker.comm import TPGroup, close_world, connect_stage_links, init_world, make_tp_groups
 
 STOP = ("stop",)
 _PR_SET_PDEATHSIG = 1
@@ -57,11 +57,17 @@ class StageWorker:
         self.stage = args.config.stage(args.rank)
         self.busy, self.send = busy, send
         device = init_world(args.rank, len(args.config.stages), args.init_method, args.config.device)
-        self.link = StageLink(self.stage, device)
         self.sync_cuda = device.type == "cuda"
         tp_group = make_tp_groups(self.stage.pp_size, self.stage.tp_size, args.rank)
         self.runner = args.runner_factory(args.config, self.stage, tp_group)
+        self.link = connect_stage_links(self.stage, device, self._message_bytes(),
+                                        num_slots=args.config.num_virtual_engines + 1)
         self.reports_results = self.stage.is_last and self.stage.tp_rank == 0
+
+    def _message_bytes(self) -> int:
+        """One microbatch's intermediate tensors at the most tokens a microbatch holds."""
+        spec = self.runner.intermediate_spec(self.config.max_num_batched_tokens)
+        return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in spec.values())
 
     def reply(self, msg: tuple) -> None:
         assert self.send is not None
@@ -79,7 +85,7 @@ class StageWorker:
                 self.reply(("ok", self.rank))
             else:
                 raise ValueError(f"unknown control message {msg[0]!r}")
-        self.link.wait_sends()
+        self.link.close()
 
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
         self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
