@@ -82,10 +82,11 @@ def remove_stale_regions() -> None:
 
 
 def wait_until(ready: Callable[[], bool], timeout_s: float, what: Callable[[], str],
-               yield_for_s: float = 200e-6, max_nap_s: float | None = 200e-6) -> None:
+               yield_for_s: float = 5e-3, max_nap_s: float | None = 100e-6) -> None:
     """Spin briefly, then yield the core for `yield_for_s`, then sleep in growing naps of
-    at most `max_nap_s` (None: keep yielding), until `ready()`. A long wait must not
-    hold a core that another stage computes on. TimeoutError names `what()`."""
+    at most `max_nap_s` (None: keep yielding), until `ready()`. A busy pipeline's waits
+    are short and yielding keeps them cheap (a nap costs ~0.1-0.3 ms here); a long wait
+    must not hold a core that another stage computes on. TimeoutError names `what()`."""
     for _ in range(_SPIN_BEFORE_YIELD):
         if ready():
             return
