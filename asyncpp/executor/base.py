@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
+from asyncpp.errors import EngineDeadError
 from asyncpp.executor.microbatch import MicroBatch, StepOutput
 
 
@@ -60,6 +61,8 @@ class InFlightClock:
 class Executor(ABC):
     def __init__(self, config: EngineConfig):
         self.config = config
+        self._dead: BaseException | None = None  # what killed the executor
+        self._closing = False  # shutdown has begun
 
     @abstractmethod
     async def start(self, task_group: TaskGroup) -> None:
@@ -90,7 +93,13 @@ class Executor(ABC):
 
     def dead_error(self) -> BaseException | None:
         """The error that killed the executor, or None while healthy."""
-        return None
+        return self._dead
+
+    def _raise_if_unusable(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closing:
+            raise EngineDeadError("the executor was shut down")
 
 
 def create_executor(config: EngineConfig) -> Executor:

@@ -70,9 +70,7 @@ class MultiprocExecutor(Executor):
         self._replies: _Replies | None = None
         self._clock = InFlightClock()
         self._next_mb_id = 0
-        self._dead: BaseException | None = None
         self._blame = RootCause(config.stages, _SETTLE_S)
-        self._closing = False
         self._closed = anyio.Event()
         self._ready: list[tuple] = []
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
@@ -185,12 +183,6 @@ class MultiprocExecutor(Executor):
             except OSError:
                 pass  # that rank is gone; the reader reports which one and why
 
-    def _raise_if_unusable(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._closing:
-            raise EngineDeadError("the executor was shut down")
-
     # -- reader --------------------------------------------------------------------
     async def _read_loop(self) -> None:
         while not self._closing:
@@ -264,9 +256,6 @@ class MultiprocExecutor(Executor):
             waiter.event.set()
         if self._replies is not None and not self._replies.done.is_set():
             self._replies.done.set()
-
-    def dead_error(self) -> BaseException | None:
-        return self._dead
 
     def stats(self) -> PipelineStats:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -127,8 +126,6 @@ class RayExecutor(Executor):
         self._clock = InFlightClock()
         self._next_mb_id = 0
         self._blame = RootCause(config.stages, _SETTLE_S)
-        self._dead: BaseException | None = None
-        self._closing = False
         self._closed = anyio.Event()
         self._watcher_limiter = anyio.CapacityLimiter(1)
 
@@ -235,12 +232,6 @@ class RayExecutor(Executor):
             raise waiter.error
         return waiter.output
 
-    def _raise_if_unusable(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._closing:
-            raise EngineDeadError("the executor was shut down")
-
     # -- watcher ---------------------------------------------------------------------------
     async def _watch(self) -> None:
         while not self._closing:
@@ -300,9 +291,6 @@ class RayExecutor(Executor):
         for waiter in self._waiters.values():
             waiter.error = error
             waiter.event.set()
-
-    def dead_error(self) -> BaseException | None:
-        return self._dead
 
     def stats(self) -> PipelineStats:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]

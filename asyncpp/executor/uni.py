@@ -30,8 +30,6 @@ class UniExecutor(Executor):
         self._limiter = anyio.CapacityLimiter(1)  # FIFO: microbatches run in submission order
         self._clock = InFlightClock()
         self._busy_s = 0.0
-        self._dead: BaseException | None = None
-        self._closed = False
 
     async def start(self, task_group: TaskGroup) -> None:
         torch.set_num_threads(self.config.threads_per_rank)
@@ -68,14 +66,8 @@ class UniExecutor(Executor):
         finally:
             self._busy_s += time.perf_counter() - started
 
-    def _raise_if_unusable(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._closed:
-            raise EngineDeadError("the executor was shut down")
-
     async def shutdown(self) -> None:
-        self._closed = True
+        self._closing = True
         with anyio.CancelScope(shield=True):
             async with self._limiter:  # let the running microbatch finish before releasing
                 self._runner = None
@@ -83,6 +75,3 @@ class UniExecutor(Executor):
     def stats(self) -> PipelineStats:
         return PipelineStats(stage_busy_s=[self._busy_s], active_s=self._clock.total(),
                              microbatches=self._clock.count)
-
-    def dead_error(self) -> BaseException | None:
-        return self._dead

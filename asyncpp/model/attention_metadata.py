@@ -95,7 +95,7 @@ def _flat_tables(seqs: list[SeqWork]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prefill(s: SeqWork, a: int, b: int, bs: int, device) -> PrefillSeq:
-    n, context = b - a, s.start_pos + b - a
+    context = s.start_pos + b - a
     if s.start_pos == 0:
         return PrefillSeq(a, b, context, None, None)
     blocks = torch.tensor(s.block_table[: -(-context // bs)], dtype=torch.long, device=device)
