@@ -142,5 +142,6 @@ def tp_worker(rank: int, world: int, model_dir: str, pp: int, prompts: list[list
         tokens = generate(runners, prompts, max_new, chunk=64)
         sizes = [r.param_bytes() for r in runners]
         Path(f"{result_file}.{rank}").write_text(json.dumps({"tokens": tokens, "param_bytes": sizes}))
+        torch.distributed.barrier()  # a peer tearing gloo down mid-collective aborts the other
     finally:
         torch.distributed.destroy_process_group()
