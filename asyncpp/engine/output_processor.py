@@ -22,7 +22,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
 
     def start(self, seq: Sequence) -> None:
-        """Prepare detokenization (also called again after nothing: idempotent)."""
+        """Prepare the sequence's detokenizer (once)."""
         if self.tokenizer is not None and seq.detokenizer is None:
             from asyncpp.engine.detokenizer import IncrementalDetokenizer
             seq.detokenizer = IncrementalDetokenizer(

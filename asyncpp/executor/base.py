@@ -63,14 +63,15 @@ class Executor(ABC):
         self.config = config
         self._dead: BaseException | None = None  # what killed the executor
         self._closing = False  # shutdown has begun
+        self._ready: list[tuple] = []  # ranks' ("ready", rank, param_bytes, num_blocks) replies
 
     @abstractmethod
     async def start(self, task_group: TaskGroup) -> None:
         """Start the ranks and load the model; background tasks go into `task_group`."""
 
-    @abstractmethod
     def num_available_blocks(self) -> int:
         """KV blocks every rank can hold (the minimum over ranks), all VEs together."""
+        return min(msg[3] for msg in self._ready)
 
     @abstractmethod
     async def init_kv_cache(self, blocks_per_ve: int) -> None:
@@ -89,7 +90,7 @@ class Executor(ABC):
 
     def param_bytes(self) -> list[int]:
         """Parameter bytes each rank loaded, by rank."""
-        raise NotImplementedError
+        return [msg[2] for msg in self._ready]
 
     def dead_error(self) -> BaseException | None:
         """The error that killed the executor, or None while healthy."""

@@ -72,7 +72,6 @@ class MultiprocExecutor(Executor):
         self._next_mb_id = 0
         self._blame = RootCause(config.stages, _SETTLE_S)
         self._closed = anyio.Event()
-        self._ready: list[tuple] = []
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._poll_lock = threading.Lock()  # held while the reader thread touches the pipes
         self._reap_lock = threading.Lock()
@@ -140,12 +139,6 @@ class MultiprocExecutor(Executor):
             self._wake_w.close()
 
     # -- model and cache -----------------------------------------------------------
-    def num_available_blocks(self) -> int:
-        return min(msg[3] for msg in self._ready)
-
-    def param_bytes(self) -> list[int]:
-        return [msg[2] for msg in self._ready]
-
     async def init_kv_cache(self, blocks_per_ve: int) -> None:
         self._raise_if_unusable()
         self._replies = _Replies(self._world)

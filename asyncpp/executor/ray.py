@@ -116,7 +116,6 @@ class RayExecutor(Executor):
         self._last_rank = next(s.rank for s in config.stages if s.is_last and s.tp_rank == 0)
         self._actors: list[Any] = []
         self._owns_ray = False
-        self._ready: list[tuple] = []
         self._busy = [0.0] * self._world
         self._outstanding: dict[Any, int] = {}  # ObjectRef -> rank, shared with the watcher thread
         self._lock = threading.Lock()  # guards _outstanding
@@ -201,12 +200,6 @@ class RayExecutor(Executor):
             self._ray.kill(actor, no_restart=True)
 
     # -- model and cache -----------------------------------------------------------------
-    def num_available_blocks(self) -> int:
-        return min(msg[3] for msg in self._ready)
-
-    def param_bytes(self) -> list[int]:
-        return [msg[2] for msg in self._ready]
-
     async def init_kv_cache(self, blocks_per_ve: int) -> None:
         self._raise_if_unusable()
         v = self.config.num_virtual_engines
