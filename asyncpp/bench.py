@@ -69,6 +69,7 @@ class Layout:
     pp: int = 1
     tp: int = 1
     ve: int | None = None  # None: the engine's default (V = P)
+    partition: str | None = None  # layers per stage, None: the engine's default (even)
 
     @property
     def name(self) -> str:
@@ -77,15 +78,21 @@ class Layout:
             parts.append(f"T={self.tp}")
         if self.ve is not None and self.pp > 1:
             parts.append(f"V={self.ve}")
-        return ",".join(parts)
+        name = ",".join(parts)
+        return f"{name} [{self.partition}]" if self.partition else name
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return {"pipeline_parallel_size": self.pp, "tensor_parallel_size": self.tp,
-                "num_virtual_engines": self.ve}
+        kwargs = {"pipeline_parallel_size": self.pp, "tensor_parallel_size": self.tp,
+                  "num_virtual_engines": self.ve}
+        return {**kwargs, "pp_layer_partition": self.partition} if self.partition else kwargs
 
 
 def parse_layout(text: str) -> Layout:
-    """'p2v2', 'P=2,V=2', 't2', 'p2t2' -> Layout; letters p, t, v each once, any order."""
+    """'p2v2', 'P=2,V=2', 't2', 'p2t2', 'p2v2@5,3' (explicit layers per stage) -> Layout;
+    letters p, t, v each once, any order."""
+    text, at, partition = text.partition("@")
+    if at and not re.fullmatch(r"\d+(,\d+)*", partition):
+        raise ValueError(f"layout partition {partition!r}: expected layers per stage, e.g. @5,3")
     spec = text.lower().replace("=", "").replace(",", "").replace(" ", "")
     pairs = re.findall(r"([ptv])(\d+)", spec)
     if not pairs or "".join(k + n for k, n in pairs) != spec or len({k for k, _ in pairs}) != len(pairs):
@@ -93,7 +100,7 @@ def parse_layout(text: str) -> Layout:
     sizes = {k: int(n) for k, n in pairs}
     if any(n < 1 for n in sizes.values()):
         raise ValueError(f"layout {text!r}: sizes must be >= 1")
-    return Layout(pp=sizes.get("p", 1), tp=sizes.get("t", 1), ve=sizes.get("v"))
+    return Layout(pp=sizes.get("p", 1), tp=sizes.get("t", 1), ve=sizes.get("v"), partition=partition or None)
 
 
 def parse_layouts(text: str) -> list[Layout]:
@@ -142,7 +149,7 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 @dataclass(slots=True)
 class SystemResult:
     name: str
-    kind: str  # "asyncpp" | "hf"
+    kind: str  # "asyncpp" | "hf" | "vllm"
     requests: int = 0
     output_tokens: int = 0
     total_s: float = 0.0
@@ -301,6 +308,7 @@ class BenchConfig:
     layouts: list[Layout] = field(default_factory=lambda: parse_layouts(DEFAULT_LAYOUTS))
     hf_requests: int | None = None  # None: all; 0: skip HF
     hf_threads: int | None = None  # None: every core
+    vllm_python: str | None = None  # an interpreter with vLLM installed: adds vLLM as a peer
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -339,6 +347,13 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> BenchReport:
             result = SystemResult(name=layout.name, kind="asyncpp", error=f"{type(exc).__name__}: {exc}")
             notes.append(f"{layout.name} skipped: {result.error}")
         results.append(result)
+    if cfg.vllm_python:
+        from asyncpp.bench_vllm import run_vllm
+
+        log(f"[bench] vLLM via {cfg.vllm_python} ...")
+        vllm = run_vllm(cfg.vllm_python, model, prompts, cfg.output_len, available_cores())
+        notes.append(f"{vllm.name}: {vllm.note}" if vllm.ok else f"vLLM skipped: {vllm.error}")
+        results.append(vllm)
     hf_count = len(prompts) if cfg.hf_requests is None else min(cfg.hf_requests, len(prompts))
     if hf_count > 0:
         log(f"[bench] HF generate, {hf_count} request(s) one at a time ...")
@@ -479,11 +494,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (ignore_eos)")
     parser.add_argument("--bench-seed", type=int, default=0, help="seed of the prompt lengths and ids")
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS,
-                        help="asyncpp layouts, e.g. 'p1 p2v2 p2v1 t2 p2t2' (p: stages, t: TP, v: virtual engines); "
+                        help="asyncpp layouts, e.g. 'p1 p2v2 p2v1 t2 p2t2 p2v2@5,3' (p: stages, t: TP, v: virtual engines, "
+                             "@: layers per stage); "
                              "they set --pipeline-parallel-size, --tensor-parallel-size, --num-virtual-engines")
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="time HF generate() on the first K requests only (0: skip HF; default all)")
     parser.add_argument("--hf-threads", type=int, default=None, help="torch threads for HF (default all cores)")
+    parser.add_argument("--vllm-python", default=None,
+                        help="also run vLLM on the same prompts, with this interpreter (a venv where vllm is "
+                             "installed; vLLM pins its own torch and transformers)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", dest="plot_out", default=None, help="write a PNG plot here (needs matplotlib)")
     engine = parser.add_argument_group("engine arguments (MODEL default: workload W, built once in the cache)")
@@ -513,7 +532,7 @@ def bench_config_from_args(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=args.model, num_requests=ns.num_requests, min_prompt_len=ns.min_prompt_len,
                        max_prompt_len=ns.max_prompt_len, output_len=ns.output_len, seed=ns.bench_seed,
                        layouts=parse_layouts(ns.layouts), hf_requests=ns.hf_requests, hf_threads=ns.hf_threads,
-                       engine_kwargs=engine_kwargs)
+                       vllm_python=ns.vllm_python, engine_kwargs=engine_kwargs)
 
 
 def run_bench(ns: argparse.Namespace) -> int:

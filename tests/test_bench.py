@@ -31,12 +31,13 @@ def test_tiny_benchmark_runs_end_to_end(llama_dir):
 @pytest.mark.parametrize("text, expected", [
     ("p1", Layout(1, 1, None)), ("p2v2", Layout(2, 1, 2)), ("P=2,V=1", Layout(2, 1, 1)),
     ("t2", Layout(1, 2, None)), ("p2t2", Layout(2, 2, None)), ("v1p3", Layout(3, 1, 1)),
+    ("p2v2@5,3", Layout(2, 1, 2, "5,3")),
 ])
 def test_parse_layout(text, expected):
     assert parse_layout(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "x2", "p", "p2p2", "p0", "p2x"])
+@pytest.mark.parametrize("text", ["", "x2", "p", "p2p2", "p0", "p2x", "p2@", "p2@5;3", "p2@a,b"])
 def test_parse_layout_rejects(text):
     with pytest.raises(ValueError, match="layout"):
         parse_layout(text)
@@ -44,6 +45,8 @@ def test_parse_layout_rejects(text):
 
 def test_layout_names():
     assert [l.name for l in parse_layouts("p1 p2v2 p2v1 t2 p2t2")] == ["P=1", "P=2,V=2", "P=2,V=1", "P=1,T=2", "P=2,T=2"]
+    assert parse_layout("p2v2@5,3").name == "P=2,V=2 [5,3]"
+    assert parse_layout("p2v2@5,3").engine_kwargs()["pp_layer_partition"] == "5,3"
 
 
 def test_inter_token_latency_splits_a_multi_token_arrival():
