@@ -163,6 +163,7 @@ class SystemResult:
     ratio_vs_p1: float | None = None
     note: str = ""
     error: str | None = None
+    runs_tok_s: list[float] = field(default_factory=list)  # every timed run, when repeated
     token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
@@ -309,6 +310,7 @@ class BenchConfig:
     hf_requests: int | None = None  # None: all; 0: skip HF
     hf_threads: int | None = None  # None: every core
     vllm_python: str | None = None  # an interpreter with vLLM installed: adds vLLM as a peer
+    repeats: int = 1  # timed runs per asyncpp layout (interleaved) and per vLLM; rows show the median
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -325,7 +327,6 @@ class BenchReport:
 
 
 def run_benchmark(cfg: BenchConfig, log: Any = print) -> BenchReport:
-    import anyio
     from transformers import AutoConfig
 
     from asyncpp.config import available_cores
@@ -338,20 +339,12 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> BenchReport:
     if load_start is not None and load_start > 0.5 * available_cores():
         notes.append(f"load average {load_start:.1f} on {available_cores()} cores before the run: other processes "
                      "share the CPUs, so absolute figures are depressed and ratios noisy")
-    results: list[SystemResult] = []
-    for layout in cfg.layouts:
-        log(f"[bench] asyncpp {layout.name} ...")
-        try:
-            result = anyio.run(run_asyncpp, layout, model, prompts, cfg.output_len, cfg.engine_kwargs)
-        except Exception as exc:  # a layout the engine rejects is reported, not fatal
-            result = SystemResult(name=layout.name, kind="asyncpp", error=f"{type(exc).__name__}: {exc}")
-            notes.append(f"{layout.name} skipped: {result.error}")
-        results.append(result)
+    results = _run_layouts(cfg, model, prompts, notes, log)
     if cfg.vllm_python:
         from asyncpp.bench_vllm import run_vllm
 
         log(f"[bench] vLLM via {cfg.vllm_python} ...")
-        vllm = run_vllm(cfg.vllm_python, model, prompts, cfg.output_len, available_cores())
+        vllm = run_vllm(cfg.vllm_python, model, prompts, cfg.output_len, available_cores(), cfg.repeats)
         notes.append(f"{vllm.name}: {vllm.note}" if vllm.ok else f"vLLM skipped: {vllm.error}")
         results.append(vllm)
     hf_count = len(prompts) if cfg.hf_requests is None else min(cfg.hf_requests, len(prompts))
@@ -366,10 +359,44 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> BenchReport:
     add_ratios(results)
     config = {"model": model, "num_requests": cfg.num_requests, "prompt_len": [cfg.min_prompt_len, cfg.max_prompt_len],
               "output_len": cfg.output_len, "seed": cfg.seed, "layouts": [l.name for l in cfg.layouts],
+              "repeats": cfg.repeats,
               "hf_requests": hf_count, "engine_kwargs": cfg.engine_kwargs, "cores": available_cores(),
               "torch": torch.__version__,
               "load_avg_1m": [load_start, _load_average()], "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     return BenchReport(config=config, results=results, parity=check_parity(results, cfg.output_len), notes=notes)
+
+
+def _run_layouts(cfg: BenchConfig, model: str, prompts: list[list[int]], notes: list[str], log: Any
+                 ) -> list[SystemResult]:
+    """Every layout, `repeats` rounds interleaved (so a slow spell of the machine hits all of
+    them alike); each layout's row is its median run by tokens/s."""
+    import anyio
+
+    runs: dict[Layout, list[SystemResult]] = {layout: [] for layout in cfg.layouts}
+    for round_index in range(cfg.repeats):
+        for layout in cfg.layouts:
+            if runs[layout] and not runs[layout][-1].ok:
+                continue  # rejected once, rejected again
+            suffix = f" (round {round_index + 1}/{cfg.repeats})" if cfg.repeats > 1 else ""
+            log(f"[bench] asyncpp {layout.name}{suffix} ...")
+            try:
+                result = anyio.run(run_asyncpp, layout, model, prompts, cfg.output_len, cfg.engine_kwargs)
+            except Exception as exc:  # a layout the engine rejects is reported, not fatal
+                result = SystemResult(name=layout.name, kind="asyncpp", error=f"{type(exc).__name__}: {exc}")
+                notes.append(f"{layout.name} skipped: {result.error}")
+            runs[layout].append(result)
+    return [median_run(r) for r in runs.values()]
+
+
+def median_run(runs: list[SystemResult]) -> SystemResult:
+    """The run with the median tokens/s (a real run, so its latencies belong to it), carrying
+    every run's tokens/s."""
+    ok = sorted((r for r in runs if r.ok), key=lambda r: r.tokens_per_s)
+    if not ok:
+        return runs[-1]
+    chosen = ok[(len(ok) - 1) // 2]
+    chosen.runs_tok_s = [r.tokens_per_s for r in runs if r.ok]
+    return chosen
 
 
 def _load_average() -> float | None:
@@ -448,6 +475,8 @@ def format_report(report: BenchReport) -> str:
              *([f"engine arguments for every layout: {c['engine_kwargs']}"] if c["engine_kwargs"] else []),
              "", format_table(report.results), ""]
     lines += [f"note: {n}" for n in report.notes]
+    lines += [f"runs: {r.name}: " + ", ".join(f"{x:.1f}" for x in r.runs_tok_s) + " tok/s (median shown)"
+              for r in report.results if len(r.runs_tok_s) > 1]
     if report.parity:
         bar = "!" * 72
         lines += [bar, "!!! GREEDY PARITY MISMATCH: outputs differ between systems !!!",
@@ -500,6 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="time HF generate() on the first K requests only (0: skip HF; default all)")
     parser.add_argument("--hf-threads", type=int, default=None, help="torch threads for HF (default all cores)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each asyncpp layout (rounds interleaved) and of vLLM; each row is "
+                             "the median run, and every run's tok/s is listed below the table")
     parser.add_argument("--vllm-python", default=None,
                         help="also run vLLM on the same prompts, with this interpreter (a venv where vllm is "
                              "installed; vLLM pins its own torch and transformers)")
@@ -532,11 +564,13 @@ def bench_config_from_args(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=args.model, num_requests=ns.num_requests, min_prompt_len=ns.min_prompt_len,
                        max_prompt_len=ns.max_prompt_len, output_len=ns.output_len, seed=ns.bench_seed,
                        layouts=parse_layouts(ns.layouts), hf_requests=ns.hf_requests, hf_threads=ns.hf_threads,
-                       vllm_python=ns.vllm_python, engine_kwargs=engine_kwargs)
+                       vllm_python=ns.vllm_python, repeats=ns.repeats, engine_kwargs=engine_kwargs)
 
 
 def run_bench(ns: argparse.Namespace) -> int:
     cfg = bench_config_from_args(ns)
+    if cfg.repeats < 1:
+        raise SystemExit("bench: need --repeats >= 1")
     if cfg.num_requests < 1 or cfg.output_len < 1 or not 1 <= cfg.min_prompt_len <= cfg.max_prompt_len:
         raise SystemExit("bench: need --num-requests >= 1, --output-len >= 1 and 1 <= --min-prompt-len <= --max-prompt-len")
     report = run_benchmark(cfg)

@@ -23,11 +23,13 @@ _WARMUP_PROMPT_LEN, _WARMUP_TOKENS = 16, 4
 _STDERR_TAIL = 2000
 
 
-def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int, cores: int) -> Any:
-    """vLLM in a child process (its own interpreter), all prompts at once -> a SystemResult."""
-    from asyncpp.bench import SystemResult
+def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int, cores: int,
+             repeats: int = 1) -> Any:
+    """vLLM in a child process (its own interpreter), all prompts at once, `repeats` timed
+    runs on one engine -> the median run's SystemResult."""
+    from asyncpp.bench import SystemResult, median_run
 
-    job = {"model": model, "prompts": prompts, "output_len": output_len, "cores": cores}
+    job = {"model": model, "prompts": prompts, "output_len": output_len, "cores": cores, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="asyncpp-vllm-") as tmp:
         job_path, result_path = Path(tmp, "job.json"), Path(tmp, "result.json")
         job_path.write_text(json.dumps(job))
@@ -41,9 +43,11 @@ def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int,
             return SystemResult(name="vLLM", kind="vllm", error=f"{python} exited {proc.returncode}: {tail[0]}")
         data = json.loads(result_path.read_text())
     ids = data["token_ids"]
-    return SystemResult(name=f"vLLM {data['version']}", kind="vllm", requests=len(ids),
-                        output_tokens=sum(map(len, ids)), total_s=data["total_s"], token_ids=ids,
-                        note="offline LLM.generate(): no per-token timestamps, so no TTFT/ITL")
+    runs = [SystemResult(name=f"vLLM {data['version']}", kind="vllm", requests=len(ids),
+                         output_tokens=sum(map(len, ids)), total_s=total_s, token_ids=ids,
+                         note="offline LLM.generate(): no per-token timestamps, so no TTFT/ITL")
+            for total_s in data["total_s"]]
+    return median_run(runs)
 
 
 # -- the child side: runs in vLLM's interpreter ----------------------------------------
@@ -72,11 +76,16 @@ def _child(job_path: str, result_path: str) -> None:
                  use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    total_s = time.perf_counter() - start
-    result = {"version": vllm.__version__, "total_s": total_s,
-              "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    times, token_ids = [], None
+    for _ in range(job.get("repeats", 1)):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        ids = [list(o.outputs[0].token_ids) for o in outputs]
+        if token_ids is not None and ids != token_ids:
+            raise RuntimeError("vLLM gave different greedy token ids in two runs of the same prompts")
+        token_ids = ids
+    result = {"version": vllm.__version__, "total_s": times, "token_ids": token_ids}
     Path(result_path).write_text(json.dumps(result))
 
 

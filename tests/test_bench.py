@@ -8,7 +8,7 @@ import pytest
 
 from asyncpp.bench import (BenchConfig, Layout, RequestTrace, SystemResult, add_arguments,
                            bench_config_from_args, check_parity, format_report, format_table,
-                           parse_layout, parse_layouts, run_benchmark)
+                           median_run, parse_layout, parse_layouts, run_benchmark)
 
 
 def test_tiny_benchmark_runs_end_to_end(llama_dir):
@@ -26,6 +26,25 @@ def test_tiny_benchmark_runs_end_to_end(llama_dir):
     text = format_report(report)
     assert "P=1" in text and "HF generate" in text and "parity: identical" in text
     json.dumps(report.to_json())
+
+
+def test_repeated_runs_report_the_median_run(llama_dir):
+    cfg = BenchConfig(model=str(llama_dir), num_requests=2, min_prompt_len=4, max_prompt_len=12,
+                      output_len=4, layouts=[Layout(pp=1)], hf_requests=0, repeats=3)
+    lines: list[str] = []
+    report = run_benchmark(cfg, log=lines.append)
+    (p1,) = report.results
+    assert len(p1.runs_tok_s) == 3 and sorted(p1.runs_tok_s)[1] == pytest.approx(p1.tokens_per_s)
+    assert sum("round" in line for line in lines) == 3
+    assert "runs: P=1:" in format_report(report)
+
+
+def test_median_run_skips_failures_and_keeps_a_real_run():
+    runs = [SystemResult("P=1", "asyncpp", output_tokens=100, total_s=t) for t in (1.0, 4.0, 2.0)]
+    runs.append(SystemResult("P=1", "asyncpp", error="boom"))
+    chosen = median_run(runs)
+    assert chosen is runs[2] and chosen.runs_tok_s == [100.0, 25.0, 50.0]
+    assert not median_run([SystemResult("P=1", "asyncpp", error="boom")]).ok
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -39,8 +39,9 @@ def _fake_vllm(tmp_path, monkeypatch):
 
 def test_vllm_peer_reports_tokens_and_time(tmp_path, monkeypatch):
     _fake_vllm(tmp_path, monkeypatch)
-    result = run_vllm(sys.executable, "/some/model", [[5, 6], [7]], output_len=3, cores=1)
+    result = run_vllm(sys.executable, "/some/model", [[5, 6], [7]], output_len=3, cores=1, repeats=3)
     assert result.ok, result.error
+    assert len(result.runs_tok_s) == 3
     assert result.name == "vLLM 0.0-fake" and result.kind == "vllm"
     assert result.token_ids == [[7, 8, 9], [8, 9, 10]]
     assert result.output_tokens == 6 and result.requests == 2 and result.total_s > 0
