@@ -1,5 +1,5 @@
 """ModelRunner.forward() alone on workload W's shapes: a decode step of 32 sequences (context
-100..400, ~265 on average) and 2048-token prefill chunks. Compares the oneDNN prepacked GEMMs
+100..400, ~265 on average) and 1024- and 2048-token prefill chunks. Compares the oneDNN prepacked GEMMs
 with plain F.linear side by side in one process (interleaved, best of N).
 
     .venv/bin/python benchmarks/model_forward.py --threads 2
@@ -49,6 +49,7 @@ def microbatches(seed: int = 0) -> dict[str, MicroBatch]:
     prompt = lambda n: [rng.randrange(3, 32000) for _ in range(n)]  # noqa: E731
     return {
         "decode 32 seqs": MicroBatch(0, decode),
+        "prefill 4 x 256": MicroBatch(0, [SeqWork(300 + i, prompt(256), 0, table(256), SAMPLE) for i in range(4)]),
         "prefill 8 x 256": MicroBatch(0, [SeqWork(100 + i, prompt(256), 0, table(256), SAMPLE) for i in range(8)]),
         "prefill 1 x 2048": MicroBatch(0, [SeqWork(200, prompt(2048), 0, table(2048), SAMPLE)]),
     }
