@@ -15,7 +15,7 @@ import time
 import torch
 
 from asyncpp.bench import make_workload_model
-from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.config import EngineArgs, EngineConfig, StageSpec, create_engine_config
 from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.sampling_params import SamplingParams
 from asyncpp.worker.model_runner import ModelRunner
@@ -28,9 +28,14 @@ def runner(model: str, onednn: bool) -> ModelRunner:
     os.environ["ASYNCPP_ONEDNN"] = "1" if onednn else "0"
     config = create_engine_config(EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
                                              device="cpu"))
-    r = ModelRunner(config, config.stages[0])
+    return filled_runner(config, config.stages[0])
+
+
+def filled_runner(config: EngineConfig, stage: StageSpec) -> ModelRunner:
+    """A stage's runner with a KV cache of real pages: unwritten ones all read the zero page."""
+    r = ModelRunner(config, stage)
     r.init_kv_cache(1, NUM_BLOCKS)
-    for keys, values in r.kv_caches[0]:  # real pages: unwritten ones all read the zero page
+    for keys, values in r.kv_caches[0]:
         keys.normal_()
         values.normal_()
     return r

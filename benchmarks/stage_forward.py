@@ -17,21 +17,13 @@ from asyncpp.bench import make_workload_model
 from asyncpp.config import EngineArgs, available_cores, create_engine_config
 from asyncpp.executor.microbatch import MicroBatch
 from asyncpp.worker.model_runner import ModelRunner
-from model_forward import NUM_BLOCKS, microbatches
+from model_forward import filled_runner, microbatches
 
 
 def stage_runners(model: str, pp: int, partition: str | None) -> list[ModelRunner]:
     config = create_engine_config(EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32", device="cpu",
                                              pipeline_parallel_size=pp, pp_layer_partition=partition))
-    runners = []
-    for stage in config.stages:
-        r = ModelRunner(config, stage)
-        r.init_kv_cache(1, NUM_BLOCKS)
-        for keys, values in r.kv_caches[0]:  # real pages: unwritten ones all read the zero page
-            keys.normal_()
-            values.normal_()
-        runners.append(r)
-    return runners
+    return [filled_runner(config, stage) for stage in config.stages]
 
 
 def best_ms(fn, rounds: int) -> float:
