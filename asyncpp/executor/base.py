@@ -9,6 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
@@ -63,6 +64,7 @@ class Executor(ABC):
         self.config = config
         self._dead: BaseException | None = None  # what killed the executor
         self._closing = False  # shutdown has begun
+        self._closed = anyio.Event()  # shutdown has finished
         self._ready: list[tuple] = []  # ranks' ("ready", rank, param_bytes, num_blocks) replies
 
     @abstractmethod
@@ -81,9 +83,23 @@ class Executor(ABC):
     async def submit(self, mb: MicroBatch) -> StepOutput:
         """Run one microbatch through every stage; raises EngineDeadError if a rank died."""
 
-    @abstractmethod
     async def shutdown(self) -> None:
-        """Stop every rank; no process or thread outlives this call."""
+        """Stop every rank; no process or thread outlives this call. A second caller waits
+        for the first one's shutdown to finish."""
+        if self._closing:
+            with anyio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._stop()
+            finally:
+                self._closed.set()
+
+    @abstractmethod
+    async def _stop(self) -> None:
+        """Stop the ranks and fail every waiting submission; runs once, shielded."""
 
     @abstractmethod
     def stats(self) -> PipelineStats: ...

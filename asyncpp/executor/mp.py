@@ -71,7 +71,6 @@ class MultiprocExecutor(Executor):
         self._clock = InFlightClock()
         self._next_mb_id = 0
         self._blame = RootCause(config.stages, _SETTLE_S)
-        self._closed = anyio.Event()
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._poll_lock = threading.Lock()  # held while the reader thread touches the pipes
         self._reap_lock = threading.Lock()
@@ -100,18 +99,11 @@ class MultiprocExecutor(Executor):
             results_w.close()
             self._ranks.append(_Rank(proc, control_w, results_r))
 
-    async def shutdown(self) -> None:
-        if self._closing:
-            with anyio.CancelScope(shield=True):
-                await self._closed.wait()
-            return
-        self._closing = True
-        with anyio.CancelScope(shield=True):
-            self._broadcast(_STOP_BYTES)
-            await anyio.to_thread.run_sync(self._reap, _JOIN_TIMEOUT_S)
-            self._resolve_all(EngineDeadError("the executor was shut down"))
-            await anyio.to_thread.run_sync(self._stop_reader)
-            self._closed.set()
+    async def _stop(self) -> None:
+        self._broadcast(_STOP_BYTES)
+        await anyio.to_thread.run_sync(self._reap, _JOIN_TIMEOUT_S)
+        self._resolve_all(EngineDeadError("the executor was shut down"))
+        await anyio.to_thread.run_sync(self._stop_reader)
 
     def _reap(self, grace_s: float, stops: tuple[str, ...] = ("terminate", "kill")) -> None:
         """Join every rank within `grace_s`, then terminate and kill the rest.

@@ -125,7 +125,6 @@ class RayExecutor(Executor):
         self._clock = InFlightClock()
         self._next_mb_id = 0
         self._blame = RootCause(config.stages, _SETTLE_S)
-        self._closed = anyio.Event()
         self._watcher_limiter = anyio.CapacityLimiter(1)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -172,16 +171,9 @@ class RayExecutor(Executor):
         except self._ray.exceptions.RayError as exc:  # e.g. an answer that fails to unpickle
             return failure_report(rank, exc), False
 
-    async def shutdown(self) -> None:
-        if self._closing:
-            with anyio.CancelScope(shield=True):
-                await self._closed.wait()
-            return
-        self._closing = True
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._stop_actors)
-            self._resolve_all(EngineDeadError("the executor was shut down"))
-            self._closed.set()
+    async def _stop(self) -> None:
+        await anyio.to_thread.run_sync(self._stop_actors)
+        self._resolve_all(EngineDeadError("the executor was shut down"))
 
     def _stop_actors(self) -> None:
         ray = self._ray

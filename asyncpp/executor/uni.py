@@ -66,11 +66,9 @@ class UniExecutor(Executor):
         finally:
             self._busy_s += time.perf_counter() - started
 
-    async def shutdown(self) -> None:
-        self._closing = True
-        with anyio.CancelScope(shield=True):
-            async with self._limiter:  # let the running microbatch finish before releasing
-                self._runner = None
+    async def _stop(self) -> None:
+        async with self._limiter:  # let the running microbatch finish before releasing
+            self._runner = None
 
     def stats(self) -> PipelineStats:
         return PipelineStats(stage_busy_s=[self._busy_s], active_s=self._clock.total(),

@@ -12,6 +12,7 @@ bytes carry no header. Ordering: see asyncpp.worker.shm_common.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,27 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def _stream(views: list[torch.Tensor], take_slot: Callable[[], torch.Tensor], finish_slot: Callable[[], None],
+            into_ring: bool) -> None:
+    """Walk the byte views and the ring's slots side by side, copying into the ring (sender)
+    or out of it (receiver); a slot is finished when full and after the last byte."""
+    slot, used = None, 0
+    for view in views:
+        done = 0
+        while done < view.numel():
+            if slot is None:
+                slot, used = take_slot(), 0
+            n = min(view.numel() - done, slot.numel() - used)
+            ring, mine = slot[used: used + n], view[done: done + n]
+            (ring.copy_(mine) if into_ring else mine.copy_(ring))
+            done, used = done + n, used + n
+            if used == slot.numel():
+                finish_slot()
+                slot = None
+    if slot is not None:
+        finish_slot()
+
+
 class _End:
     def __init__(self, region: RingRegion, peer: str, timeout_s: float):
         self.region, self.peer, self.timeout_s = region, peer, timeout_s
@@ -87,20 +109,7 @@ class _End:
 class ShmSender(_End):
     def send(self, tensors: list[torch.Tensor]) -> None:
         """Copy the tensors' bytes, in order, into the ring (blocks only while it is full)."""
-        slot, used = None, 0
-        for t in tensors:
-            src, done = _as_bytes(t), 0
-            while done < src.numel():
-                if slot is None:
-                    slot, used = self._acquire(), 0
-                n = min(src.numel() - done, slot.numel() - used)
-                slot[used: used + n].copy_(src[done: done + n])
-                done, used = done + n, used + n
-                if used == slot.numel():
-                    self._publish()
-                    slot = None
-        if slot is not None:
-            self._publish()
+        _stream([_as_bytes(t) for t in tensors], self._acquire, self._publish, into_ring=True)
 
     def _acquire(self) -> torch.Tensor:
         counters, piece, slots = self.region.counters, self._next, self.region.num_slots
@@ -117,20 +126,7 @@ class ShmSender(_End):
 class ShmReceiver(_End):
     def recv_into(self, tensors: list[torch.Tensor]) -> None:
         """Fill the (contiguous) tensors, in order, with the sender's bytes."""
-        slot, used = None, 0
-        for t in tensors:
-            dst, done = t.view(-1).view(torch.uint8), 0
-            while done < dst.numel():
-                if slot is None:
-                    slot, used = self._await(), 0
-                n = min(dst.numel() - done, slot.numel() - used)
-                dst[done: done + n].copy_(slot[used: used + n])
-                done, used = done + n, used + n
-                if used == slot.numel():
-                    self._release()
-                    slot = None
-        if slot is not None:
-            self._release()
+        _stream([t.view(-1).view(torch.uint8) for t in tensors], self._await, self._release, into_ring=False)
 
     def _await(self) -> torch.Tensor:
         counters, piece = self.region.counters, self._next
