@@ -176,6 +176,7 @@ class AsyncLLM:
         if request_id in self._where:
             raise ValueError(f"request_id {request_id!r} is already running")
         text, token_ids = resolve_prompt(prompt, self.tokenizer, self.config.hf_config.vocab_size)
+        params.verify_for_model(self.config.hf_config.vocab_size)
         max_tokens = self._max_tokens(len(token_ids), params)
         if queue_limit and self.stats_waiting() >= self.args.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.args.max_waiting_requests} "

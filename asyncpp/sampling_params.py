@@ -70,6 +70,13 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
 
+    def verify_for_model(self, vocab_size: int) -> None:
+        """Checks that need the model: every token id the request names must exist."""
+        bad_ids = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad_ids:
+            raise ValueError(f"SamplingParams.stop_token_ids holds {bad_ids[0]}, not a token id in "
+                             f"[0, {vocab_size})")
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS

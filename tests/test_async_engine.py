@@ -77,6 +77,8 @@ async def test_invalid_requests_raise_clear_errors(llama_dir):
             await llm.add_request([], greedy(4))
         with pytest.raises(ValueError, match="token id"):
             await llm.add_request([1, 10**6], greedy(4))
+        with pytest.raises(ValueError, match="stop_token_ids holds 1000000"):
+            await llm.add_request([3, 4], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**6]))
         with pytest.raises(ValueError, match="text prompts need a tokenizer"):
             await llm.add_request("hello", greedy(4))
         streams = [await llm.add_request([3, 4], greedy(4)) for _ in range(2)]

@@ -183,6 +183,8 @@ BAD_REQUESTS = [
     ("n not a number", "/v1/completions", {"prompt": "x", "n": "two"}, 400, "n"),
     ("negative top_k", "/v1/completions", {"prompt": "x", "top_k": -5}, 400, "top_k"),
     ("token id out of vocab", "/v1/completions", {"prompt": [5, 10**6]}, 400, "prompt"),
+    ("stop token id out of vocab", "/v1/completions",
+     {"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 2}, 400, "stop_token_ids"),
     ("prompt over max_model_len", "/v1/completions", {"prompt": _LONG}, 400, "prompt"),
     ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-5"}, 404, "model"),
     ("unsupported echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
