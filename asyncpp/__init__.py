@@ -2,8 +2,8 @@
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.llm import LLM
-from asyncpp.outputs import CompletionOutput, RequestOutput
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.outputs import CompletionOutput, RequestOutput
+from asyncpp.core.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["AsyncLLM", "Client", "CompletionOutput", "EngineArgs", "LLM", "RequestOutput",

@@ -17,11 +17,11 @@ from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.virtual_engine import VirtualEngine
-from asyncpp.errors import EngineDeadError, QueueFullError
+from asyncpp.core.errors import EngineDeadError, QueueFullError
 from asyncpp.executor.base import Executor, PipelineStats, create_executor
-from asyncpp.outputs import RequestMetrics, RequestOutput
+from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.prompts import PromptInput, resolve_prompt
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.sampling_params import SamplingParams
 
 log = logging.getLogger("asyncpp")
 

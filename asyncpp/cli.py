@@ -25,7 +25,7 @@ def _run_generate(ns: argparse.Namespace) -> int:
     import anyio
 
     from asyncpp.async_llm import AsyncLLM
-    from asyncpp.sampling_params import SamplingParams
+    from asyncpp.core.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
                             top_p=ns.top_p, top_k=ns.top_k)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from asyncpp.model.partition import layer_ranges, partition_layers
+from asyncpp.core.stages import StageSpec, layer_ranges, partition_layers
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
@@ -126,33 +126,6 @@ class EngineArgs:
 
 
 _INT_FLAGS = {"max_model_len", "max_num_batched_tokens", "num_virtual_engines", "num_threads"}
-
-
-@dataclass(slots=True)
-class StageSpec:
-    """One rank's place in the world: rank = pp_rank * T + tp_rank (as vLLM)."""
-    pp_rank: int
-    pp_size: int
-    tp_rank: int
-    tp_size: int
-    layer_start: int
-    layer_end: int
-
-    @property
-    def rank(self) -> int:
-        return self.pp_rank * self.tp_size + self.tp_rank
-
-    @property
-    def is_first(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
-    @property
-    def num_layers(self) -> int:
-        return self.layer_end - self.layer_start
 
 
 @dataclass(slots=True)

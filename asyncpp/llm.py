@@ -14,9 +14,9 @@ from anyio.from_thread import start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
-from asyncpp.outputs import RequestOutput
+from asyncpp.core.outputs import RequestOutput
 from asyncpp.prompts import PromptInput
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.sampling_params import SamplingParams
 
 
 class LLM:

@@ -20,10 +20,10 @@ import anyio
 
 from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.executor.base import Executor
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.mp import MultiprocExecutor
 from asyncpp.executor.uni import UniExecutor
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.sampling_params import SamplingParams
 
 SEQS, CONTEXT, BLOCK = 32, 256, 16
 

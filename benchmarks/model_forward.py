@@ -15,9 +15,10 @@ import time
 import torch
 
 from asyncpp.bench import make_workload_model
-from asyncpp.config import EngineArgs, EngineConfig, StageSpec, create_engine_config
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.worker.model_runner import ModelRunner
 
 NUM_BLOCKS = 1024

@@ -15,7 +15,7 @@ import torch
 
 from asyncpp.bench import make_workload_model
 from asyncpp.config import EngineArgs, available_cores, create_engine_config
-from asyncpp.executor.microbatch import MicroBatch
+from asyncpp.core.microbatch import MicroBatch
 from asyncpp.worker.model_runner import ModelRunner
 from model_forward import filled_runner, microbatches
 

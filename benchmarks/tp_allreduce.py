@@ -109,8 +109,8 @@ def time_collectives(tp: TPGroup, shapes: list[tuple[int, ...]], methods: list[s
 # -- model steps -------------------------------------------------------------------
 def step_batches(context: int, decode_steps: int):
     """Prefill microbatches (8 x 256 tokens) filling 32 sequences, then their decode steps."""
-    from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
-    from asyncpp.sampling_params import SamplingParams
+    from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
+    from asyncpp.core.sampling_params import SamplingParams
 
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     per_seq = (context + decode_steps + BLOCK) // BLOCK

@@ -6,7 +6,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from asyncpp.outputs import CompletionOutput
+from asyncpp.core.outputs import CompletionOutput
 from server.errors import ServerError
 from server.logprobs import chat_logprobs
 from server.protocol import ChatCompletionRequest, ChatMessage

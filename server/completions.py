@@ -4,7 +4,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from asyncpp.outputs import CompletionOutput
+from asyncpp.core.outputs import CompletionOutput
 from server.logprobs import completion_logprobs
 from server.protocol import CompletionRequest
 from server.serving import ResponseShape, ServerState, respond

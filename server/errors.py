@@ -9,7 +9,7 @@ from http import HTTPStatus
 
 from starlette.responses import JSONResponse
 
-from asyncpp.errors import EngineDeadError, QueueFullError
+from asyncpp.core.errors import EngineDeadError, QueueFullError
 
 logger = logging.getLogger("server")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncpp.outputs import Logprob
+from asyncpp.core.outputs import Logprob
 
 
 def _token_text(token_id: int, lp: Logprob, tokenizer: Any) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.sampling_params import SamplingParams
 
 logger = logging.getLogger("server.protocol")
 

@@ -13,8 +13,8 @@ from anyio.abc import TaskGroup
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from asyncpp.outputs import CompletionOutput, RequestOutput
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.outputs import CompletionOutput, RequestOutput
+from asyncpp.core.sampling_params import SamplingParams
 from server.errors import ServerError, to_server_error
 from server.metrics import RequestTracker, ServerMetrics
 from server.protocol import Prompt, SamplingFields

@@ -11,10 +11,11 @@ from typing import AsyncIterator
 import anyio
 from safetensors import safe_open
 
-from asyncpp.config import EngineArgs, EngineConfig, StageSpec, create_engine_config
+from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
+from asyncpp.core.stages import StageSpec
 from asyncpp.executor.base import Executor, create_executor
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 

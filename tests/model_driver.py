@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.worker.model_runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0, ignore_eos=True)

@@ -5,7 +5,7 @@ import anyio
 import pytest
 
 from asyncpp import AsyncLLM, SamplingParams
-from asyncpp.errors import EngineDeadError, QueueFullError
+from asyncpp.core.errors import EngineDeadError, QueueFullError
 from conftest import greedy, hf_greedy, mixed_prompts
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from asyncpp.errors import EngineDeadError
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.mp import MultiprocExecutor
 from asyncpp.executor.uni import UniExecutor
 from conftest import VOCAB, hf_greedy, mixed_prompts

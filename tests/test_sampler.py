@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from asyncpp.executor.microbatch import SampleSpec
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.microbatch import SampleSpec
+from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.worker.sampler import Sampler, apply_penalties, filtered_probs
 
 def spec(seed: int | None = None, step: int = 0, blocked: list[int] | None = None,

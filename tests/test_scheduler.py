@@ -2,8 +2,8 @@
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.scheduler import Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence, SeqStatus
-from asyncpp.outputs import RequestMetrics
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.outputs import RequestMetrics
+from asyncpp.core.sampling_params import SamplingParams
 
 
 def make_seq(prompt_len: int) -> Sequence:

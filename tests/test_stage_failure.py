@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncpp.errors import EngineDeadError, StageDiedError
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork
+from asyncpp.core.errors import EngineDeadError, StageDiedError
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from conftest import VOCAB
 from executor_helpers import GREEDY, child_pids, decode_until_error, engine_config, running
 

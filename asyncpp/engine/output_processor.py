@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.stop_checker import find_stop, hold_back_length
-from asyncpp.outputs import CompletionOutput, Logprob, RequestOutput
+from asyncpp.core.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 @dataclass(slots=True)

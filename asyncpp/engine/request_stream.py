@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import anyio
 
-from asyncpp.outputs import RequestOutput
+from asyncpp.core.outputs import RequestOutput
 
 
 class RequestStream:

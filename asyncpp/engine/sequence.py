@@ -5,8 +5,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from asyncpp.outputs import Logprob, RequestMetrics
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.outputs import Logprob, RequestMetrics
+from asyncpp.core.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 

@@ -13,9 +13,9 @@ from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
-from asyncpp.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError
 from asyncpp.executor.base import Executor
-from asyncpp.executor.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
-from asyncpp.errors import EngineDeadError
-from asyncpp.executor.microbatch import MicroBatch, StepOutput
+from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.microbatch import MicroBatch, StepOutput
 
 
 @dataclass(slots=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from asyncpp.config import StageSpec
-from asyncpp.errors import EngineDeadError, StageDiedError
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.errors import EngineDeadError, StageDiedError
 
 
 @dataclass(slots=True)

@@ -22,10 +22,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
-from asyncpp.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError
 from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
 from asyncpp.executor.failures import Report, RootCause
-from asyncpp.executor.microbatch import MicroBatch, StepOutput
+from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.comm import local_init_method
 from asyncpp.worker.worker import STOP, RunnerFactory, WorkerArgs, default_runner_factory, run_stage
 

@@ -24,10 +24,10 @@ import torch
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
-from asyncpp.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError
 from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
 from asyncpp.executor.failures import Report, RootCause
-from asyncpp.executor.microbatch import MicroBatch, StepOutput
+from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.comm import close_world, free_tcp_port
 from asyncpp.worker.worker import RunnerFactory, StageWorker, WorkerArgs, default_runner_factory, failure_report
 

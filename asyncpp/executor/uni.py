@@ -14,9 +14,9 @@ import torch
 from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineConfig
-from asyncpp.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError
 from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
-from asyncpp.executor.microbatch import MicroBatch, StepOutput
+from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asyncpp.executor.microbatch import SeqWork
+from asyncpp.core.microbatch import SeqWork
 
 
 @dataclass(slots=True)

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from asyncpp.config import StageSpec
-from asyncpp.executor.microbatch import IntermediateTensors
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.model.attention import KVCache, PagedAttention
 from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -19,8 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from asyncpp.config import StageSpec
-from asyncpp.executor.microbatch import IntermediateTensors
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.worker.shm_channel import RingRegion, ShmReceiver, ShmSender
 from asyncpp.worker.shm_collectives import DEFAULT_SLOT_BYTES, SharedRegion, ShmCollectives
 from asyncpp.worker.shm_common import supported as shm_supported

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncpp.config import EngineConfig, StageSpec, parse_bytes
-from asyncpp.executor.microbatch import IntermediateTensors, MicroBatch, StepOutput
+from asyncpp.config import EngineConfig, parse_bytes
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput
 from asyncpp.model.attention import KVCache, allocate_kv_cache
 from asyncpp.model.attention_metadata import HeadLayout, build_metadata
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup

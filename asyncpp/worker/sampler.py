@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from asyncpp.executor.microbatch import SampleSpec, StepOutput
-from asyncpp.sampling_params import _GREEDY_EPS
+from asyncpp.core.microbatch import SampleSpec, StepOutput
+from asyncpp.core.sampling_params import _GREEDY_EPS
 from asyncpp.worker import sampling_ops as ops
 
 

@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from asyncpp.config import EngineConfig, StageSpec
-from asyncpp.executor.microbatch import MicroBatch, StepOutput
+from asyncpp.config import EngineConfig
+from asyncpp.core.stages import StageSpec
+from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.worker.comm import TPGroup, close_world, connect_stage_links, init_world, make_tp_groups
 
 STOP = ("stop",)

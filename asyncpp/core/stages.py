@@ -1,5 +1,35 @@
-"""Which layers each pipeline stage owns."""
+"""Each rank's place in the pipeline, and which layers each stage owns."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StageSpec:
+    """One rank's place in the world: rank = pp_rank * T + tp_rank (as vLLM)."""
+    pp_rank: int
+    pp_size: int
+    tp_rank: int
+    tp_size: int
+    layer_start: int
+    layer_end: int
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
 
 
 def parse_partition(text: str | list[int] | tuple[int, ...]) -> list[int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asyncpp.sampling_params import SamplingParams
+from asyncpp.core.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
