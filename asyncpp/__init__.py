@@ -1,17 +1,12 @@
 """asyncpp: async-first pipeline-parallel LLM inference."""
 from asyncpp.async_llm import AsyncLLM
+from asyncpp.client import Client
 from asyncpp.config import EngineArgs
-from asyncpp.llm import LLM
+from asyncpp.core.errors import EngineDeadError, QueueFullError, StageDiedError
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.llm import LLM
 
 __version__ = "0.1.0"
-__all__ = ["AsyncLLM", "Client", "CompletionOutput", "EngineArgs", "LLM", "RequestOutput",
-           "SamplingParams", "__version__"]
-
-
-def __getattr__(name: str):
-    if name == "Client":  # httpx is only needed by SDK users
-        from asyncpp.client import Client
-        return Client
-    raise AttributeError(name)
+__all__ = ["AsyncLLM", "Client", "CompletionOutput", "EngineArgs", "EngineDeadError", "LLM", "QueueFullError",
+           "RequestOutput", "SamplingParams", "StageDiedError", "__version__"]

@@ -11,16 +11,20 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
+from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.core.config import EngineConfig
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.virtual_engine import VirtualEngine
 from asyncpp.core.errors import EngineDeadError, QueueFullError
-from asyncpp.executor.base import Executor, PipelineStats, create_executor
+from asyncpp.executor.executor import Executor
+from asyncpp.executor.factory import create_executor
+from asyncpp.executor.stats import PipelineStats
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.prompts import PromptInput, resolve_prompt
+from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 from asyncpp.core.sampling_params import SamplingParams
 
 log = logging.getLogger("asyncpp")
@@ -44,8 +48,10 @@ class EngineStats:
 
 class AsyncLLM:
     def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
-                 **engine_kwargs: Any):
+                 runner_factory: RunnerFactory = default_runner_factory, **engine_kwargs: Any):
+        """`runner_factory`: what each rank runs (a stand-in for the model in tests)."""
         self.args = engine_args or EngineArgs(model=model, **engine_kwargs)
+        self._runner_factory = runner_factory
         self.config: EngineConfig | None = None
         self.tokenizer = None
         self._executor: Executor | None = None
@@ -77,15 +83,15 @@ class AsyncLLM:
 
     async def _start_executor(self) -> None:
         config = self.config
-        self._executor = create_executor(config)
+        self._executor = create_executor(config, self._runner_factory)
         log.info("layer partition over %d stage(s): %s", len(config.layer_partition), config.layer_partition)
         await self._executor.start(self._task_group)
         per_ve = self._blocks_per_ve(self._executor.num_available_blocks())
         await self._executor.init_kv_cache(per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
-        limits = SchedulerLimits(config.args.max_num_seqs, config.max_num_batched_tokens,
-                                 config.args.enable_chunked_prefill)
-        self._ves = [VirtualEngine(i, limits, per_ve, config.args.block_size, self._executor,
+        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
+                                 config.enable_chunked_prefill)
+        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, self._executor,
                                    processor, self._mark_dead, self._forget)
                      for i in range(config.num_virtual_engines)]
         for ve in self._ves:
@@ -93,15 +99,17 @@ class AsyncLLM:
 
     def _blocks_per_ve(self, total: int) -> int:
         config = self.config
-        block_size, v = config.args.block_size, config.num_virtual_engines
+        block_size, v = config.block_size, config.num_virtual_engines
         per_ve = total // v
         log.info("# KV blocks: %d (max tokens %d), %d per virtual engine x %d",
                  per_ve * v, per_ve * v * block_size, per_ve, v)
         if per_ve * block_size < config.max_model_len:
+            memory = (f"--gpu-memory-utilization (now {config.gpu_memory_utilization})" if config.device == "cuda"
+                      else f"--kv-cache-memory (now {self.args.kv_cache_memory})")
             raise ValueError(
                 f"KV cache too small: each of the {v} virtual engines holds {per_ve * block_size} "
-                f"tokens but max_model_len is {config.max_model_len}; raise --kv-cache-memory "
-                f"(now {config.args.kv_cache_memory}) or lower --max-model-len")
+                f"tokens but max_model_len is {config.max_model_len}; raise {memory} or lower "
+                "--max-model-len")
         return per_ve
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -139,7 +147,7 @@ class AsyncLLM:
 
     @property
     def model_name(self) -> str:
-        return self.args.served_model_name or str(self.args.model or "SmolLM2-135M-Instruct")
+        return self.config.served_model_name
 
     def param_bytes_per_rank(self) -> list[int]:
         """Parameter bytes each rank loaded, by global rank (rank = pp_rank * T + tp_rank)."""
@@ -162,30 +170,29 @@ class AsyncLLM:
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
                           request_id: str | None = None) -> RequestStream:
-        """Validate and enqueue now; iterate the returned stream for cumulative outputs."""
-        return self.add_request_nowait(prompt, params, request_id)
+        """Validate and enqueue now; iterate the returned stream for cumulative outputs.
+        Closing the stream (or cancelling its consumer) aborts the request."""
+        return self._add(prompt, params or SamplingParams(), request_id or uuid.uuid4().hex)
 
-    def add_request_nowait(self, prompt: PromptInput, params: SamplingParams | None = None,
-                           request_id: str | None = None, queue_limit: bool = True) -> RequestStream:
+    def _add(self, prompt: PromptInput, params: SamplingParams, request_id: str) -> RequestStream:
         if not self._started:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
         if (error := self.dead_error()) is not None:
             raise EngineDeadError(f"the engine is unhealthy: {error}")
-        params = params or SamplingParams()
-        request_id = request_id or uuid.uuid4().hex
         if request_id in self._where:
             raise ValueError(f"request_id {request_id!r} is already running")
-        text, token_ids = resolve_prompt(prompt, self.tokenizer, self.config.hf_config.vocab_size)
-        params.verify_for_model(self.config.hf_config.vocab_size)
+        vocab_size = self.config.shape.vocab_size
+        text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
+        params.verify_for_model(vocab_size)
         max_tokens = self._max_tokens(len(token_ids), params)
-        if queue_limit and self.stats_waiting() >= self.args.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({self.args.max_waiting_requests} "
+        if self._num_waiting() >= self.config.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} "
                                  "requests); retry later")
         request = Request(request_id, text, token_ids, params, max_tokens,
                           RequestMetrics(arrival_time=time.monotonic()))
         request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
         ve = min(self._ves, key=lambda v: v.num_unfinished_seqs)
-        stream = RequestStream(request_id, self._on_stream_closed)
+        stream = RequestStream(request_id, self._abort)
         self._where[request_id] = ve
         ve.add(request, stream)
         return stream
@@ -198,34 +205,25 @@ class AsyncLLM:
         room = limit - prompt_len
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
-    def stats_waiting(self) -> int:
+    def _num_waiting(self) -> int:
         return sum(len(ve.scheduler.waiting) for ve in self._ves)
 
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = self.add_request_nowait(prompt, sampling_params, request_id)
-        try:
+        async with await self.add_request(prompt, sampling_params, request_id) as stream:
             async for output in stream:
                 yield output
-        finally:
-            stream.close()
 
     async def abort(self, request_id: str) -> bool:
-        return self.abort_now(request_id)
+        """End the request now (finish_reason "abort") and free its KV blocks; False if unknown."""
+        return self._abort(request_id)
 
-    def abort_now(self, request_id: str) -> bool:
+    def _abort(self, request_id: str) -> bool:
         ve = self._where.pop(request_id, None)
         return ve.abort(request_id) if ve is not None else False
 
     def _forget(self, request_id: str) -> None:
         self._where.pop(request_id, None)
-
-    def _on_stream_closed(self, request_id: str) -> None:
-        """The consumer is gone: abort if unfinished, else just forget the request."""
-        self.abort_now(request_id)
-
-    def encode(self, prompt: PromptInput) -> list[int]:
-        return resolve_prompt(prompt, self.tokenizer, self.config.hf_config.vocab_size)[1]
 
 
 def _load_tokenizer(path: str):

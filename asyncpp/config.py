@@ -1,23 +1,31 @@
 """Engine arguments (one validated dataclass: CLI flags, LLM keywords, server settings)
-and the resolved configuration every process works from."""
+and their resolution, with the checkpoint, into the EngineConfig every process works from."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
+from asyncpp.core.config import EngineConfig, ModelShape
 from asyncpp.core.stages import StageSpec, layer_ranges, partition_layers
+from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
+from asyncpp.model.registry import check_supported
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _BACKENDS = ("uni", "mp", "ray")
+_COMM = ("auto", "shm", "gloo")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
                "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}
 
@@ -64,6 +72,10 @@ class EngineArgs:
     pp_layer_partition: str | None = _arg(None, "layers per stage, e.g. 8,8,7,7 (default even)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
+    tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
+                        "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
+    pp_comm: str = _arg("auto", "stage-to-stage tensors: auto | shm | gloo, as --tp-comm", choices=_COMM)
+    onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU in float32 (--no-onednn: F.linear)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +94,9 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        for name in ("tp_comm", "pp_comm"):
+            if getattr(self, name) not in _COMM:
+                raise ValueError(f"{name} must be one of {', '.join(_COMM)}, got {getattr(self, name)!r}")
         if self.distributed_executor_backend not in (None, *_BACKENDS):
             raise ValueError(f"distributed_executor_backend must be one of {_BACKENDS}, "
                              f"got {self.distributed_executor_backend!r}")
@@ -99,6 +114,7 @@ class EngineArgs:
     # -- command line ---------------------------------------------------------------
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name == "model":
                 if model_positional:
@@ -108,12 +124,11 @@ class EngineArgs:
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not MISSING else None
             kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help")}
-            if isinstance(default, bool):
+            kind = _value_type(hints[f.name])
+            if kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
-            elif isinstance(default, int) or f.name in _INT_FLAGS:
-                kwargs["type"] = int
-            elif isinstance(default, float):
-                kwargs["type"] = float
+            elif kind in (int, float):
+                kwargs["type"] = kind
             if "choices" in f.metadata:
                 kwargs["choices"] = [c for c in f.metadata["choices"] if c is not None]
             parser.add_argument(flag, **kwargs)
@@ -125,48 +140,11 @@ class EngineArgs:
         return cls(**values)
 
 
-_INT_FLAGS = {"max_model_len", "max_num_batched_tokens", "num_virtual_engines", "num_threads"}
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Everything resolved once in the engine process and shipped to every rank."""
-    args: EngineArgs
-    model_path: str
-    tokenizer_path: str | None
-    hf_config: Any  # transformers.PretrainedConfig
-    dtype: torch.dtype
-    device: str
-    max_model_len: int
-    max_num_batched_tokens: int
-    num_virtual_engines: int
-    layer_partition: list[int]
-    backend: str
-    eos_token_ids: list[int]
-    threads_per_rank: int
-    stages: list[StageSpec] = field(default_factory=list)
-
-    @property
-    def num_layers(self) -> int:
-        return sum(self.layer_partition)
-
-    @property
-    def kv_heads(self) -> int:
-        c = self.hf_config
-        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        c = self.hf_config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-    def kv_bytes_per_block(self, num_layers: int | None = None) -> int:
-        layers = self.num_layers if num_layers is None else num_layers
-        elem = torch.finfo(self.dtype).bits // 8
-        return 2 * layers * self.args.block_size * self.kv_heads * self.head_dim * elem
-
-    def stage(self, rank: int) -> StageSpec:
-        return self.stages[rank]
+def _value_type(hint: Any) -> type:
+    """`int | None` -> int: the type a flag's text converts to."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _resolve_device(args: EngineArgs) -> str:
@@ -202,51 +180,44 @@ def _generation_config_eos(model_path: Path) -> Any:
     path = model_path / "generation_config.json"
     if not path.exists():
         return None
-    import json
     return json.loads(path.read_text()).get("eos_token_id")
 
 
 def create_engine_config(args: EngineArgs) -> EngineConfig:
-    from transformers import AutoConfig
-
-    from asyncpp.model.default_model import resolve_model_path
-    from asyncpp.model.registry import check_supported
-
     model_path = resolve_model_path(args.model)
     hf_config = AutoConfig.from_pretrained(model_path)
     check_supported(hf_config)
+    shape = ModelShape.of(hf_config)
     device = _resolve_device(args)
-    dtype = _resolve_dtype(args, hf_config, device)
-    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 2048)
-    max_model_len = args.max_model_len or max_pos
-    if max_model_len > max_pos:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {max_pos}")
+    max_model_len = args.max_model_len or shape.max_positions
+    if max_model_len > shape.max_positions:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
     batched = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, max_model_len))
     if not args.enable_chunked_prefill and batched < max_model_len:
         raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) "
                          "when chunked prefill is off")
     pp, tp = args.pipeline_parallel_size, args.tensor_parallel_size
-    check_tensor_parallel(hf_config, tp)
-    parts = partition_layers(hf_config.num_hidden_layers, pp, args.pp_layer_partition)
+    check_tensor_parallel(shape, tp)
+    parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition)
     stages = [StageSpec(p, pp, t, tp, start, end)
               for p, (start, end) in enumerate(layer_ranges(parts)) for t in range(tp)]
-    tokenizer_path = None if args.skip_tokenizer_init else str(args.tokenizer or model_path)
     return EngineConfig(
-        args=args, model_path=str(model_path), tokenizer_path=tokenizer_path, hf_config=hf_config,
-        dtype=dtype, device=device, max_model_len=max_model_len, max_num_batched_tokens=batched,
-        num_virtual_engines=args.num_virtual_engines or pp, layer_partition=parts,
-        backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        eos_token_ids=_eos_ids(Path(model_path), hf_config),
-        threads_per_rank=_threads_per_rank(args, device), stages=stages)
+        model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
+        tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
+        hf_config=hf_config, shape=shape, dtype=_resolve_dtype(args, hf_config, device), device=device,
+        seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=batched, enable_chunked_prefill=args.enable_chunked_prefill,
+        max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
+        gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=args.num_virtual_engines or pp,
+        layer_partition=parts, backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
+        threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
+        onednn=args.onednn, eos_token_ids=_eos_ids(Path(model_path), hf_config), stages=stages)
 
 
-def check_tensor_parallel(hf_config: Any, tp: int) -> None:
+def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
     """Fail at start, naming the constraint, when T cannot split the model's layers.
     (The vocabulary needs no check: embedding and LM head pad it to a multiple of T.)"""
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    inner = (getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
-             or 4 * hf_config.hidden_size)
+    heads, kv_heads, inner = shape.num_heads, shape.num_kv_heads, shape.intermediate_size
     if heads % tp:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide num_attention_heads ({heads}): "
                          "every rank holds the same number of query heads")

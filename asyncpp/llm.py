@@ -13,6 +13,7 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM
+from asyncpp.engine.request_stream import RequestStream
 from asyncpp.config import EngineArgs
 from asyncpp.core.outputs import RequestOutput
 from asyncpp.prompts import PromptInput
@@ -53,8 +54,8 @@ class LLM:
         return self._portal.call(self._run_all, prompt_list, params_list)
 
     async def _run_all(self, prompts: list[PromptInput], params: list[SamplingParams]) -> list[RequestOutput]:
-        streams = [self.engine.add_request_nowait(p, sp) for p, sp in zip(prompts, params)]
-        results: list[RequestOutput | None] = [None] * len(streams)
+        streams: list[RequestStream] = []
+        results: list[RequestOutput | None] = [None] * len(prompts)
         errors: list[Exception] = []
 
         async def drain(i: int) -> None:
@@ -65,6 +66,8 @@ class LLM:
                 errors.append(e)
 
         try:
+            for p, sp in zip(prompts, params):  # all or none: a refused prompt aborts the others
+                streams.append(await self.engine.add_request(p, sp))
             async with anyio.create_task_group() as tg:
                 for i in range(len(streams)):
                     tg.start_soon(drain, i)

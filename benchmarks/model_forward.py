@@ -8,7 +8,6 @@ with plain F.linear side by side in one process (interleaved, best of N).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 
@@ -26,9 +25,8 @@ SAMPLE = SampleSpec(SamplingParams(temperature=0), None, 0)
 
 
 def runner(model: str, onednn: bool) -> ModelRunner:
-    os.environ["ASYNCPP_ONEDNN"] = "1" if onednn else "0"
     config = create_engine_config(EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
-                                             device="cpu"))
+                                             device="cpu", onednn=onednn))
     return filled_runner(config, config.stages[0])
 
 

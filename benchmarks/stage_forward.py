@@ -52,7 +52,7 @@ def main() -> None:
     print(f"{'stage':8s}{'layers':>8s}{'1 x 32':>10s}{'2 x 16':>10s}{'2x16 / 1x32':>14s}")
     for r in runners:
         hidden = {} if r.stage.is_first else {
-            n: {k: torch.randn(n, r.config.hf_config.hidden_size) for k in r.model.intermediate_keys} for n in (16, 32)}
+            n: {k: torch.randn(n, r.config.shape.hidden_size) for k in r.model.intermediate_keys} for n in (16, 32)}
         one = best_ms(lambda: r.execute(whole, hidden.get(32)), args.rounds)
         two = best_ms(lambda: [r.execute(h, hidden.get(16)) for h in halves], args.rounds)
         print(f"{r.stage.pp_rank:<8d}{r.stage.num_layers:>8d}{one:10.1f}{two:10.1f}{two / one:14.2f}")

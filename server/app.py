@@ -107,7 +107,7 @@ async def tokenize(state: ServerState, body: TokenizeRequest, request: Request) 
 async def detokenize(state: ServerState, body: DetokenizeRequest, request: Request) -> Response:
     state.check_model(body.model)
     tokenizer = state.tokenizer_or_400("detokenize")
-    vocab = state.engine.config.hf_config.vocab_size
+    vocab = state.engine.config.shape.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise ServerError(400, f"tokens must be ids in [0, {vocab})", "tokens")
     return JSONResponse({"prompt": tokenizer.decode(body.tokens)})

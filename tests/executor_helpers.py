@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
 from asyncpp.core.stages import StageSpec
-from asyncpp.executor.base import Executor, create_executor
+from asyncpp.executor.executor import Executor
+from asyncpp.executor.factory import create_executor
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
 

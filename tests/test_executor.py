@@ -5,8 +5,8 @@ import pytest
 
 from asyncpp.core.errors import EngineDeadError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
-from asyncpp.executor.mp import MultiprocExecutor
-from asyncpp.executor.uni import UniExecutor
+from asyncpp.executor.mp import MultiprocTransport
+from asyncpp.executor.uni import ThreadTransport
 from conftest import VOCAB, hf_greedy, mixed_prompts
 from executor_helpers import GREEDY, checkpoint_share, engine_config, greedy_generate, running
 
@@ -23,9 +23,9 @@ def prompts() -> list[list[int]]:
 async def test_uni_matches_transformers(llama_dir):
     config = engine_config(llama_dir, num_virtual_engines=2)
     async with running(config, BLOCKS_PER_VE) as executor:
-        assert isinstance(executor, UniExecutor)
+        assert isinstance(executor.transport, ThreadTransport)
         tokens, most = await greedy_generate(executor, prompts(), NEW_TOKENS, 2,
-                                             BLOCKS_PER_VE, config.args.block_size)
+                                             BLOCKS_PER_VE, config.block_size)
         stats = executor.stats()
         total = executor.param_bytes()
     assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
@@ -40,9 +40,9 @@ async def test_mp_pipeline_matches_uni_and_transformers(llama_dir, pp, tp):
     if pp == 3:
         assert config.layer_partition == [1, 2, 1]  # uneven: the middle stage takes the rest
     async with running(config, BLOCKS_PER_VE) as executor:
-        assert isinstance(executor, MultiprocExecutor)
+        assert isinstance(executor.transport, MultiprocTransport)
         tokens, most_in_flight = await greedy_generate(
-            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.args.block_size)
+            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.block_size)
         stats, shares = executor.stats(), executor.param_bytes()
     assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
     assert most_in_flight == 2  # both VEs' microbatches were in the pipeline at once
@@ -61,7 +61,7 @@ async def test_mp_tied_head_gpt2(gpt2_dir):
     config = engine_config(gpt2_dir, 2)
     async with running(config, BLOCKS_PER_VE) as executor:
         tokens, _ = await greedy_generate(executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE,
-                                          config.args.block_size)
+                                          config.block_size)
         shares = executor.param_bytes()
     assert tokens == hf_greedy(gpt2_dir, prompts(), NEW_TOKENS)
     assert shares == [checkpoint_share(gpt2_dir, s, tied=True) for s in config.stages]
@@ -84,7 +84,7 @@ async def test_ray_pipeline_matches_transformers(llama_dir):
     config = engine_config(llama_dir, 2, distributed_executor_backend="ray")
     async with running(config, BLOCKS_PER_VE) as executor:
         tokens, most_in_flight = await greedy_generate(
-            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.args.block_size)
+            executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE, config.block_size)
         stats, shares = executor.stats(), executor.param_bytes()
     assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
     assert most_in_flight == 2

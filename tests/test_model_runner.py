@@ -173,11 +173,10 @@ def test_cuda_matches_transformers(llama_dir, prompts):
     assert generate([runner], prompts, MAX_NEW, chunk=64) == expected
 
 
-def test_plain_f_linear_path_matches_transformers(llama_dir, prompts, monkeypatch):
+def test_plain_f_linear_path_matches_transformers(llama_dir, prompts):
     """CPU fp32 weights are prepacked for oneDNN by default; the F.linear path must agree too."""
-    monkeypatch.setenv("ASYNCPP_ONEDNN", "0")
     torch.set_num_threads(1)
-    runners = runners_for(llama_dir)
+    runners = runners_for(llama_dir, onednn=False)
     assert not runners[0].model.layers[0].mlp.down_proj.weight.is_mkldnn
     assert generate(runners, prompts, MAX_NEW, chunk=64) == hf_greedy(llama_dir, prompts, MAX_NEW)
 

@@ -46,7 +46,7 @@ async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
     ready = [anyio.Event() for _ in range(config.num_virtual_engines)]
 
     async def ve(v: int) -> None:
-        errors.append(await decode_until_error(executor, v, [5 + v, 6, 7], config.args.block_size,
+        errors.append(await decode_until_error(executor, v, [5 + v, 6, 7], config.block_size,
                                                ready[v]))
 
     async with anyio.create_task_group() as tg:
@@ -64,9 +64,8 @@ async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
 async def test_killed_stage_fails_pending_submits(llama_dir):
     config = engine_config(llama_dir, 2)
     async with running(config) as executor:
-        victim = executor._ranks[0].process
-        errors = await decode_on_every_ve(executor, config,
-                                          lambda: os.kill(victim.pid, signal.SIGKILL))
+        victim = executor.rank_pids()[0]
+        errors = await decode_on_every_ve(executor, config, lambda: os.kill(victim, signal.SIGKILL))
         assert all(isinstance(e, StageDiedError) for e in errors), errors
         assert {(e.stage, e.rank, e.exitcode) for e in errors} == {(0, 0, -signal.SIGKILL)}
         assert executor.dead_error() is errors[0]
@@ -76,10 +75,10 @@ async def test_killed_stage_fails_pending_submits(llama_dir):
 
 
 async def test_killed_ray_actor_fails_pending_submits(llama_dir):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     config = engine_config(llama_dir, 2, distributed_executor_backend="ray")
     async with running(config) as executor:
-        victim = ray.get(executor._actors[1].pid.remote())
+        victim = executor.rank_pids()[1]
         errors = await decode_on_every_ve(executor, config, lambda: os.kill(victim, signal.SIGKILL))
         assert all(isinstance(e, StageDiedError) for e in errors), errors
         assert {(e.stage, e.rank) for e in errors} == {(1, 1)}
@@ -124,7 +123,7 @@ async def test_cancelled_while_in_flight_then_shutdown(llama_dir):
     with anyio.CancelScope() as scope:
         async with running(config) as executor, anyio.create_task_group() as tg:
             for v in range(2):
-                tg.start_soon(decode_until_error, executor, v, [5 + v], config.args.block_size, ready[v])
+                tg.start_soon(decode_until_error, executor, v, [5 + v], config.block_size, ready[v])
             for event in ready:
                 await event.wait()
             scope.cancel()
@@ -141,7 +140,7 @@ _ORPHAN_SCRIPT = textwrap.dedent("""
 
     async def main():
         async with running(engine_config({model!r}, 2)) as executor:
-            print(" ".join(str(r.process.pid) for r in executor._ranks), flush=True)
+            print(" ".join(map(str, executor.rank_pids())), flush=True)
             await anyio.sleep(120)
 
     if __name__ == "__main__":

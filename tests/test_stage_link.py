@@ -86,20 +86,18 @@ def test_full_ring_sender_times_out_clearly():
     sender.close()
 
 
-def test_bad_transport_choice_is_refused(monkeypatch):
-    from asyncpp.worker.comm import pp_transport
+def test_bad_transport_choice_is_refused():
+    from asyncpp.config import EngineArgs
 
-    monkeypatch.setenv("ASYNCPP_PP_COMM", "tcp")
-    with pytest.raises(ValueError, match="ASYNCPP_PP_COMM must be auto, shm or gloo"):
-        pp_transport()
+    with pytest.raises(ValueError, match="pp_comm must be one of auto, shm, gloo"):
+        EngineArgs(pp_comm="tcp")
 
 
 @pytest.mark.parametrize("transport", ["shm", "gloo"])
-def test_pipeline_parity_on_each_transport(llama_dir, monkeypatch, transport):
+def test_pipeline_parity_on_each_transport(llama_dir, transport):
     """shm: insisted on, so the engine fails at start unless every link uses it (P = 3: a
     middle stage has both ends). gloo: the fallback for other machines stays covered."""
-    monkeypatch.setenv("ASYNCPP_PP_COMM", transport)
     prompts = mixed_prompts(6, hi=120, seed=31)
     tokens, _ = engine_tokens(llama_dir, prompts, 8, pipeline_parallel_size=3, num_virtual_engines=3,
-                              max_num_batched_tokens=128)
+                              max_num_batched_tokens=128, pp_comm=transport)
     assert tokens == hf_greedy(llama_dir, prompts, 8)

@@ -62,11 +62,10 @@ def test_pp2_tp2_matches_hf_and_loads_slices(arch, llama_dir, gpt2_dir):
     tp_run(llama_dir if arch == "llama" else gpt2_dir, pp=2, tp=2, seed=22)
 
 
-def test_tp2_over_gloo_matches_hf(llama_dir, monkeypatch):
+def test_tp2_over_gloo_matches_hf(llama_dir):
     """The fallback transport (other machines, other architectures) gives the same tokens."""
-    monkeypatch.setenv("ASYNCPP_TP_COMM", "gloo")
     prompts = mixed_prompts(4, hi=120, seed=23)
-    tokens, _ = engine_tokens(llama_dir, prompts, MAX_TOKENS, tensor_parallel_size=2)
+    tokens, _ = engine_tokens(llama_dir, prompts, MAX_TOKENS, tensor_parallel_size=2, tp_comm="gloo")
     assert tokens == hf_greedy(llama_dir, prompts, MAX_TOKENS)
 
 
@@ -82,12 +81,15 @@ def test_layout_constraints_name_the_field(llama_dir):
     from transformers import LlamaConfig
 
     from asyncpp.config import check_tensor_parallel
+    from asyncpp.core.config import ModelShape
 
     with pytest.raises(ValueError, match=r"num_key_value_heads \(4\)"):
-        check_tensor_parallel(LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48), 3)
+        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)), 3)
     with pytest.raises(ValueError, match=r"intermediate size \(130\)"):
-        check_tensor_parallel(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, intermediate_size=130), 4)
-    check_tensor_parallel(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128), 4)
+        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                         intermediate_size=130)), 4)
+    check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                     intermediate_size=128)), 4)
     with pytest.raises(ValueError, match=r"pipeline_parallel_size \(5\) is larger than the model's layer count \(4\)"):
         engine_config(llama_dir, pipeline_parallel_size=5)
 
@@ -110,12 +112,12 @@ def _collectives_rank(rank: int, world: int, init: str, slot_bytes: int, out_dir
 
     import torch.distributed as dist
 
-    from asyncpp.worker.comm import make_tp_groups, open_shared_memory
+    from asyncpp.worker.tp_comm import make_tp_communicator, open_shared_memory
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        tp = make_tp_groups(1, world, rank)
+        tp = make_tp_communicator(1, world, rank, "auto")
         assert tp.transport == "shm"
         dist.barrier()  # rank 0 has unlinked by now
         assert not os.path.exists(tp.shm.region.path)  # unlinked once every rank mapped it

@@ -63,3 +63,5 @@ class StepOutput:
 # Tensors passed from one stage to the next: "hidden_states" and, for models that keep
 # one, "residual"; each [num_tokens, hidden_size].
 IntermediateTensors = dict[str, torch.Tensor]
+# Shapes and dtypes of one microbatch's intermediate tensors, by name.
+TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]

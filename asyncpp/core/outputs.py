@@ -25,6 +25,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

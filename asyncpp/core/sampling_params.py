@@ -1,7 +1,7 @@
 """Sampling parameters, named and validated as in vLLM."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 
@@ -85,10 +85,3 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1.0)
-
-    def clone(self, **changes) -> "SamplingParams":
-        return replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

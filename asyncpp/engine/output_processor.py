@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asyncpp.engine.detokenizer import IncrementalDetokenizer
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.stop_checker import find_stop, hold_back_length
 from asyncpp.core.outputs import CompletionOutput, Logprob, RequestOutput
@@ -24,7 +25,6 @@ class OutputProcessor:
     def start(self, seq: Sequence) -> None:
         """Prepare the sequence's detokenizer (once)."""
         if self.tokenizer is not None and seq.detokenizer is None:
-            from asyncpp.engine.detokenizer import IncrementalDetokenizer
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, seq.prompt_token_ids,
                 skip_special_tokens=seq.request.params.skip_special_tokens)

@@ -14,7 +14,7 @@ from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.core.errors import EngineDeadError
-from asyncpp.executor.base import Executor
+from asyncpp.executor.executor import Executor
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 
 log = logging.getLogger(__name__)

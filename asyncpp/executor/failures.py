@@ -9,26 +9,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from asyncpp.core.stages import StageSpec
 from asyncpp.core.errors import EngineDeadError, StageDiedError
+from asyncpp.core.messages import Failure
+from asyncpp.core.stages import StageSpec
 
 
-@dataclass(slots=True)
-class Report:
-    at: float  # time.monotonic() in the reporting process (system-wide on Linux)
-    summary: str  # "ValueError: ..."
-    text: str  # the traceback
+@dataclass(frozen=True, slots=True)
+class Death:
+    """A rank seen gone: its process exited (with `exitcode` when known) or its actor died."""
+    rank: int
+    exitcode: int | None = None
 
 
 @dataclass(slots=True)
 class RootCause:
     stages: list[StageSpec]
     settle_s: float = 1.0
-    reports: dict[int, Report] = field(default_factory=dict)  # rank -> its exception
+    reports: dict[int, Failure] = field(default_factory=dict)  # rank -> its exception
     settle_until: float | None = None
 
-    def reported(self, rank: int, report: Report) -> None:
-        self.reports.setdefault(rank, report)
+    def reported(self, failure: Failure) -> None:
+        self.reports.setdefault(failure.rank, failure)
         if self.settle_until is None:
             self.settle_until = time.monotonic() + self.settle_s
 
@@ -36,14 +37,14 @@ class RootCause:
         """How long to wait for more evidence before `verdict` can blame a report."""
         return None if self.settle_until is None else max(0.0, self.settle_until - time.monotonic())
 
-    def verdict(self, died: list[tuple[int, int | None]], final: bool = False) -> EngineDeadError | None:
-        """`died`: (rank, exit code or None) newly seen dead. None: nothing to blame yet.
-        `final`: no more evidence can come (nothing else was in flight)."""
-        for rank, exitcode in died:
-            if rank not in self.reports:
-                return StageDiedError(self.stages[rank].pp_rank, rank, exitcode)
+    def verdict(self, died: list[Death], final: bool = False) -> EngineDeadError | None:
+        """`died`: ranks newly seen dead. None: nothing to blame yet.
+        `final`: no more evidence can come (every rank is gone)."""
+        for death in died:
+            if death.rank not in self.reports:
+                return StageDiedError(self.stages[death.rank].pp_rank, death.rank, death.exitcode)
         if self.settle_until is None or (not final and time.monotonic() < self.settle_until):
             return None
-        rank, first = min(self.reports.items(), key=lambda item: item[1].at)
-        return EngineDeadError(f"pipeline stage {self.stages[rank].pp_rank} (rank {rank}) "
+        first = min(self.reports.values(), key=lambda f: f.at)
+        return EngineDeadError(f"pipeline stage {self.stages[first.rank].pp_rank} (rank {first.rank}) "
                                f"raised {first.summary}\n{first.text}")

@@ -1,75 +1,79 @@
-"""`uni` backend: the whole model in the engine process (P = T = 1).
+"""`uni` transport: the whole model in the engine process (P = T = 1).
 
-Compute runs in a worker thread, one microbatch at a time in submission order, so the
-event loop stays free to stream outputs and accept requests while the model runs.
+The rank is a thread running the same message loop as a stage process, over two queues,
+so the event loop stays free to stream outputs and accept requests while the model runs.
 """
 from __future__ import annotations
 
-import time
-import traceback
-from typing import Any
+import os
+import queue
+import threading
 
-import anyio
 import torch
-from anyio.abc import TaskGroup
 
-from asyncpp.config import EngineConfig
-from asyncpp.core.errors import EngineDeadError
-from asyncpp.executor.base import Executor, InFlightClock, PipelineStats
-from asyncpp.core.microbatch import MicroBatch, StepOutput
-from asyncpp.worker.worker import RunnerFactory, default_runner_factory
+from asyncpp.core.config import EngineConfig
+from asyncpp.core.messages import Failure, FromRank, Stop, ToRank
+from asyncpp.executor.failures import Death
+from asyncpp.executor.transport import Polled, Transport
+from asyncpp.worker.worker import RunnerFactory, WorkerArgs, default_runner_factory, serve
 
 
-class UniExecutor(Executor):
+class _Exited:
+    """Put on the outbox when the rank's thread ends (or to wake `poll`)."""
+
+
+class ThreadTransport(Transport):
     def __init__(self, config: EngineConfig, runner_factory: RunnerFactory = default_runner_factory):
-        super().__init__(config)
-        if len(config.stages) != 1:
-            raise ValueError(f"the uni executor runs one rank, the config has {len(config.stages)}")
-        self._runner_factory = runner_factory
-        self._runner: Any = None
-        self._limiter = anyio.CapacityLimiter(1)  # FIFO: microbatches run in submission order
-        self._clock = InFlightClock()
-        self._busy_s = 0.0
+        if config.world_size != 1:
+            raise ValueError(f"the uni backend runs one rank, the config has {config.world_size}")
+        self.config = config
+        self.runner_factory = runner_factory
+        self._inbox: queue.SimpleQueue[ToRank] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[FromRank | _Exited] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._exited = False
 
-    async def start(self, task_group: TaskGroup) -> None:
+    async def start(self) -> None:
         torch.set_num_threads(self.config.threads_per_rank)
-        stage = self.config.stage(0)
-        self._runner = await anyio.to_thread.run_sync(
-            self._runner_factory, self.config, stage, None)
+        self._thread = threading.Thread(target=self._run, name="asyncpp-rank0", daemon=True)
+        self._thread.start()
 
-    def num_available_blocks(self) -> int:
-        return self._runner.num_available_blocks()
-
-    def param_bytes(self) -> list[int]:
-        return [self._runner.param_bytes()]
-
-    async def init_kv_cache(self, blocks_per_ve: int) -> None:
-        await anyio.to_thread.run_sync(self._runner.init_kv_cache,
-                                       self.config.num_virtual_engines, blocks_per_ve)
-
-    async def submit(self, mb: MicroBatch) -> StepOutput:
-        self._raise_if_unusable()
-        self._clock.started()
+    def _run(self) -> None:
         try:
-            return await anyio.to_thread.run_sync(self._execute, mb, limiter=self._limiter)
+            serve(WorkerArgs(self.config, 0, "", self.runner_factory), self._inbox.get, self._outbox.put)
+        except BaseException as exc:  # noqa: BLE001 - reported to the engine, which fails every request
+            self._outbox.put(Failure.of(0, exc))
         finally:
-            self._clock.finished()
+            self._outbox.put(_Exited())
 
-    def _execute(self, mb: MicroBatch) -> StepOutput:
-        self._raise_if_unusable()  # an earlier microbatch may have failed while we queued
-        started = time.perf_counter()
+    def send(self, msg: ToRank) -> None:
+        self._inbox.put(msg)
+
+    def poll(self, timeout: float | None) -> Polled:
+        if self._exited:
+            return Polled()
+        polled = Polled()
         try:
-            return self._runner.execute(mb, None)
-        except Exception as exc:
-            self._dead = EngineDeadError(f"the model raised an exception:\n{traceback.format_exc()}")
-            raise self._dead from exc
-        finally:
-            self._busy_s += time.perf_counter() - started
+            item = self._outbox.get(timeout=timeout)
+            while True:
+                if isinstance(item, _Exited):
+                    self._exited = True
+                    polled.deaths.append(Death(0))
+                    break
+                polled.messages.append(item)
+                item = self._outbox.get_nowait()
+        except queue.Empty:
+            pass
+        return polled
 
-    async def _stop(self) -> None:
-        async with self._limiter:  # let the running microbatch finish before releasing
-            self._runner = None
+    def stop(self, grace_s: float) -> None:
+        self._inbox.put(Stop())
+        if self._thread is not None:
+            self._thread.join()  # a thread cannot be killed: it finishes what is queued first
+        self._outbox.put(_Exited())  # wakes a poll still waiting
 
-    def stats(self) -> PipelineStats:
-        return PipelineStats(stage_busy_s=[self._busy_s], active_s=self._clock.total(),
-                             microbatches=self._clock.count)
+    def kill(self) -> None:
+        self._inbox.put(Stop())  # the thread has raised and is gone, or ends after its current step
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]

@@ -8,8 +8,6 @@ only summed in a different order than MKL's.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +17,6 @@ _BATCH_HINT = 32  # oneDNN picks the blocked layout for this M; measured insensi
 
 def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     return (torch.device(device).type == "cpu" and dtype == torch.float32
-            and os.environ.get("ASYNCPP_ONEDNN", "1") != "0"
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 

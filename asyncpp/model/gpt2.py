@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asyncpp.core.config import ModelShape
 from asyncpp.core.stages import StageSpec
 from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.model.attention import KVCache, PagedAttention
@@ -30,7 +31,8 @@ def _norm_plan(prefix: str, name: str) -> WeightPlan:
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: Any, tp: TPGroup, layer_idx: int):
         super().__init__()
-        self.num_heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        shape = ModelShape.of(cfg)
+        self.num_heads, self.head_dim = shape.num_heads, shape.head_dim
         self.heads = HeadSplit.of(cfg.n_head, cfg.n_head, tp)
         self.c_attn = QKVParallelLinear(cfg.n_embd, self.head_dim, self.heads, tp, bias=True)
         self.c_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, tp, bias=True)
@@ -53,7 +55,7 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: Any, tp: TPGroup):
         super().__init__()
-        inner = cfg.n_inner or 4 * cfg.n_embd
+        inner = ModelShape.of(cfg).intermediate_size
         self.c_fc = ColumnParallelLinear(cfg.n_embd, [inner], tp, bias=True)
         self.c_proj = RowParallelLinear(inner, cfg.n_embd, tp, bias=True)
         self.act = ACTIVATIONS[cfg.activation_function]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asyncpp.core.config import ModelShape
 from asyncpp.core.stages import StageSpec
 from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.model.attention import KVCache, PagedAttention
@@ -22,18 +23,13 @@ from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import RopeAt, RotaryEmbedding
 
 
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+    def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.head_dim = _head_dim(cfg)
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.heads = HeadSplit.of(cfg.num_attention_heads, kv_heads, tp)
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, tp, bias=o_bias)
+        self.head_dim = shape.head_dim
+        self.heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, tp)
+        self.qkv_proj = QKVParallelLinear(shape.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, shape.hidden_size, tp, bias=o_bias)
         self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, rope: RopeAt, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -49,11 +45,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup):
+    def __init__(self, shape: ModelShape, tp: TPGroup, bias: bool):
         super().__init__()
-        bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp, bias=bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, bias=bias)
+        inner = shape.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, [inner] * 2, tp, bias=bias)
+        self.down_proj = RowParallelLinear(inner, shape.hidden_size, tp, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -64,12 +60,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+    def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, tp, qkv_bias, o_bias)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.input_layernorm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
                 cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +88,14 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg, self.stage = cfg, stage
         qkv_bias, o_bias = self._biases(cfg)
+        shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if stage.is_first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, qkv_bias, o_bias) for _ in range(stage.num_layers))
-        self.rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, dtype)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp) if stage.is_last else None
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias)
+                                    for _ in range(stage.num_layers))
+        self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
+        self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
+        self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp) if stage.is_last else None
         if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -66,12 +66,6 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def first_present(self, *names: str) -> str:
-        for name in names:
-            if name in self.files:
-                return name
-        raise ValueError(f"checkpoint {self.path} has none of {names}")
-
 
 def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan) -> None:
     """Fill every parameter of `model` from `plan`; each file is opened once, lazily."""

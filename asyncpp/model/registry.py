@@ -7,6 +7,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from asyncpp.core.config import EngineConfig
+from asyncpp.core.stages import StageSpec
 from asyncpp.model.gemm import onednn_available, prepack_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
@@ -42,8 +44,8 @@ def check_supported(hf_config: Any) -> None:
             raise ValueError(f"{arch}: partial rotary embeddings are not supported")
 
 
-def build_model(config: Any, stage: Any, tp_group: TPGroup | None = None) -> nn.Module:
-    """This rank's share of the model (config: EngineConfig, stage: StageSpec), weights loaded."""
+def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None = None) -> nn.Module:
+    """This rank's share of the model, weights loaded."""
     cls = MODELS[architecture(config.hf_config)]
     _check_no_sliding_window(config.hf_config, config.max_model_len)
     tp = tp_group or SingleRankGroup()
@@ -51,7 +53,7 @@ def build_model(config: Any, stage: Any, tp_group: TPGroup | None = None) -> nn.
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
     ckpt = Checkpoint.open(config.model_path)
     load_weights(model, ckpt, model.weight_plan(ckpt))
-    if onednn_available(config.device, config.dtype):
+    if config.onednn and onednn_available(config.device, config.dtype):
         prepack_model(model)
     return model.eval()
 

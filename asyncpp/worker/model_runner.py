@@ -4,15 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncpp.config import EngineConfig, parse_bytes
+from asyncpp.core.config import EngineConfig
+from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
-from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput
 from asyncpp.model.attention import KVCache, allocate_kv_cache
 from asyncpp.model.attention_metadata import HeadLayout, build_metadata
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
-
-TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+from asyncpp.worker.sampler import Sampler
 
 
 class ModelRunner:
@@ -23,35 +22,31 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # set by the stage process
         self.model = build_model(config, stage, self.tp)
-        heads = HeadSplit.of(config.hf_config.num_attention_heads, config.kv_heads, self.tp)
-        self.layout = HeadLayout(heads.q_local, heads.kv_local, config.head_dim, config.args.block_size)
+        shape = config.shape
+        heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, self.tp)
+        self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size)
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
-        self._sampler = None
+        self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 
     # -- sizes ------------------------------------------------------------------------
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def local_kv_bytes_per_block(self) -> int:
-        elem = torch.finfo(self.config.dtype).bits // 8
-        return (2 * self.stage.num_layers * self.layout.block_size * self.layout.num_kv_heads
-                * self.layout.head_dim * elem)
-
     def num_available_blocks(self) -> int:
         if self.device.type != "cuda":
             # The CPU budget is for the whole model, so every rank reports the same count.
-            return parse_bytes(self.config.args.kv_cache_memory) // self.config.kv_bytes_per_block()
+            return self.config.kv_cache_bytes // self.config.kv_bytes_per_block()
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.args.gpu_memory_utilization - (total - free) - self._activation_bytes()
-        return max(0, int(budget) // self.local_kv_bytes_per_block())
+        budget = total * self.config.gpu_memory_utilization - (total - free) - self._activation_bytes()
+        local_block = self.config.kv_bytes_per_block(self.stage.num_layers, self.layout.num_kv_heads)
+        return max(0, int(budget) // local_block)
 
     def _activation_bytes(self) -> int:
         """A generous bound on one step's temporaries: the widest per-token tensors and the logits."""
-        c, elem = self.config.hf_config, torch.finfo(self.config.dtype).bits // 8
-        inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
-        per_token = 4 * c.hidden_size + 3 * inner // self.tp.size
-        logits = self.config.args.max_num_seqs * c.vocab_size * 4 * 2
+        shape, elem = self.config.shape, torch.finfo(self.config.dtype).bits // 8
+        per_token = 4 * shape.hidden_size + 3 * shape.intermediate_size // self.tp.size
+        logits = self.config.max_num_seqs * shape.vocab_size * 4 * 2
         return 2 * self.config.max_num_batched_tokens * per_token * elem + logits
 
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
@@ -61,7 +56,7 @@ class ModelRunner:
                           for _ in range(num_virtual_engines)]
 
     def intermediate_spec(self, num_tokens: int) -> TensorSpec:
-        shape = (num_tokens, self.config.hf_config.hidden_size)
+        shape = (num_tokens, self.config.shape.hidden_size)
         return {name: (shape, self.config.dtype) for name in self.model.intermediate_keys}
 
     # -- running ----------------------------------------------------------------------
@@ -98,11 +93,3 @@ class ModelRunner:
             return StepOutput([])
         with torch.inference_mode():
             return self.sampler(out, specs)
-
-    @property
-    def sampler(self):
-        if self._sampler is None:
-            from asyncpp.worker.sampler import Sampler
-
-            self._sampler = Sampler(self.config.hf_config.vocab_size, base_seed=self.config.args.seed)
-        return self._sampler

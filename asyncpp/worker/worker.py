@@ -1,42 +1,44 @@
-"""The stage process: join the world, build this rank's layers, then run microbatches.
+"""One rank: join the world, build this rank's layers, answer the engine's messages.
 
-Messages from the engine (pickled tuples on the control pipe):
-    ("run", MicroBatch) | ("init_kv", num_virtual_engines, blocks_per_ve) | ("stop",)
-Messages to the engine (on the result pipe):
-    ("ready", rank, param_bytes, num_available_blocks) | ("ok", rank)
-    ("result", mb_id, StepOutput)   -- last stage, tp_rank 0 only
-    ("error", rank, monotonic_time, summary, traceback_text)
+Every transport drives the same `StageWorker.handle` and gets the same replies: a loop
+over a pipe (`mp`, asyncpp.worker.process), a loop over a queue in a thread (`uni`), or
+one Ray actor call per message (`ray`).
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import pickle
-import queue
-import signal
-import sys
-import threading
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Protocol
 
 import torch
 
-from asyncpp.config import EngineConfig
+from asyncpp.core.config import EngineConfig
+from asyncpp.core.messages import FromRank, InitKv, KvReady, Ready, Result, Run, Stop, ToRank
+from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
-from asyncpp.core.microbatch import MicroBatch, StepOutput
-from asyncpp.worker.comm import TPGroup, close_world, connect_stage_links, init_world, make_tp_groups
-
-STOP = ("stop",)
-_PR_SET_PDEATHSIG = 1
-
-RunnerFactory = Callable[[EngineConfig, StageSpec, TPGroup], Any]
+from asyncpp.model.parallel import TPGroup
+from asyncpp.worker.model_runner import ModelRunner
+from asyncpp.worker.stage_link import connect_stage_links
+from asyncpp.worker.tp_comm import make_tp_communicator
+from asyncpp.worker.world import close_world, init_world, local_device
 
 
-def default_runner_factory(config: EngineConfig, stage: StageSpec, tp_group: TPGroup) -> Any:
-    from asyncpp.worker.model_runner import ModelRunner
+class Runner(Protocol):
+    """What a rank runs: ModelRunner, or a stand-in in tests."""
+
+    def param_bytes(self) -> int: ...
+    def num_available_blocks(self) -> int: ...
+    def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None: ...
+    def intermediate_spec(self, num_tokens: int) -> TensorSpec: ...
+    def execute(self, mb: MicroBatch, intermediate: IntermediateTensors | None
+                ) -> IntermediateTensors | StepOutput: ...
+
+
+RunnerFactory = Callable[[EngineConfig, StageSpec, TPGroup], Runner]
+
+
+def default_runner_factory(config: EngineConfig, stage: StageSpec, tp_group: TPGroup) -> Runner:
     return ModelRunner(config, stage, tp_group=tp_group)
 
 
@@ -44,52 +46,43 @@ def default_runner_factory(config: EngineConfig, stage: StageSpec, tp_group: TPG
 class WorkerArgs:
     config: EngineConfig
     rank: int
-    init_method: str
-    parent_pid: int
+    init_method: str  # where the world meets; unused when the world is one rank
     runner_factory: RunnerFactory = default_runner_factory
 
 
 class StageWorker:
-    """One rank: its place in the world, its links, its model. `serve` is the loop for the
-    pipe transport (`mp`); Ray actors call `run` and `init_kv_cache` directly."""
-
-    def __init__(self, args: WorkerArgs, busy: Any, send: Callable[[bytes], None] | None = None):
-        self.config, self.rank = args.config, args.rank
-        self.stage = args.config.stage(args.rank)
-        self.busy, self.send = busy, send
-        device = init_world(args.rank, len(args.config.stages), args.init_method, args.config.device)
+    def __init__(self, args: WorkerArgs):
+        config, self.rank = args.config, args.rank
+        self.stage = config.stage(args.rank)
+        self.distributed = config.world_size > 1
+        if self.distributed:
+            device = init_world(args.rank, config.world_size, args.init_method, config.device)
+        else:
+            device = local_device(config.device)
         self.sync_cuda = device.type == "cuda"
-        tp_group = make_tp_groups(self.stage.pp_size, self.stage.tp_size, args.rank)
-        self.runner = args.runner_factory(args.config, self.stage, tp_group)
-        self.link = connect_stage_links(self.stage, device, self._message_bytes(),
-                                        num_slots=args.config.num_virtual_engines + 1)
-        self.reports_results = self.stage.is_last and self.stage.tp_rank == 0
+        tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
+        self.runner = args.runner_factory(config, self.stage, tp)
+        self.link = connect_stage_links(self.stage, device, self._message_bytes(config),
+                                        num_slots=config.num_virtual_engines + 1, choice=config.pp_comm)
+        self.samples = self.stage.is_last and self.stage.tp_rank == 0
+        self.busy_s = 0.0
 
-    def _message_bytes(self) -> int:
+    def _message_bytes(self, config: EngineConfig) -> int:
         """One microbatch's intermediate tensors at the most tokens a microbatch holds."""
-        spec = self.runner.intermediate_spec(self.config.max_num_batched_tokens)
+        spec = self.runner.intermediate_spec(config.max_num_batched_tokens)
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in spec.values())
 
-    def reply(self, msg: tuple) -> None:
-        assert self.send is not None
-        self.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    def ready(self) -> Ready:
+        return Ready(self.rank, self.runner.param_bytes(), self.runner.num_available_blocks())
 
-    def serve(self, inbox: "queue.SimpleQueue[tuple]") -> None:
-        self.reply(("ready", self.rank, self.runner.param_bytes(), self.runner.num_available_blocks()))
-        while (msg := inbox.get())[0] != "stop":
-            if msg[0] == "run":
-                out = self.run(msg[1])
-                if out is not None:
-                    self.reply(("result", msg[1].mb_id, out))
-            elif msg[0] == "init_kv":
-                self.init_kv_cache(msg[1], msg[2])
-                self.reply(("ok", self.rank))
-            else:
-                raise ValueError(f"unknown control message {msg[0]!r}")
-        self.link.close()
-
-    def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
-        self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
+    def handle(self, msg: ToRank) -> FromRank:
+        match msg:
+            case Run(mb):
+                return Result(self.rank, mb.mb_id, self.run(mb), self.busy_s)
+            case InitKv(num_virtual_engines, blocks_per_ve):
+                self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
+                return KvReady(self.rank)
+        raise ValueError(f"unexpected message {msg!r}")
 
     def run(self, mb: MicroBatch) -> StepOutput | None:
         """Run one microbatch; the sampled tokens on the rank that reports them, else None."""
@@ -100,60 +93,23 @@ class StageWorker:
         out = self.runner.execute(mb, intermediate)
         if self.sync_cuda:
             torch.cuda.current_stream().synchronize()
-        self.busy[self.rank] += time.perf_counter() - started  # compute only, not waits
+        self.busy_s += time.perf_counter() - started  # compute only, not waits
         if not self.stage.is_last:
             self.link.send(out)
             return None
-        return out if self.reports_results else None
+        return out if self.samples else None
+
+    def close(self) -> None:
+        self.link.close()
+        if self.distributed:
+            close_world()
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """The kernel kills us when the thread that spawned us exits (Linux only)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _read_control(conn: Connection, inbox: "queue.SimpleQueue[tuple]") -> None:
-    """Drain the control pipe at once, so the engine never blocks on a full pipe."""
-    while True:
-        try:
-            msg = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            msg = STOP  # the engine closed the pipe or died
-        inbox.put(msg)
-        if msg[0] == "stop":
-            return
-
-
-def run_stage(args: WorkerArgs, control: Connection, results: Connection, busy: Any) -> None:
-    """Process entry point for the `mp` backend."""
-    die_with_parent(args.parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine handles Ctrl-C and stops us
-    torch.set_num_threads(args.config.threads_per_rank)
-    inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-    threading.Thread(target=_read_control, args=(control, inbox), daemon=True,
-                     name="asyncpp-control").start()
-    try:
-        StageWorker(args, busy, results.send_bytes).serve(inbox)
-        close_world()
-    except BaseException as exc:
-        report_failure(args.rank, exc, results.send_bytes)
-        os._exit(1)  # skip interpreter teardown: peers may hold our collectives forever
-
-
-def failure_report(rank: int, exc: BaseException) -> tuple:
-    """("error", rank, monotonic time, summary, traceback): what the engine blames ranks by."""
-    summary = "".join(traceback.format_exception_only(exc)).strip()
-    return ("error", rank, time.monotonic(), summary, "".join(traceback.format_exception(exc)))
-
-
-def report_failure(rank: int, exc: BaseException, send: Callable[[bytes], None]) -> None:
-    """Tell the engine why we stop; stderr only when the engine cannot hear it."""
-    msg = failure_report(rank, exc)
-    try:
-        send(pickle.dumps(msg))
-    except OSError:
-        print(f"asyncpp rank {rank} failed:\n{msg[4]}", file=sys.stderr, flush=True)
+def serve(args: WorkerArgs, recv: Callable[[], ToRank], send: Callable[[FromRank], None]) -> None:
+    """A rank's whole life under a message loop: build, say Ready, answer until Stop.
+    Exceptions propagate: the caller reports them as a Failure and ends the rank."""
+    worker = StageWorker(args)
+    send(worker.ready())
+    while not isinstance(msg := recv(), Stop):
+        send(worker.handle(msg))
+    worker.close()

@@ -1,0 +1,78 @@
+"""The resolved configuration every process works from, and the model's sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from asyncpp.core.stages import StageSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The sizes every part derives from, read once from the Hugging Face config
+    (GPT-2's names are aliases there: n_embd is hidden_size, n_head num_attention_heads)."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+
+    @classmethod
+    def of(cls, hf_config: Any) -> "ModelShape":
+        c = hf_config
+        inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+        max_positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+        return cls(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+                   num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                   intermediate_size=inner, vocab_size=c.vocab_size, max_positions=max_positions)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything resolved once in the engine process from EngineArgs and the checkpoint,
+    and shipped to every rank. Runtime code reads these fields only."""
+    model_path: str
+    served_model_name: str
+    tokenizer_path: str | None
+    hf_config: Any  # transformers.PretrainedConfig: the model classes read their own fields
+    shape: ModelShape
+    dtype: torch.dtype
+    device: str  # "cpu" | "cuda"
+    seed: int
+    max_model_len: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    max_waiting_requests: int
+    kv_cache_bytes: int  # CPU: the KV budget of the whole model
+    gpu_memory_utilization: float
+    num_virtual_engines: int
+    layer_partition: list[int]
+    backend: str  # "uni" | "mp" | "ray"
+    threads_per_rank: int
+    tp_comm: str  # "auto" | "shm" | "gloo"
+    pp_comm: str  # "auto" | "shm" | "gloo"
+    onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32)
+    eos_token_ids: list[int] = field(default_factory=list)
+    stages: list[StageSpec] = field(default_factory=list)
+
+    def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
+        """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default: all)."""
+        layers = self.shape.num_layers if num_layers is None else num_layers
+        heads = self.shape.num_kv_heads if num_kv_heads is None else num_kv_heads
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * layers * self.block_size * heads * self.shape.head_dim * elem
+
+    def stage(self, rank: int) -> StageSpec:
+        return self.stages[rank]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.stages)

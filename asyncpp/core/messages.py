@@ -1,0 +1,71 @@
+"""Typed messages between the engine's executor and its ranks, the same under every
+transport (pipes, Ray actor calls, an in-process thread)."""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+
+from asyncpp.core.microbatch import MicroBatch, StepOutput
+
+
+# -- engine -> every rank ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run one microbatch through this rank's layers."""
+    mb: MicroBatch
+
+
+@dataclass(frozen=True, slots=True)
+class InitKv:
+    """Allocate the physical KV cache: one region of `blocks_per_ve` blocks per VE."""
+    num_virtual_engines: int
+    blocks_per_ve: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Finish what is queued, release the links and the world, exit."""
+
+
+ToRank = Run | InitKv | Stop
+
+
+# -- a rank -> the engine ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The rank joined the world and loaded its weights."""
+    rank: int
+    param_bytes: int
+    num_blocks: int  # KV blocks this rank can hold (all VEs together)
+
+
+@dataclass(frozen=True, slots=True)
+class KvReady:
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One microbatch done on this rank; `output` only from the rank that samples."""
+    rank: int
+    mb_id: int
+    output: StepOutput | None
+    busy_s: float  # this rank's compute seconds since start (waits excluded)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The rank raised; it exits after sending this."""
+    rank: int
+    at: float  # time.monotonic() in the rank's process (system-wide on Linux)
+    summary: str  # "ValueError: ..."
+    text: str  # the traceback
+
+    @classmethod
+    def of(cls, rank: int, exc: BaseException) -> "Failure":
+        summary = "".join(traceback.format_exception_only(exc)).strip()
+        return cls(rank, time.monotonic(), summary, "".join(traceback.format_exception(exc)))
+
+
+FromRank = Ready | KvReady | Result | Failure
