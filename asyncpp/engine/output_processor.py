@@ -65,12 +65,13 @@ class OutputProcessor:
         return True
 
     def _add_logprobs(self, seq: Sequence, sampled: SampledToken) -> None:
+        assert sampled.logprob is not None
         entry = {sampled.token_id: Logprob(sampled.logprob)}
-        for rank, (tok, lp) in enumerate(sampled.top_logprobs or [], start=1):
-            entry.setdefault(tok, Logprob(lp, rank=rank))
+        for rank, (tok, value) in enumerate(sampled.top_logprobs or [], start=1):
+            entry.setdefault(tok, Logprob(value, rank=rank))
         if self.tokenizer is not None:
-            for tok, lp in entry.items():
-                lp.decoded_token = self.tokenizer.convert_ids_to_tokens(tok)
+            for tok, logprob in entry.items():
+                logprob.decoded_token = self.tokenizer.convert_ids_to_tokens(tok)
         if seq.logprobs is None:
             seq.logprobs = []
         seq.logprobs.append(entry)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from asyncpp.core.outputs import Logprob, RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine.detokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()
 
@@ -31,7 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""
-    detokenizer: object | None = None  # IncrementalDetokenizer when a tokenizer is loaded
+    detokenizer: IncrementalDetokenizer | None = None  # when a tokenizer is loaded
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
 

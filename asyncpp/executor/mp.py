@@ -69,9 +69,9 @@ class MultiprocTransport(Transport):
         with self._poll_lock:
             if self._wake_r.closed:
                 return Polled()
-            handles = [r.results for r in self._ranks if r.open]
+            handles: list[Connection | int] = [r.results for r in self._ranks if r.open]
             handles += [r.process.sentinel for r in self._ranks if not r.exited]
-            ready = set(wait(handles + [self._wake_r], timeout))
+            ready = set(wait([*handles, self._wake_r], timeout))
             messages = [m for r in self._ranks if r.open and r.results in ready for m in _drain(r)]
             return Polled(messages, self._deaths(ready))
 
@@ -113,7 +113,7 @@ class MultiprocTransport(Transport):
                         r.process.join(2.0 if stop == "terminate" else None)
 
     def pids(self) -> list[int]:
-        return [r.process.pid for r in self._ranks]
+        return [r.process.pid for r in self._ranks if r.process.pid is not None]
 
 
 def _drain(r: _Rank) -> list[FromRank]:

@@ -62,6 +62,7 @@ class StageActor:
 
     def call(self, msg: ToRank) -> FromRank | None:
         """Exceptions come back as Failure replies, like a stage process's (not as Ray errors)."""
+        assert self.worker is not None, "start() answers before any other call"
         try:
             if isinstance(msg, Stop):
                 self.worker.close()

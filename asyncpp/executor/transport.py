@@ -4,8 +4,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from asyncpp.core.config import EngineConfig
 from asyncpp.core.messages import FromRank, ToRank
 from asyncpp.executor.failures import Death
+from asyncpp.worker.worker import RunnerFactory
 
 
 @dataclass(slots=True)
@@ -21,6 +23,10 @@ class Transport(ABC):
     event loop's thread (`start`, `send`) or from a worker thread (`stop`, `kill`) while
     `poll` may be running.
     """
+
+    @abstractmethod
+    def __init__(self, config: EngineConfig, runner_factory: RunnerFactory):
+        """Each rank runs `runner_factory(config, its StageSpec, its TP group)`."""
 
     @abstractmethod
     async def start(self) -> None:
