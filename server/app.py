@@ -18,13 +18,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asyncpp.config import EngineArgs
-from server.chat import chat_prompt_ids, create_chat_completion
-from server.completions import create_completion
-from server.errors import ServerError, unavailable
-from server.metrics import ServerMetrics
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
+from asyncpp.server.completions import create_completion
+from asyncpp.server.errors import ServerError, unavailable
+from asyncpp.server.metrics import ServerMetrics
+from asyncpp.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              describe_validation_error)
-from server.serving import ServerState
+from asyncpp.server.serving import ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 

@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse, Response
 
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
-from server.errors import ServerError, to_server_error
-from server.metrics import RequestTracker, ServerMetrics
-from server.protocol import Prompt, SamplingFields
-from server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
+from asyncpp.server.errors import ServerError, to_server_error
+from asyncpp.server.metrics import RequestTracker, ServerMetrics
+from asyncpp.server.protocol import Prompt, SamplingFields
+from asyncpp.server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
 
 OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
 

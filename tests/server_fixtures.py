@@ -15,8 +15,8 @@ import pytest
 from starlette.applications import Starlette
 
 from asyncpp.config import EngineArgs
-from server.app import build_app
-from server.threaded import serve_in_thread
+from asyncpp.server.app import build_app
+from asyncpp.server.threaded import serve_in_thread
 from tokenizer_fixture import make_tokenizer
 
 API_KEY = "test-key"

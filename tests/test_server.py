@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import hf_greedy, mixed_prompts
-from server.metrics import ServerMetrics
+from asyncpp.server.metrics import ServerMetrics
 from server_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME,
                              reference, server_pool, tok_dir)  # noqa: F401  (fixtures)
 
