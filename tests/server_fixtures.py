@@ -14,6 +14,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
@@ -38,7 +39,7 @@ class RunningServer:
     app: Starlette
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> AsyncLLM:
         return self.app.state.server.engine
 
     def http(self, api_key: str | None = API_KEY, **kwargs: Any) -> httpx.AsyncClient:
