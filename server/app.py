@@ -22,7 +22,7 @@ from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
 from asyncpp.server.completions import create_completion
-from asyncpp.server.errors import ServerError, unavailable
+from asyncpp.server.errors import ServerError, internal_error, unavailable
 from asyncpp.server.metrics import ServerMetrics
 from asyncpp.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              describe_validation_error)
@@ -140,5 +140,5 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette raises the exception again after this answer, and uvicorn logs it.
-    return ServerError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    # Starlette raises the exception again after this answer, and uvicorn logs its traceback.
+    return internal_error().response()

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from asyncpp.async_llm import AsyncLLM
+from asyncpp.core.errors import InvalidRequest
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
@@ -176,7 +177,7 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
     """Runs one completions/chat request: a streamed or a whole response."""
     try:
         params = body.sampling_params()
-    except ValueError as exc:
+    except InvalidRequest as exc:
         raise to_server_error(exc) from exc
     streams = await open_streams(state.engine, prompts, params, shape.request_id)
     if body.stream:
