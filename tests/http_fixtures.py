@@ -1,7 +1,7 @@
 """Servers for the HTTP tests: the tiny Llama with the fixture tokenizer, served by uvicorn
 in a background thread on a free loopback port, one per engine setting, for the session.
 
-Import the fixtures into a test module: `from server_fixtures import server_pool, ...`."""
+Import the fixtures into a test module: `from http_fixtures import (server_pool, ...)`."""
 from __future__ import annotations
 
 import time
