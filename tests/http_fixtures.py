@@ -14,6 +14,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from asyncpp import LLM, SamplingParams
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.app import build_app
@@ -98,8 +99,6 @@ def server_pool(llama_dir, tok_dir):
 def reference(llama_dir, tok_dir) -> dict[str, Any]:
     """What asyncpp's offline LLM gives for the tests' greedy requests (ignore_eos)."""
     from transformers import AutoTokenizer
-
-    from asyncpp import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
