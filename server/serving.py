@@ -74,7 +74,8 @@ async def close_streams(streams: list[RequestStream]) -> None:
             await stream.aclose()
 
 
-async def run_streams(streams: list[RequestStream], tracker_of: Callable[[], RequestTracker], on_output: OnOutput) -> None:
+async def run_streams(streams: list[RequestStream], tracker_of: Callable[[], RequestTracker],
+                      on_output: OnOutput) -> None:
     """Feeds each stream's outputs to `on_output` with the stream's index, concurrently;
     every request still running on exit (error, cancellation, disconnect) is aborted."""
     async def pump(index: int, stream: RequestStream) -> None:
