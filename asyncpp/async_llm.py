@@ -18,7 +18,7 @@ from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.virtual_engine import VirtualEngine
-from asyncpp.core.errors import EngineDeadError, QueueFullError
+from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.factory import create_executor
 from asyncpp.executor.stats import PipelineStats
@@ -180,7 +180,7 @@ class AsyncLLM:
         if (error := self.dead_error()) is not None:
             raise EngineDeadError(f"the engine is unhealthy: {error}")
         if request_id in self._where:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
         vocab_size = self.config.shape.vocab_size
         text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
         params.verify_for_model(vocab_size)
@@ -200,8 +200,8 @@ class AsyncLLM:
     def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         limit = self.config.max_model_len
         if prompt_len >= limit:
-            raise ValueError(f"prompt is {prompt_len} tokens long but max_model_len is {limit}: "
-                             "the prompt plus at least one output token must fit")
+            raise InvalidRequest(f"prompt is {prompt_len} tokens long but max_model_len is {limit}: "
+                                 "the prompt plus at least one output token must fit", param="prompt")
         room = limit - prompt_len
         return room if params.max_tokens is None else min(params.max_tokens, room)
 

@@ -5,7 +5,13 @@ import argparse
 import logging
 import sys
 
+import anyio
+
+from asyncpp.async_llm import AsyncLLM
+from asyncpp.bench import add_bench_parser
 from asyncpp.config import EngineArgs
+from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.server.cli import add_serve_parser
 
 
 def _add_generate_parser(subparsers) -> None:
@@ -22,11 +28,6 @@ def _add_generate_parser(subparsers) -> None:
 
 
 def _run_generate(ns: argparse.Namespace) -> int:
-    import anyio
-
-    from asyncpp.async_llm import AsyncLLM
-    from asyncpp.core.sampling_params import SamplingParams
-
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
                             top_p=ns.top_p, top_k=ns.top_k)
 
@@ -55,10 +56,8 @@ def _chat_prompt(tokenizer, text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncpp", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    from asyncpp.serve_cli import add_serve_parser
     add_serve_parser(subparsers)
     _add_generate_parser(subparsers)
-    from asyncpp.bench import add_bench_parser
     add_bench_parser(subparsers)
     return parser
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from asyncpp.core.errors import InvalidRequest
+
 PromptInput = Union[str, list[int], dict[str, Any]]
 
 
@@ -14,24 +16,26 @@ def resolve_prompt(prompt: PromptInput, tokenizer: Any, vocab_size: int) -> tupl
         if "prompt" in prompt:
             prompt = prompt["prompt"]
         else:
-            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            raise InvalidRequest("a dict prompt needs 'prompt' or 'prompt_token_ids'", param="prompt")
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("prompt is empty")
+            raise InvalidRequest("prompt is empty", param="prompt")
         if tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (the engine runs with "
-                             "skip_tokenizer_init=True): pass {'prompt_token_ids': [...]}")
+            raise InvalidRequest("text prompts need a tokenizer (the engine runs with "
+                                 "skip_tokenizer_init=True): pass {'prompt_token_ids': [...]}", param="prompt")
         return _check_ids(tokenizer.encode(prompt), vocab_size, prompt)
     if isinstance(prompt, (list, tuple)):
         return _check_ids(list(prompt), vocab_size, None)
-    raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+    raise InvalidRequest(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}",
+                         param="prompt")
 
 
 def _check_ids(ids: Any, vocab_size: int, text: str | None) -> tuple[str | None, list[int]]:
     ids = list(ids)
     if not ids:
-        raise ValueError("prompt is empty (no tokens)")
+        raise InvalidRequest("prompt is empty (no tokens)", param="prompt")
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-            raise ValueError(f"prompt_token_ids holds {t!r}, not a token id in [0, {vocab_size})")
+            raise InvalidRequest(f"prompt_token_ids holds {t!r}, not a token id in [0, {vocab_size})",
+                                 param="prompt")
     return text, ids

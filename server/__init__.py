@@ -1,4 +1,4 @@
 """asyncpp's HTTP layer: an OpenAI-compatible Starlette app around one AsyncLLM."""
-from server.app import build_app
+from asyncpp.server.app import build_app
 
 __all__ = ["build_app"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -17,14 +17,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from asyncpp import __version__
+from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
-from server.chat import chat_prompt_ids, create_chat_completion
-from server.completions import create_completion
-from server.errors import ServerError, unavailable
-from server.metrics import ServerMetrics
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                             describe_validation_error)
-from server.serving import ServerState
+from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
+from asyncpp.server.completions import create_completion
+from asyncpp.server.errors import ServerError, internal_error, unavailable
+from asyncpp.server.metrics import ServerMetrics
+from asyncpp.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest, describe_validation_error)
+from asyncpp.server.serving import ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
@@ -35,8 +37,6 @@ def build_app(args: EngineArgs, *, api_key: str | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        from asyncpp.async_llm import AsyncLLM
-
         async with AsyncLLM.from_engine_args(args) as engine:
             app.state.server = ServerState(engine, ServerMetrics(engine.stats, engine.model_name))
             yield
@@ -56,10 +56,11 @@ def build_app(args: EngineArgs, *, api_key: str | None = None) -> Starlette:
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
 
-Handler = Callable[[ServerState, Any, Request], Awaitable[Response]]
+Body = TypeVar("Body", bound=BaseModel)
 
 
-def _with_body(model: type[BaseModel], handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _with_body(model: type[Body], handler: Callable[[ServerState, Body, Request], Awaitable[Response]]
+               ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
             body = model.model_validate_json(await request.body())
@@ -90,8 +91,6 @@ async def health(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    from asyncpp import __version__
-
     return JSONResponse({"version": __version__})
 
 
@@ -132,14 +131,14 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
+async def _server_error(request: Request, exc: ServerError) -> Response:
     return exc.response()
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
     return ServerError(exc.status_code, str(exc.detail)).response()
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette raises the exception again after this answer, and uvicorn logs it.
-    return ServerError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    # Starlette raises the exception again after this answer, and uvicorn logs its traceback.
+    return internal_error().response()

@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from asyncpp.core.outputs import CompletionOutput
-from server.errors import ServerError
-from server.logprobs import chat_logprobs
-from server.protocol import ChatCompletionRequest, ChatMessage
-from server.serving import ResponseShape, ServerState, respond
+from asyncpp.server.errors import ServerError
+from asyncpp.server.logprobs import chat_logprobs
+from asyncpp.server.protocol import ChatCompletionRequest, ChatMessage
+from asyncpp.server.serving import ResponseShape, ServerState, respond
 
 
 class ChatShape(ResponseShape):

@@ -5,9 +5,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from asyncpp.core.outputs import CompletionOutput
-from server.logprobs import completion_logprobs
-from server.protocol import CompletionRequest
-from server.serving import ResponseShape, ServerState, respond
+from asyncpp.server.logprobs import completion_logprobs
+from asyncpp.server.protocol import CompletionRequest
+from asyncpp.server.serving import ResponseShape, ServerState, respond
 
 
 class CompletionShape(ResponseShape):

@@ -1,22 +1,21 @@
 """Errors as OpenAI shapes them: {"error": {"message", "type", "param", "code"}}, with the
-HTTP status in `code`, and the mapping from engine exceptions to statuses."""
+HTTP status in `code`, and the mapping from exception types to statuses."""
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from starlette.responses import JSONResponse
 
-from asyncpp.core.errors import EngineDeadError, QueueFullError
+from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 
-logger = logging.getLogger("server")
+logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+INTERNAL_MESSAGE = "internal server error; the server log has the details"
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowedError", 503: "ServiceUnavailableError"}
-_SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
+                405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 @dataclass(slots=True)
@@ -31,7 +30,7 @@ class ServerError(Exception):
 
     @property
     def type(self) -> str:
-        return _ERROR_TYPES.get(self.status, HTTPStatus(self.status).phrase.replace(" ", "") + "Error")
+        return _ERROR_TYPES.get(self.status) or _type_from_phrase(self.status)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -41,18 +40,26 @@ class ServerError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def _type_from_phrase(status: int) -> str:
+    name = HTTPStatus(status).phrase.replace(" ", "")
+    return name if name.endswith("Error") else name + "Error"
+
+
 def to_server_error(exc: Exception) -> ServerError:
-    """The status a client gets for what the engine (or SamplingParams) raised."""
+    """The status a client gets for what the engine (or SamplingParams) raised, by its type."""
+    if isinstance(exc, InvalidRequest):
+        return ServerError(400, str(exc), exc.param)
     if isinstance(exc, QueueFullError):
         return unavailable(f"the server is at capacity: {exc}")
     if isinstance(exc, EngineDeadError):
         return unavailable(f"the engine is not healthy: {exc}")
-    if isinstance(exc, ValueError):
-        match = _SAMPLING_FIELD.search(str(exc))
-        param = match.group(1) if match else ("prompt" if "prompt" in str(exc) else None)
-        return ServerError(400, str(exc), param)
     logger.exception("unexpected error", exc_info=exc)
-    return ServerError(500, f"internal error: {type(exc).__name__}: {exc}")
+    return internal_error()
+
+
+def internal_error() -> ServerError:
+    """A 500 that tells the client nothing of the exception: its text may hold paths and internals."""
+    return ServerError(500, INTERNAL_MESSAGE)
 
 
 def unavailable(message: str) -> ServerError:

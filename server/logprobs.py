@@ -1,12 +1,15 @@
 """Per-token logprobs in OpenAI's two shapes: the legacy completions one and chat's."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncpp.core.outputs import Logprob
 
+if TYPE_CHECKING:  # transformers loads only with the engine's tokenizer
+    from transformers import PreTrainedTokenizerBase
 
-def _token_text(token_id: int, lp: Logprob, tokenizer: Any) -> str:
+
+def _token_text(token_id: int, lp: Logprob, tokenizer: PreTrainedTokenizerBase | None) -> str:
     if lp.decoded_token is not None:
         return lp.decoded_token
     if tokenizer is not None:
@@ -20,7 +23,7 @@ def _top(entries: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
-                        tokenizer: Any, text_offset: int = 0) -> dict[str, list]:
+                        tokenizer: PreTrainedTokenizerBase | None, text_offset: int = 0) -> dict[str, list]:
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, entries in zip(token_ids, logprobs):
         text = _token_text(token_id, entries[token_id], tokenizer)
@@ -35,7 +38,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
-                  tokenizer: Any) -> dict[str, list]:
+                  tokenizer: PreTrainedTokenizerBase | None) -> dict[str, list]:
     def entry(token_id: int, lp: Logprob) -> dict[str, Any]:
         text = _token_text(token_id, lp, tokenizer)
         return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}

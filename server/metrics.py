@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from asyncpp.async_llm import EngineStats
 from asyncpp.core.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -21,7 +20,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 
 
 class EngineStatsCollector(Collector):
-    def __init__(self, stats: Callable[[], Any], model_name: str):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
         self.stats, self.model_name = stats, model_name
 
     def collect(self) -> Iterable[Metric]:
@@ -54,7 +53,7 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], Any], model_name: str):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
         self.registry = CollectorRegistry()
         labels = dict(labelnames=["model_name"], registry=self.registry)
         self.ttft = Histogram("asyncpp:time_to_first_token_seconds", "Time to first token.",

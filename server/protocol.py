@@ -10,7 +10,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from asyncpp.core.sampling_params import SamplingParams
 
-logger = logging.getLogger("server.protocol")
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 

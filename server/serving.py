@@ -6,26 +6,32 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from asyncpp.async_llm import AsyncLLM
+from asyncpp.core.errors import InvalidRequest
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
-from server.errors import ServerError, to_server_error
-from server.metrics import RequestTracker, ServerMetrics
-from server.protocol import Prompt, SamplingFields
-from server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
+from asyncpp.engine.request_stream import RequestStream
+from asyncpp.server.errors import ServerError, to_server_error
+from asyncpp.server.metrics import RequestTracker, ServerMetrics
+from asyncpp.server.protocol import Prompt, SamplingFields
+from asyncpp.server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
+
+if TYPE_CHECKING:  # transformers loads only with the engine's tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
 
 
 @dataclass(slots=True)
 class ServerState:
-    engine: Any  # AsyncLLM
+    engine: AsyncLLM
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -37,7 +43,7 @@ class ServerState:
         if name and name != self.model_name:
             raise ServerError(404, f"The model `{name}` does not exist.", "model")
 
-    def tokenizer_or_400(self, what: str) -> Any:
+    def tokenizer_or_400(self, what: str) -> PreTrainedTokenizerBase:
         if self.engine.tokenizer is None:
             raise ServerError(400, f"{what} needs a tokenizer; this server runs with skip_tokenizer_init")
         return self.engine.tokenizer
@@ -47,11 +53,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def open_streams(engine: Any, prompts: list[Prompt | dict], params: SamplingParams,
-                       request_id: str) -> list[Any]:
+async def open_streams(engine: AsyncLLM, prompts: list[Prompt | dict], params: SamplingParams,
+                       request_id: str) -> list[RequestStream]:
     """Enqueues every prompt (all or none), so that refusals become HTTP errors before a
     streamed response has started."""
-    streams: list[Any] = []
+    streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
@@ -62,16 +68,17 @@ async def open_streams(engine: Any, prompts: list[Prompt | dict], params: Sampli
     return streams
 
 
-async def close_streams(streams: list[Any]) -> None:
+async def close_streams(streams: list[RequestStream]) -> None:
     with anyio.CancelScope(shield=True):  # abort even when the caller is being cancelled
         for stream in streams:
             await stream.aclose()
 
 
-async def run_streams(streams: list[Any], tracker_of: Callable[[], RequestTracker], on_output: OnOutput) -> None:
+async def run_streams(streams: list[RequestStream], tracker_of: Callable[[], RequestTracker],
+                      on_output: OnOutput) -> None:
     """Feeds each stream's outputs to `on_output` with the stream's index, concurrently;
     every request still running on exit (error, cancellation, disconnect) is aborted."""
-    async def pump(index: int, stream: Any) -> None:
+    async def pump(index: int, stream: RequestStream) -> None:
         tracker = tracker_of()
         async for out in stream:
             tracker.observe(out)
@@ -79,7 +86,7 @@ async def run_streams(streams: list[Any], tracker_of: Callable[[], RequestTracke
 
     errors: list[Exception] = []
 
-    async def pump_or_stop_all(index: int, stream: Any, tg: TaskGroup) -> None:
+    async def pump_or_stop_all(index: int, stream: RequestStream, tg: TaskGroup) -> None:
         try:
             await pump(index, stream)
         except Exception as exc:  # raised again outside the group, so not wrapped in an ExceptionGroup
@@ -138,7 +145,7 @@ class ResponseShape:
     chunk_object_name = ""
     id_prefix = ""
 
-    def __init__(self, state: ServerState, body: Any):
+    def __init__(self, state: ServerState, body: SamplingFields):
         self.state, self.body = state, body
         self.request_id = new_id(self.id_prefix)
         self.created = int(time.time())
@@ -171,7 +178,7 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
     """Runs one completions/chat request: a streamed or a whole response."""
     try:
         params = body.sampling_params()
-    except ValueError as exc:
+    except InvalidRequest as exc:
         raise to_server_error(exc) from exc
     streams = await open_streams(state.engine, prompts, params, shape.request_id)
     if body.stream:
@@ -197,7 +204,7 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
     return JSONResponse(shape.envelope(choices, chunk=False, usage=usage(outs)))
 
 
-async def _stream(state: ServerState, streams: list[Any], body: SamplingFields, shape: ResponseShape,
+async def _stream(state: ServerState, streams: list[RequestStream], body: SamplingFields, shape: ResponseShape,
                   emit: Emit) -> None:
     deltas = DeltaTracker()
     finals: dict[int, RequestOutput] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -13,18 +13,19 @@ DONE = b"data: [DONE]\n\n"
 
 Emit = Callable[[bytes], Awaitable[None]]
 Producer = Callable[[Emit], Awaitable[None]]
+T = TypeVar("T")
 
 
 def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
     """Runs `work`, cancelling it if the client disconnects. Returns (finished, result).
 
     Call only once the request body has been read: from then on the server's `receive`
     answers nothing but `http.disconnect`."""
-    result: list[Any] = []
+    result: list[T] = []
     error: list[Exception] = []
     async with anyio.create_task_group() as tg:
         async def watch() -> None:

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import hf_greedy, mixed_prompts
-from server.metrics import ServerMetrics
-from server_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME,
+from asyncpp.server.metrics import ServerMetrics
+from http_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME,
                              reference, server_pool, tok_dir)  # noqa: F401  (fixtures)
 
 GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS}

@@ -14,5 +14,16 @@ class StageDiedError(EngineDeadError):
         super().__init__(msg + (f": {detail}" if detail else ""))
 
 
+class InvalidRequest(ValueError):
+    """A request the caller got wrong; `param` names the request field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keeps `param` across processes (the default pickles only the message)
+        return type(self), (str(self), self.param)
+
+
 class QueueFullError(RuntimeError):
     """The bounded waiting queue is full; retry later."""

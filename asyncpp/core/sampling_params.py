@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asyncpp.core.errors import InvalidRequest
+
 _GREEDY_EPS = 1e-5
 
 
@@ -36,8 +38,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}", param=name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
@@ -74,8 +76,8 @@ class SamplingParams:
         """Checks that need the model: every token id the request names must exist."""
         bad_ids = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad_ids:
-            raise ValueError(f"SamplingParams.stop_token_ids holds {bad_ids[0]}, not a token id in "
-                             f"[0, {vocab_size})")
+            raise InvalidRequest(f"SamplingParams.stop_token_ids holds {bad_ids[0]}, not a token id in "
+                                 f"[0, {vocab_size})", param="stop_token_ids")
 
     @property
     def greedy(self) -> bool:

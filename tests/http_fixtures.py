@@ -1,7 +1,7 @@
 """Servers for the HTTP tests: the tiny Llama with the fixture tokenizer, served by uvicorn
 in a background thread on a free loopback port, one per engine setting, for the session.
 
-Import the fixtures into a test module: `from server_fixtures import server_pool, ...`."""
+Import the fixtures into a test module: `from http_fixtures import (server_pool, ...)`."""
 from __future__ import annotations
 
 import time
@@ -14,9 +14,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from asyncpp import LLM, SamplingParams
+from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
-from server.app import build_app
-from server.threaded import serve_in_thread
+from asyncpp.server.app import build_app
+from asyncpp.server.threaded import serve_in_thread
 from tokenizer_fixture import make_tokenizer
 
 API_KEY = "test-key"
@@ -38,7 +40,7 @@ class RunningServer:
     app: Starlette
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> AsyncLLM:
         return self.app.state.server.engine
 
     def http(self, api_key: str | None = API_KEY, **kwargs: Any) -> httpx.AsyncClient:
@@ -97,8 +99,6 @@ def server_pool(llama_dir, tok_dir):
 def reference(llama_dir, tok_dir) -> dict[str, Any]:
     """What asyncpp's offline LLM gives for the tests' greedy requests (ignore_eos)."""
     from transformers import AutoTokenizer
-
-    from asyncpp import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)

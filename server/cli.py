@@ -1,13 +1,16 @@
 """`asyncpp serve`: the OpenAI-compatible HTTP server on uvicorn.
 
-The main CLI (asyncpp/cli.py) adds it with `add_serve_parser(subparsers)` and runs it with
-`run_serve(namespace)`."""
+The main CLI (asyncpp/cli.py) adds it with `add_serve_parser(subparsers)`; `python -m
+asyncpp.server` parses `add_serve_args` itself. Both run it with `run_serve(namespace)`."""
 from __future__ import annotations
 
 import argparse
 import os
 
+import uvicorn
+
 from asyncpp.config import EngineArgs
+from asyncpp.server.app import build_app
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -35,10 +38,6 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_serve(ns: argparse.Namespace) -> None:
     """Serves until Ctrl-C or SIGTERM; uvicorn's lifespan then closes the engine and its processes."""
-    import uvicorn
-
-    from server.app import build_app
-
     app = build_app(EngineArgs.from_cli_args(ns), api_key=ns.api_key)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.access_log,
                 timeout_graceful_shutdown=5)
