@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from asyncpp.bench.cli import add_bench_parser
 from asyncpp.config import EngineArgs
 
 
@@ -58,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     from asyncpp.serve_cli import add_serve_parser
     add_serve_parser(subparsers)
     _add_generate_parser(subparsers)
-    from asyncpp.bench import add_bench_parser
     add_bench_parser(subparsers)
     return parser
 
