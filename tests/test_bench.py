@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from asyncpp.bench import (BenchConfig, Layout, RequestTrace, SystemResult, add_arguments,
-                           bench_config_from_args, check_parity, format_report, format_table,
-                           median_run, parse_layout, parse_layouts, run_benchmark)
+                           bench_config_from_args, check_parity, default_workload_dir, format_report,
+                           format_table, make_workload_model, median_run, parse_layout, parse_layouts,
+                           run_benchmark)
+from asyncpp.bench.workload import publish_folder
 from benchmarks.peer_hf import HFPeer
 from benchmarks.throughput import add_peer_arguments, build_peers, run
 
@@ -123,6 +125,52 @@ def test_throughput_flags_choose_the_peers():
     assert [type(p).__name__ for p in peers] == ["VLLMPeer", "HFPeer"]
     assert peers[1] == HFPeer(4, 1) and peers[1].count(2) == 2
     assert build_peers(parser.parse_args(["--hf-requests", "0"])) == []
+
+
+def test_workload_model_lives_in_the_asyncpp_cache_dir(tmp_path, monkeypatch):
+    def save_tiny(out: Path) -> None:  # stands in for the 230 MB random Llama
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("")
+
+    monkeypatch.setenv("ASYNCPP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("asyncpp.bench.workload._save_workload_model", save_tiny)
+    assert default_workload_dir() == tmp_path / "bench" / "w-llama"
+    assert make_workload_model() == tmp_path / "bench" / "w-llama"
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["w-llama"]  # no staging folder left
+
+
+def _complete(path: Path) -> bool:
+    return (path / "done").exists()
+
+
+def test_publish_folder_never_shows_a_half_written_folder(tmp_path):
+    target = tmp_path / "model"
+
+    def write(out: Path) -> None:
+        assert not target.exists() and out.parent == tmp_path  # staged beside the target, not in it
+        (out / "done").write_text("mine")
+
+    assert publish_folder(target, write, _complete) == target
+    assert (target / "done").read_text() == "mine"
+    publish_folder(target, lambda out: pytest.fail("a complete folder is reused"), _complete)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_publish_folder_race_keeps_the_first_and_replaces_a_damaged_one(tmp_path):
+    target = tmp_path / "model"
+
+    def write_while_another_finishes(out: Path) -> None:
+        (out / "done").write_text("mine")
+        target.mkdir()
+        (target / "done").write_text("theirs")
+
+    publish_folder(target, write_while_another_finishes, _complete)
+    assert (target / "done").read_text() == "theirs"
+    (target / "done").unlink()  # damaged: exists but incomplete
+    (target / "partial").write_text("")
+    publish_folder(target, lambda out: (out / "done").write_text("rebuilt"), _complete)
+    assert sorted(p.name for p in target.iterdir()) == ["done"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_the_runtime_never_imports_the_comparison_harness():
