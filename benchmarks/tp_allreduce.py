@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -255,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         model = str(ns.model or make_workload_model())
     opts = {"shapes": [parse_shape(s) for s in ns.shapes.split()], "methods": methods, "rounds": ns.rounds,
             "model": model, "step_rounds": ns.step_rounds, "decode_steps": ns.decode_steps, "threads": threads}
-    result_path = f"/tmp/asyncpp-tp-allreduce-{os.getpid()}.json"
     load = os.getloadavg()[0]
-    mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
-    report = json.loads(Path(result_path).read_text())
-    Path(result_path).unlink()
+    with tempfile.TemporaryDirectory(prefix="asyncpp-tp-allreduce-") as tmp:
+        result_path = str(Path(tmp, "result.json"))  # rank 0 writes it
+        mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
+        report = json.loads(Path(result_path).read_text())
     print(f"T={ns.tp} ranks, {threads} thread(s) each, {available_cores()} cores, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}")
     print("\nall-reduce, fp32, median per call:")
