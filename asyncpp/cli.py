@@ -8,7 +8,7 @@ import sys
 import anyio
 
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.bench import add_bench_parser
+from asyncpp.bench.cli import add_bench_parser
 from asyncpp.config import EngineArgs
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.server.cli import add_serve_parser

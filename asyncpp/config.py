@@ -50,7 +50,7 @@ def _arg(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass(slots=True)
 class EngineArgs:
-    model: str | None = _arg(None, "Hugging Face model folder; none: the bundled SmolLM2-135M-Instruct")
+    model: str | None = _arg(None, f"Hugging Face model folder; none: the bundled {DEFAULT_MODEL_NAME}")
     tokenizer: str | None = _arg(None, "tokenizer folder (default: the model folder)")
     skip_tokenizer_init: bool = _arg(False, "no tokenizer: token ids in, token ids out")
     served_model_name: str | None = _arg(None, "model name the server answers to (default: the model path)")

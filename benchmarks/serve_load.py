@@ -1,7 +1,7 @@
 """Load benchmark of the HTTP layer: N concurrent streaming requests through `asyncpp serve`
 (OpenAI completions over SSE) next to the same workload through AsyncLLM in-process.
 
-Workload W (asyncpp/bench.py): a random 8-layer Llama (hidden 512, vocab 32000, fp32),
+Workload W (asyncpp/bench/workload.py): a random 8-layer Llama (hidden 512, vocab 32000, fp32),
 token-id prompts of 64..256 tokens (fixed seed), 128 output tokens, greedy, ignore_eos.
 The gap between the two rows is what HTTP, JSON and SSE cost.
 

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,18 +30,19 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from asyncpp.worker.comm import TPGroup, free_tcp_port, make_tp_groups  # noqa: E402
+from asyncpp.worker.tp_comm import TPCommunicator, make_tp_communicator  # noqa: E402
+from asyncpp.worker.world import free_tcp_port  # noqa: E402
 
 SHAPES = "1x4096 32x512 2048x512"
 PREFILL_SEQS, PREFILL_LEN, DECODE_SEQS, BLOCK = 8, 256, 32, 16
 
 
 # -- all-reduce methods ------------------------------------------------------------
-def gloo_all_reduce(t: torch.Tensor, tp: TPGroup) -> None:
+def gloo_all_reduce(t: torch.Tensor, tp: TPCommunicator) -> None:
     dist.all_reduce(t, group=tp.group)
 
 
-def p2p_all_reduce(t: torch.Tensor, tp: TPGroup) -> None:
+def p2p_all_reduce(t: torch.Tensor, tp: TPCommunicator) -> None:
     """Recursive doubling: at distance d, swap partial sums with rank ^ d, lower block first."""
     other = torch.empty_like(t)
     distance = 1
@@ -56,7 +58,7 @@ def p2p_all_reduce(t: torch.Tensor, tp: TPGroup) -> None:
         distance *= 2
 
 
-def shm_all_reduce(t: torch.Tensor, tp: TPGroup) -> None:
+def shm_all_reduce(t: torch.Tensor, tp: TPCommunicator) -> None:
     tp.shm.all_reduce(t)
 
 
@@ -72,7 +74,7 @@ def iterations(shape: tuple[int, ...], budget_bytes: float = 64e6) -> int:
     return max(5, min(300, int(budget_bytes / nbytes)))
 
 
-def check_exact(method, tp: TPGroup, shape: tuple[int, ...]) -> bool:
+def check_exact(method, tp: TPCommunicator, shape: tuple[int, ...]) -> bool:
     """Bit-identical on every rank and equal to slot 0 + slot 1 + ... in rank order."""
     torch.manual_seed(1000 + tp.rank)
     mine = torch.randn(shape)
@@ -90,7 +92,7 @@ def check_exact(method, tp: TPGroup, shape: tuple[int, ...]) -> bool:
     return bool(ok.item())
 
 
-def time_collectives(tp: TPGroup, shapes: list[tuple[int, ...]], methods: list[str], rounds: int) -> dict:
+def time_collectives(tp: TPCommunicator, shapes: list[tuple[int, ...]], methods: list[str], rounds: int) -> dict:
     times: dict[tuple, list[float]] = {(s, m): [] for s in shapes for m in methods}
     exact = {(s, m): check_exact(METHODS[m], tp, s) for s in shapes for m in methods}
     for _ in range(rounds):
@@ -136,7 +138,7 @@ def make_runner(model: str, tp_size: int, tp_rank: int, tp: object, blocks: int)
     return runner
 
 
-def run_steps(runner, tp: TPGroup | None, batches) -> dict[str, list[float]]:
+def run_steps(runner, tp: TPCommunicator | None, batches) -> dict[str, list[float]]:
     """Seconds per step and seconds inside collectives per step, by step kind."""
     out: dict[str, list[float]] = {}
     for kind, mbs in zip(("prefill", "decode"), batches):
@@ -151,7 +153,7 @@ def run_steps(runner, tp: TPGroup | None, batches) -> dict[str, list[float]]:
     return out
 
 
-def time_steps(tp: TPGroup, model: str, rounds: int, decode_steps: int, threads: int) -> dict:
+def time_steps(tp: TPCommunicator, model: str, rounds: int, decode_steps: int, threads: int) -> dict:
     """Rounds alternate T = 1 (rank 0 with every core, the peers waiting in a barrier),
     T ranks on shared memory and T ranks on gloo, so a change of machine load hits all three."""
     prefills, decodes, blocks = step_batches(PREFILL_LEN, decode_steps)
@@ -188,7 +190,7 @@ def rank_main(rank: int, world: int, port: int, opts: dict, result_path: str) ->
     torch.set_num_threads(opts["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        tp = make_tp_groups(1, world, rank)
+        tp = make_tp_communicator(1, world, rank, "auto")
         assert tp.shm is not None, "shared memory is not available between these ranks"
         report = {"collectives": time_collectives(tp, opts["shapes"], opts["methods"], opts["rounds"])}
         if opts["model"]:
@@ -255,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         model = str(ns.model or make_workload_model())
     opts = {"shapes": [parse_shape(s) for s in ns.shapes.split()], "methods": methods, "rounds": ns.rounds,
             "model": model, "step_rounds": ns.step_rounds, "decode_steps": ns.decode_steps, "threads": threads}
-    result_path = f"/tmp/asyncpp-tp-allreduce-{os.getpid()}.json"
     load = os.getloadavg()[0]
-    mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
-    report = json.loads(Path(result_path).read_text())
-    Path(result_path).unlink()
+    with tempfile.TemporaryDirectory(prefix="asyncpp-tp-allreduce-") as tmp:
+        result_path = str(Path(tmp, "result.json"))  # rank 0 writes it
+        mp.spawn(rank_main, args=(ns.tp, free_tcp_port(), opts, result_path), nprocs=ns.tp, join=True)
+        report = json.loads(Path(result_path).read_text())
     print(f"T={ns.tp} ranks, {threads} thread(s) each, {available_cores()} cores, load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}")
     print("\nall-reduce, fp32, median per call:")

@@ -3,18 +3,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from asyncpp.bench import (BenchConfig, Layout, RequestTrace, SystemResult, add_arguments,
-                           bench_config_from_args, check_parity, format_report, format_table,
-                           median_run, parse_layout, parse_layouts, run_benchmark)
+                           bench_config_from_args, check_parity, default_workload_dir, format_report,
+                           format_table, make_workload_model, median_run, parse_layout, parse_layouts,
+                           run_benchmark)
+from asyncpp.bench.workload import publish_folder
+from benchmarks.peer_hf import HFPeer
+from benchmarks.throughput import add_peer_arguments, build_peers, run
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS_MODULES = ("matplotlib", "vllm", "benchmarks", "benchmarks.throughput", "benchmarks.peer_hf",
+                   "benchmarks.peer_vllm", "benchmarks.peer_vllm_child", "benchmarks.throughput_plot")
 
 
-def test_tiny_benchmark_runs_end_to_end(llama_dir):
+def test_tiny_benchmark_with_hf_runs_end_to_end(llama_dir):
     cfg = BenchConfig(model=str(llama_dir), num_requests=2, min_prompt_len=4, max_prompt_len=12,
-                      output_len=4, layouts=[Layout(pp=1)], hf_requests=2, hf_threads=1)
-    report = run_benchmark(cfg, log=lambda *_: None)
+                      output_len=4, layouts=[Layout(pp=1)])
+    report = run(cfg, [HFPeer(requests=2, threads=1)], log=lambda *_: None)
     p1, hf = report.results
     assert p1.ok, p1.error
     assert (p1.name, p1.kind) == ("P=1", "asyncpp")
@@ -23,20 +35,22 @@ def test_tiny_benchmark_runs_end_to_end(llama_dir):
     assert p1.ttft_p50_ms is not None and p1.itl_p50_ms is not None
     assert p1.speedup_vs_hf is not None and p1.ratio_vs_p1 == pytest.approx(1.0)
     assert report.parity == []  # asyncpp and HF agree token by token (greedy, fp32)
+    assert report.config["hf_requests"] == 2
     text = format_report(report)
-    assert "P=1" in text and "HF generate" in text and "parity: identical" in text
+    assert "P=1" in text and "HF generate" in text and "vs HF" in text and "parity: identical" in text
     json.dumps(report.to_json())
 
 
 def test_repeated_runs_report_the_median_run(llama_dir):
     cfg = BenchConfig(model=str(llama_dir), num_requests=2, min_prompt_len=4, max_prompt_len=12,
-                      output_len=4, layouts=[Layout(pp=1)], hf_requests=0, repeats=3)
+                      output_len=4, layouts=[Layout(pp=1)], repeats=3)
     lines: list[str] = []
     report = run_benchmark(cfg, log=lines.append)
     (p1,) = report.results
     assert len(p1.runs_tok_s) == 3 and sorted(p1.runs_tok_s)[1] == pytest.approx(p1.tokens_per_s)
     assert sum("round" in line for line in lines) == 3
-    assert "runs: P=1:" in format_report(report)
+    text = format_report(report)
+    assert "runs: P=1:" in text and "vs HF" not in text  # asyncpp bench alone: no peer column
 
 
 def test_median_run_skips_failures_and_keeps_a_real_run():
@@ -95,7 +109,84 @@ def test_cli_flags_become_engine_kwargs():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg = bench_config_from_args(parser.parse_args(
-        ["/some/model", "--layouts", "p2v1 t2", "--max-num-seqs", "8", "--hf-requests", "4", "--output-len", "16"]))
-    assert cfg.model == "/some/model" and cfg.output_len == 16 and cfg.hf_requests == 4
+        ["/some/model", "--layouts", "p2v1 t2", "--max-num-seqs", "8", "--output-len", "16"]))
+    assert cfg.model == "/some/model" and cfg.output_len == 16
     assert cfg.layouts == [Layout(2, 1, 1), Layout(1, 2, None)]
     assert cfg.engine_kwargs == {"max_num_seqs": 8}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hf-requests", "4"])  # a peer's flag: benchmarks/throughput.py only
+
+
+def test_throughput_flags_choose_the_peers():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    add_peer_arguments(parser)
+    peers = build_peers(parser.parse_args(["--hf-requests", "4", "--hf-threads", "1", "--vllm-python", "py"]))
+    assert [type(p).__name__ for p in peers] == ["VLLMPeer", "HFPeer"]
+    assert peers[1] == HFPeer(4, 1) and peers[1].count(2) == 2
+    assert build_peers(parser.parse_args(["--hf-requests", "0"])) == []
+
+
+def test_workload_model_lives_in_the_asyncpp_cache_dir(tmp_path, monkeypatch):
+    def save_tiny(out: Path) -> None:  # stands in for the 230 MB random Llama
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("")
+
+    monkeypatch.setenv("ASYNCPP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("asyncpp.bench.workload._save_workload_model", save_tiny)
+    assert default_workload_dir() == tmp_path / "bench" / "w-llama"
+    assert make_workload_model() == tmp_path / "bench" / "w-llama"
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["w-llama"]  # no staging folder left
+
+
+def _complete(path: Path) -> bool:
+    return (path / "done").exists()
+
+
+def test_publish_folder_never_shows_a_half_written_folder(tmp_path):
+    target = tmp_path / "model"
+
+    def write(out: Path) -> None:
+        assert not target.exists() and out.parent == tmp_path  # staged beside the target, not in it
+        (out / "done").write_text("mine")
+
+    assert publish_folder(target, write, _complete) == target
+    assert (target / "done").read_text() == "mine"
+    publish_folder(target, lambda out: pytest.fail("a complete folder is reused"), _complete)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_publish_folder_race_keeps_the_first_and_replaces_a_damaged_one(tmp_path):
+    target = tmp_path / "model"
+
+    def write_while_another_finishes(out: Path) -> None:
+        (out / "done").write_text("mine")
+        target.mkdir()
+        (target / "done").write_text("theirs")
+
+    publish_folder(target, write_while_another_finishes, _complete)
+    assert (target / "done").read_text() == "theirs"
+    (target / "done").unlink()  # damaged: exists but incomplete
+    (target / "partial").write_text("")
+    publish_folder(target, lambda out: (out / "done").write_text("rebuilt"), _complete)
+    assert sorted(p.name for p in target.iterdir()) == ["done"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_the_runtime_never_imports_the_comparison_harness():
+    """Every module of asyncpp and the server, and the CLI's parser: no HF/vLLM peer, no plot."""
+    code = textwrap.dedent('''
+        import importlib, pkgutil, sys
+        import asyncpp, asyncpp.bench, asyncpp.cli, server
+        for package in (asyncpp, server):
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                if not info.name.endswith(".__main__"):
+                    importlib.import_module(info.name)
+        asyncpp.cli.build_parser()
+        print(" ".join(sorted(sys.modules)))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stdout.split())
+    assert "asyncpp.bench.runner" in loaded
+    assert loaded.isdisjoint(HARNESS_MODULES), sorted(loaded.intersection(HARNESS_MODULES))

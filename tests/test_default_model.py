@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from asyncpp.model import default_model
-from asyncpp.model.default_model import CONVERTED_FILES, resolve_model_path
+from asyncpp.model.default_model import CONVERTED_FILES, DEFAULT_MODEL_NAME, resolve_model_path
 
 
 def test_user_folder(llama_dir):
@@ -69,10 +69,10 @@ def test_concurrent_callers_convert_once(fake_conversion, tmp_path, capfd):
         thread.start()
     for thread in threads:
         thread.join()
-    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    target = tmp_path / "models" / DEFAULT_MODEL_NAME
     assert results == [target] * 4 and len(fake_conversion) == 1
     assert default_model.is_converted(target)
-    assert capfd.readouterr().err.count(f"Converting bundled SmolLM2-135M-Instruct to {target} (once)") == 1
+    assert capfd.readouterr().err.count(f"Converting bundled {DEFAULT_MODEL_NAME} to {target} (once)") == 1
     assert list((tmp_path / "models").glob("*.tmp")) == []
 
 
@@ -84,11 +84,11 @@ def test_failed_conversion_leaves_no_folder(fake_conversion, monkeypatch, tmp_pa
     monkeypatch.setattr(default_model, "convert_gguf", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model_path(None)
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [".SmolLM2-135M-Instruct.lock"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [f".{DEFAULT_MODEL_NAME}.lock"]
 
 
 def test_incomplete_folder_is_converted_again(fake_conversion, tmp_path):
-    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    target = tmp_path / "models" / DEFAULT_MODEL_NAME
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     assert resolve_model_path(None) == target and len(fake_conversion) == 1
@@ -124,7 +124,7 @@ def test_conversion_writes_a_hugging_face_folder(converted, monkeypatch):
 
     monkeypatch.setattr(default_model, "convert_gguf", must_not_run)
     assert resolve_model_path(None) == folder
-    assert resolve_model_path("SmolLM2-135M-Instruct") == folder
+    assert resolve_model_path(DEFAULT_MODEL_NAME) == folder
 
 
 def test_converted_config_and_special_ids(converted):

@@ -1,0 +1,72 @@
+"""One row of the bench table (a system's timed run) and how runs become rows."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from asyncpp.bench.trace import RequestTrace, percentile_ms
+
+
+@dataclass(slots=True)
+class SystemResult:
+    name: str
+    kind: str  # "asyncpp", or a peer's kind ("hf", "vllm" in benchmarks/throughput.py)
+    requests: int = 0
+    output_tokens: int = 0
+    total_s: float = 0.0
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    busy_fractions: list[float] | None = None
+    bubble_fraction: float | None = None
+    speedup_vs_hf: float | None = None  # set by benchmarks/throughput.py when HF ran
+    ratio_vs_p1: float | None = None
+    note: str = ""
+    error: str | None = None
+    runs_tok_s: list[float] = field(default_factory=list)  # every timed run, when repeated
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("token_ids")
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+
+def summarize(name: str, kind: str, traces: list[RequestTrace], total_s: float) -> SystemResult:
+    ttfts = [t.ttft for t in traces if t.ttft is not None]
+    itls = [gap for t in traces for gap in t.inter_token_latencies()]
+    return SystemResult(
+        name=name, kind=kind, requests=len(traces), output_tokens=sum(len(t.token_ids) for t in traces),
+        total_s=total_s, ttft_p50_ms=percentile_ms(ttfts, 50), ttft_p99_ms=percentile_ms(ttfts, 99),
+        itl_p50_ms=percentile_ms(itls, 50), itl_p99_ms=percentile_ms(itls, 99),
+        token_ids=[t.token_ids for t in traces])
+
+
+def median_run(runs: list[SystemResult]) -> SystemResult:
+    """The run with the median tokens/s (a real run, so its latencies belong to it), carrying
+    every run's tokens/s."""
+    ok = sorted((r for r in runs if r.ok), key=lambda r: r.tokens_per_s)
+    if not ok:
+        return runs[-1]
+    chosen = ok[(len(ok) - 1) // 2]
+    chosen.runs_tok_s = [r.tokens_per_s for r in runs if r.ok]
+    return chosen
+
+
+def add_ratio_vs_p1(results: list[SystemResult]) -> None:
+    ok = [r for r in results if r.ok and r.kind == "asyncpp"]
+    p1 = next((r for r in ok if r.name == "P=1"), None)
+    if p1 is None or p1.tokens_per_s <= 0:
+        return
+    for r in ok:
+        r.ratio_vs_p1 = r.tokens_per_s / p1.tokens_per_s

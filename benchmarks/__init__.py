@@ -1,0 +1,1 @@
+"""Measurement scripts, run from a checkout (`python benchmarks/<script>.py`); not installed."""
