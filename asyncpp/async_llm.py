@@ -13,19 +13,19 @@ from anyio.abc import TaskGroup
 
 from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
+from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
+from asyncpp.core.outputs import RequestMetrics, RequestOutput
+from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.virtual_engine import VirtualEngine
-from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.factory import create_executor
 from asyncpp.executor.stats import PipelineStats
-from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.prompts import PromptInput, resolve_prompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
-from asyncpp.core.sampling_params import SamplingParams
 
 log = logging.getLogger("asyncpp")
 

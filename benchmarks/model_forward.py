@@ -15,9 +15,9 @@ import torch
 
 from asyncpp.bench import make_workload_model
 from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
-from asyncpp.core.stages import StageSpec
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.core.stages import StageSpec
 from asyncpp.worker.model_runner import ModelRunner
 
 NUM_BLOCKS = 1024

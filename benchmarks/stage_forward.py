@@ -12,12 +12,12 @@ import argparse
 import time
 
 import torch
+from model_forward import filled_runner, microbatches
 
 from asyncpp.bench import make_workload_model
 from asyncpp.config import EngineArgs, available_cores, create_engine_config
 from asyncpp.core.microbatch import MicroBatch
 from asyncpp.worker.model_runner import ModelRunner
-from model_forward import filled_runner, microbatches
 
 
 def stage_runners(model: str, pp: int, partition: str | None) -> list[ModelRunner]:

@@ -16,8 +16,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from asyncpp.bench import (BenchConfig, BenchReport, Peer, add_arguments, bench_config_from_args, emit_report,  # noqa: E402
-                           run_benchmark)
+from asyncpp.bench import (  # noqa: E402
+    BenchConfig,
+    BenchReport,
+    Peer,
+    add_arguments,
+    bench_config_from_args,
+    emit_report,
+    run_benchmark,
+)
 from benchmarks.peer_hf import HFPeer, add_speedup_vs_hf  # noqa: E402
 from benchmarks.peer_vllm import VLLMPeer  # noqa: E402
 from benchmarks.throughput_plot import write_plot  # noqa: E402

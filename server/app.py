@@ -24,8 +24,13 @@ from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
 from asyncpp.server.completions import create_completion
 from asyncpp.server.errors import ServerError, internal_error, unavailable
 from asyncpp.server.metrics import ServerMetrics
-from asyncpp.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     TokenizeRequest, describe_validation_error)
+from asyncpp.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    describe_validation_error,
+)
 from asyncpp.server.serving import ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})

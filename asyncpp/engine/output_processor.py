@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asyncpp.core.outputs import CompletionOutput, Logprob, RequestOutput
 from asyncpp.engine.detokenizer import IncrementalDetokenizer
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.stop_checker import find_stop, hold_back_length
-from asyncpp.core.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 @dataclass(slots=True)

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import anyio
 
+from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
-from asyncpp.core.errors import EngineDeadError
 from asyncpp.executor.executor import Executor
-from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from asyncpp.core.config import ModelShape
-from asyncpp.core.stages import StageSpec
 from asyncpp.core.microbatch import IntermediateTensors
+from asyncpp.core.stages import StageSpec
 from asyncpp.model.attention import KVCache, PagedAttention
 from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from asyncpp.worker.shm_common import (CACHE_LINE, attach_mapping, create_mapping, read_token,
-                                       wait_until, write_token)
+from asyncpp.worker.shm_common import CACHE_LINE, attach_mapping, create_mapping, read_token, wait_until, write_token
 
 _HEADER = 3 * CACHE_LINE  # token, sent, released
 _SENT, _RELEASED = CACHE_LINE // 8, 2 * CACHE_LINE // 8  # int64 indices

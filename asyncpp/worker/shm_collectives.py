@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from asyncpp.worker.shm_common import (CACHE_LINE, attach_mapping, create_mapping, read_token,
-                                       remove_stale_regions, supported, unlink_quietly, wait_until,
-                                       write_token)
+from asyncpp.worker.shm_common import (
+    CACHE_LINE,
+    attach_mapping,
+    create_mapping,
+    read_token,
+    remove_stale_regions,
+    supported,
+    unlink_quietly,
+    wait_until,
+    write_token,
+)
 
 __all__ = ["DEFAULT_SLOT_BYTES", "SharedRegion", "ShmCollectives", "remove_stale_regions", "supported",
            "unlink_quietly"]
