@@ -1,5 +1,6 @@
 """All-reduce and all-gather for the CPU ranks of one TP group on one machine, through a
-shared-memory file instead of gloo's sockets (5-10x faster for decode-sized tensors).
+shared-memory file instead of gloo's sockets (how much faster: benchmarks/RESULTS.md,
+"CPU all-reduce: shared memory vs gloo").
 
 Each rank owns one slot per phase: it copies its tensor in, publishes the step number in
 its arrival flag, waits until every peer's flag has reached that step, then reads every
