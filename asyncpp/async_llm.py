@@ -84,14 +84,13 @@ class AsyncLLM:
     async def _start_executor(self) -> None:
         config = self.config
         self._executor = create_executor(config, self._runner_factory)
-        log.info("layer partition over %d stage(s): %s", len(config.layer_partition), config.layer_partition)
         await self._executor.start(self._task_group)
         per_ve = self._blocks_per_ve(self._executor.num_available_blocks())
         await self._executor.init_kv_cache(per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
-                                 config.enable_chunked_prefill)
-        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, self._executor,
+                                 config.enable_chunked_prefill, config.decode_groups)
+        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, config.max_in_flight_per_ve, self._executor,
                                    processor, self._mark_dead, self._forget)
                      for i in range(config.num_virtual_engines)]
         for ve in self._ves:

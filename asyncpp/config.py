@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from asyncpp.core.config import EngineConfig, ModelShape
+from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
 from asyncpp.core.stages import StageSpec, layer_ranges, partition_layers
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
@@ -24,6 +24,8 @@ from asyncpp.model.registry import check_supported
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+log = logging.getLogger("asyncpp")
+
 _BACKENDS = ("uni", "mp", "ray")
 _COMM = ("auto", "shm", "gloo")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
@@ -69,6 +71,8 @@ class EngineArgs:
     distributed_executor_backend: str | None = _arg(None, "uni | mp | ray (default: uni for one rank, else mp)",
                                                     choices=[None, *_BACKENDS])
     num_virtual_engines: int | None = _arg(None, "virtual engines (V), each with its own scheduler (default P)")
+    max_microbatches_in_flight: int | None = _arg(None, "microbatches one virtual engine keeps in the pipeline "
+                                                  "at once (default P)")
     pp_layer_partition: str | None = _arg(None, "layers per stage, e.g. 8,8,7,7 (default even)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
@@ -87,7 +91,7 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                     "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines",
+                     "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines", "max_microbatches_in_flight",
                      "max_waiting_requests", "num_threads"):
             positive(name)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -197,18 +201,26 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) "
                          "when chunked prefill is off")
     pp, tp = args.pipeline_parallel_size, args.tensor_parallel_size
+    ves = args.num_virtual_engines or pp
     check_tensor_parallel(shape, tp)
-    parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition)
+    dtype = _resolve_dtype(args, hf_config, device)
+    costs = shape.stage_costs(torch.finfo(dtype).bits // 8)
+    parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition, costs)
+    if pp > 1:
+        estimate = ", ".join(f"{c / 2**20:.1f}" for c in costs.of(parts))
+        log.info("layer partition %s (%s); estimated MiB moved per decode step of %d sequences, by stage: %s",
+                 parts, "given" if args.pp_layer_partition else "balanced by cost", COST_SEQS, estimate)
     stages = [StageSpec(p, pp, t, tp, start, end)
               for p, (start, end) in enumerate(layer_ranges(parts)) for t in range(tp)]
     return EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
-        hf_config=hf_config, shape=shape, dtype=_resolve_dtype(args, hf_config, device), device=device,
+        hf_config=hf_config, shape=shape, dtype=dtype, device=device,
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched, enable_chunked_prefill=args.enable_chunked_prefill,
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
-        gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=args.num_virtual_engines or pp,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=ves,
+        max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, eos_token_ids=_eos_ids(Path(model_path), hf_config), stages=stages)
@@ -234,7 +246,7 @@ def _threads_per_rank(args: EngineArgs, device: str) -> int:
     cores, ranks = available_cores(), args.world_size
     threads = args.num_threads or max(1, cores // ranks)
     if device == "cpu" and threads * ranks > cores:
-        logging.getLogger("asyncpp").warning(
+        log.warning(
             "%d ranks x %d thread(s) on %d cores: the ranks share cores (oversubscribed); expect "
             "a slower engine than fewer ranks would give", ranks, threads, cores)
     return threads

@@ -14,13 +14,18 @@ def make_seq(prompt_len: int) -> Sequence:
 
 
 def run_step(sched: Scheduler, token: int = 7) -> list:
+    """Schedule one microbatch and apply its result at once, as a VE does on return."""
     batch = sched.schedule()
     for item in batch:
-        item_samples = item.samples
-        item.seq.num_computed += item.num_new
-        if item_samples:
-            item.seq.output_token_ids.append(token)
+        complete(item, token)
     return batch
+
+
+def complete(item, token: int = 7) -> None:
+    item.seq.num_computed = item.start + item.num_new
+    if item.samples:
+        item.seq.awaiting_sample = False
+        item.seq.output_token_ids.append(token)
 
 
 def test_chunked_prefill_splits_by_token_budget():
@@ -75,3 +80,43 @@ def test_max_num_seqs_caps_running():
         sched.add(s)
     assert [s.seq for s in run_step(sched)] == seqs[:2]
     assert len(sched.waiting) == 1
+
+
+def test_prompt_chunks_go_in_flight_one_after_another():
+    sched = Scheduler(SchedulerLimits(8, 16, True), BlockManager(64, 4))
+    a = make_seq(40)
+    sched.add(a)
+    chunks = [sched.schedule() for _ in range(3)]  # nothing returns in between
+    assert [(c[0].start, c[0].num_new, c[0].samples) for c in chunks] == [(0, 16, False), (16, 16, False),
+                                                                          (32, 8, True)]
+    assert sched.schedule() == []  # the next token waits on the sample in flight
+    for c in chunks:
+        complete(c[0])
+    assert [(i.start, i.num_new) for i in sched.schedule()] == [(40, 1)]
+
+
+def test_decodes_first_and_spread_over_groups():
+    sched = Scheduler(SchedulerLimits(8, 64, True, decode_groups=2), BlockManager(64, 16))
+    seqs = [make_seq(4) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)  # all four prefilled and sampled once
+    late = make_seq(30)
+    sched.add(late)
+    first, second = sched.schedule(), sched.schedule()
+    assert [i.seq for i in first][:2] == seqs[:2] and [i.seq for i in second][:2] == seqs[2:]
+    assert first[2].seq is late  # the prompt fills the rest of the first microbatch's budget
+    assert sched.schedule() == []
+
+
+def test_preempted_sequence_ignores_its_stale_microbatch():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerLimits(8, 64, True), blocks)
+    a, b = make_seq(8), make_seq(8)
+    sched.add(a), sched.add(b)
+    run_step(sched)
+    in_flight = sched.schedule()  # a needs a third block: b (newest) gives way
+    assert [i.seq for i in in_flight] == [a] and b.epoch == 1 and b.status is SeqStatus.WAITING
+    complete(in_flight[0])
+    again = sched.schedule()
+    assert [(i.seq, i.start, i.epoch) for i in again] == [(a, 9, 0)]

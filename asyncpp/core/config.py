@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from asyncpp.core.stages import StageSpec
+from asyncpp.core.stages import StageCosts, StageSpec
+
+# The decode step the default partition balances: this many sequences with this much
+# context each (workload W's shape). Bytes moved per step stand for time: decode is bound
+# by reading weights and KV, and per layer these bytes matched the measured stage times.
+COST_SEQS = 32
+COST_CONTEXT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +27,7 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     max_positions: int
+    gated_mlp: bool  # gate, up and down projections (Llama) rather than two (GPT-2)
 
     @classmethod
     def of(cls, hf_config: Any) -> "ModelShape":
@@ -30,7 +37,18 @@ class ModelShape:
         return cls(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
                    num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                   intermediate_size=inner, vocab_size=c.vocab_size, max_positions=max_positions)
+                   intermediate_size=inner, vocab_size=c.vocab_size, max_positions=max_positions,
+                   gated_mlp=getattr(c, "intermediate_size", None) is not None)
+
+    def stage_costs(self, elem_bytes: int) -> StageCosts:
+        """Bytes each part reads and writes in one decode step of COST_SEQS sequences."""
+        h, d = self.hidden_size, self.head_dim
+        attention = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
+        kv = COST_SEQS * COST_CONTEXT * 2 * self.num_kv_heads * d
+        head = self.vocab_size * h + COST_SEQS * self.vocab_size  # weights, then the logits
+        return StageCosts(layer=(attention + mlp + kv) * elem_bytes, first=COST_SEQS * h * elem_bytes,
+                          last=head * elem_bytes)
 
 
 @dataclass(slots=True)
@@ -54,6 +72,8 @@ class EngineConfig:
     kv_cache_bytes: int  # CPU: the KV budget of the whole model
     gpu_memory_utilization: float
     num_virtual_engines: int
+    max_in_flight_per_ve: int  # microbatches one VE keeps in the pipeline
+    decode_groups: int  # a VE spreads its decoding sequences over this many microbatches (ceil(P / V))
     layer_partition: list[int]
     backend: str  # "uni" | "mp" | "ray"
     threads_per_rank: int
@@ -76,3 +96,8 @@ class EngineConfig:
     @property
     def world_size(self) -> int:
         return len(self.stages)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Microbatches in the pipeline at once, all VEs together."""
+        return self.num_virtual_engines * self.max_in_flight_per_ve

@@ -31,7 +31,6 @@ class StageSpec:
         return self.layer_end - self.layer_start
 
 
-
 def parse_partition(text: str | list[int] | tuple[int, ...]) -> list[int]:
     if isinstance(text, (list, tuple)):
         return [int(x) for x in text]
@@ -41,12 +40,23 @@ def parse_partition(text: str | list[int] | tuple[int, ...]) -> list[int]:
         raise ValueError(f"pp_layer_partition must be comma-separated integers, got {text!r}") from None
 
 
-def partition_layers(num_layers: int, pp_size: int, explicit: str | list[int] | None = None) -> list[int]:
-    """Layer counts per stage.
+@dataclass(frozen=True, slots=True)
+class StageCosts:
+    """What a stage runs, in one unit (bytes moved per decode step, see ModelShape.stage_costs)."""
+    layer: float  # each decoder layer
+    first: float  # the first stage's extra work (the embedding)
+    last: float  # the last stage's extra work (final norm, LM head, sampler)
 
-    Even by default. A remainder goes to the middle stages (then the first), never to the
-    last one, which also carries the final norm and the LM head.
-    """
+    def of(self, parts: list[int]) -> list[float]:
+        """Each stage's cost under a partition."""
+        return [n * self.layer + (self.first if i == 0 else 0.0) + (self.last if i == len(parts) - 1 else 0.0)
+                for i, n in enumerate(parts)]
+
+
+def partition_layers(num_layers: int, pp_size: int, explicit: str | list[int] | None = None,
+                     costs: StageCosts | None = None) -> list[int]:
+    """Layer counts per stage: `explicit` when given, else balanced by `costs` (the
+    largest stage cost as small as it can be), else even."""
     if pp_size < 1:
         raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp_size}")
     if pp_size > num_layers:
@@ -54,21 +64,37 @@ def partition_layers(num_layers: int, pp_size: int, explicit: str | list[int] | 
             f"pipeline_parallel_size ({pp_size}) is larger than the model's layer count "
             f"({num_layers}): every stage needs at least one layer")
     if explicit:
-        parts = parse_partition(explicit)
-        if len(parts) != pp_size:
-            raise ValueError(f"pp_layer_partition {parts} has {len(parts)} entries but "
-                             f"pipeline_parallel_size is {pp_size}")
-        if sum(parts) != num_layers:
-            raise ValueError(f"pp_layer_partition {parts} sums to {sum(parts)} but the model "
-                             f"has {num_layers} layers")
-        if min(parts) < 1:
-            raise ValueError(f"pp_layer_partition {parts}: every stage needs at least one layer")
-        return parts
-    base, rest = divmod(num_layers, pp_size)
-    parts = [base] * pp_size
-    receivers = list(range(1, pp_size - 1)) + [0] if pp_size > 2 else [0]
-    for i in range(rest):
-        parts[receivers[i % len(receivers)]] += 1
+        return _checked(parse_partition(explicit), num_layers, pp_size)
+    return balanced_partition(num_layers, pp_size, costs or StageCosts(1.0, 0.0, 0.0))
+
+
+def _checked(parts: list[int], num_layers: int, pp_size: int) -> list[int]:
+    if len(parts) != pp_size:
+        raise ValueError(f"pp_layer_partition {parts} has {len(parts)} entries but "
+                         f"pipeline_parallel_size is {pp_size}")
+    if sum(parts) != num_layers:
+        raise ValueError(f"pp_layer_partition {parts} sums to {sum(parts)} but the model "
+                         f"has {num_layers} layers")
+    if min(parts) < 1:
+        raise ValueError(f"pp_layer_partition {parts}: every stage needs at least one layer")
+    return parts
+
+
+def balanced_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list[int]:
+    """The smallest largest-stage cost: find the least target every stage can keep under
+    while holding all layers, fill each stage up to it, then take surplus layers back from
+    the costliest stages (the first such on a tie)."""
+    extras = costs.of([0] * pp_size)
+    targets = sorted({n * costs.layer + e for e in extras for n in range(1, num_layers + 1)})
+    for target in targets:
+        caps = [int((target - e) / costs.layer + 1e-9) for e in extras]
+        if min(caps) >= 1 and sum(caps) >= num_layers:
+            break
+    parts = [max(1, c) for c in caps]
+    for _ in range(sum(parts) - num_layers):
+        stage_costs = costs.of(parts)
+        i = max((i for i in range(pp_size) if parts[i] > 1), key=lambda i: stage_costs[i])
+        parts[i] -= 1
     return parts
 
 

@@ -1,28 +1,38 @@
-"""Continuous batching for one virtual engine: chunked prefill, FCFS, preemption by recompute."""
+"""Continuous batching for one virtual engine: latency-bounded microbatches (decodes
+first, prefill chunks fill the token budget), several microbatches in flight, FCFS,
+preemption by recompute.
+
+A sequence may be in several microbatches in flight: consecutive chunks of its prompt
+(stages run microbatches in order, so each stage writes a chunk's KV before the next
+chunk reads it). It is not scheduled again while a microbatch that samples its next
+token is in flight. Freeing the blocks of a sequence with work in flight (preemption,
+abort) is safe for the same reason: any later microbatch that reuses a block runs after
+the earlier one on every stage, and rewrites the block before reading it.
+"""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
 from asyncpp.engine.block_manager import BlockManager
-from asyncpp.engine.sequence import SeqStatus, Sequence
+from asyncpp.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(slots=True)
 class SchedulerLimits:
-    max_num_seqs: int
-    max_num_batched_tokens: int
+    max_num_seqs: int  # running sequences of this VE
+    max_num_batched_tokens: int  # tokens in one microbatch
     chunked_prefill: bool
+    decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new: int  # tokens computed this step, starting at seq.num_computed
-
-    @property
-    def samples(self) -> bool:
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+    start: int  # position of the first token computed: seq.num_scheduled when scheduled
+    num_new: int
+    samples: bool  # this microbatch samples the sequence's next token
+    epoch: int  # seq.epoch when scheduled: a preempted sequence ignores older results
 
 
 class Scheduler:
@@ -40,49 +50,55 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.limits.max_num_batched_tokens
-        scheduled, budget, preempted = self._schedule_running(budget)
+        """The next microbatch, possibly empty (everything runnable is in flight)."""
+        batch = _Batch(self.limits.max_num_batched_tokens)
+        preempted = self._schedule_running(batch)
         if not preempted:
-            scheduled += self._schedule_waiting(budget)
-        return scheduled
+            self._schedule_waiting(batch)
+        for item in batch.items:
+            item.seq.num_scheduled += item.num_new
+            item.seq.awaiting_sample = item.samples
+        return batch.items
 
-    def _schedule_running(self, budget: int) -> tuple[list[ScheduledSeq], int, bool]:
-        scheduled: list[ScheduledSeq] = []
-        preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.allocate(seq, seq.num_computed + num_new):
-                preempted = True
+    def _schedule_running(self, batch: _Batch) -> bool:
+        """Decodes first (a fair share of them per microbatch), then prompt chunks.
+        Returns whether a sequence had to be preempted."""
+        decoding = [s for s in self.running if s.decoding]
+        share = -(-len(decoding) // self.limits.decode_groups)
+        ready = [s for s in decoding if s.schedulable][:share]
+        ready += [s for s in self.running if not s.decoding and s.schedulable]
+        for seq in ready:
+            if batch.budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted while this microbatch was being built
+            num_new = min(seq.num_pending, batch.budget)
+            while not self.blocks.allocate(seq, seq.num_scheduled + num_new):
                 victim = self.running.pop()  # the newest running sequence gives way
+                batch.drop(victim)
                 self._preempt(victim)
                 if victim is seq:
-                    return scheduled, budget, preempted
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            i += 1
-        return scheduled, budget, preempted
+                    return True
+            batch.add(seq, num_new)
+        return False
 
-    def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
-        scheduled: list[ScheduledSeq] = []
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+    def _schedule_waiting(self, batch: _Batch) -> None:
+        while self.waiting and batch.budget > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed
-            num_new = min(remaining, budget) if self.limits.chunked_prefill else remaining
-            if num_new > budget or not self.blocks.allocate(seq, seq.num_computed + num_new):
+            num_new = min(seq.num_pending, batch.budget) if self.limits.chunked_prefill else seq.num_pending
+            if num_new > batch.budget or not self.blocks.allocate(seq, seq.num_scheduled + num_new):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-        return scheduled
+            batch.add(seq, num_new)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its KV, keep its tokens, put it back at the queue's head."""
         self.blocks.free(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_scheduled = 0
+        seq.awaiting_sample = False
+        seq.epoch += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -94,3 +110,23 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+
+
+class _Batch:
+    """The microbatch being built and what is left of its token budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.items: list[ScheduledSeq] = []
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        samples = seq.num_scheduled + num_new == seq.num_tokens
+        self.items.append(ScheduledSeq(seq, seq.num_scheduled, num_new, samples, seq.epoch))
+        self.budget -= num_new
+
+    def drop(self, seq: Sequence) -> None:
+        for item in self.items:
+            if item.seq is seq:
+                self.items.remove(item)
+                self.budget += item.num_new
+                return

@@ -27,6 +27,9 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
+    num_scheduled: int = 0  # tokens handed to microbatches, those in flight included
+    awaiting_sample: bool = False  # a microbatch in flight samples this sequence's next token
+    epoch: int = 0  # bumped by preemption: results of older microbatches are stale
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
@@ -43,6 +46,20 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet handed to any microbatch."""
+        return self.num_tokens - self.num_scheduled
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt: one token at a time, each waiting on the previous sample."""
+        return bool(self.output_token_ids) and self.num_pending <= 1
+
+    @property
+    def schedulable(self) -> bool:
+        return not self.awaiting_sample and self.num_pending > 0
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids [start, end) of prompt + output, without concatenating both."""

@@ -28,17 +28,20 @@ class TokenCounters:
 
 class VirtualEngine:
     def __init__(self, ve_id: int, limits: SchedulerLimits, num_blocks: int, block_size: int,
-                 executor: Executor, processor: OutputProcessor,
+                 max_in_flight: int, executor: Executor, processor: OutputProcessor,
                  on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None]):
         self.ve_id = ve_id
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(limits, self.blocks)
+        self.max_in_flight = max_in_flight
         self.executor = executor
         self.processor = processor
         self.counters = TokenCounters()
         self._on_dead = on_dead
         self._on_finished = on_finished
         self._requests: dict[str, tuple[Request, RequestStream]] = {}
+        self._in_flight = 0
+        self._error: BaseException | None = None
         self._wake = anyio.Event()
 
     # -- called by AsyncLLM --------------------------------------------------------
@@ -56,10 +59,8 @@ class VirtualEngine:
 
     def abort(self, request_id: str) -> bool:
         """Free the request's blocks now and end its stream with finish_reason 'abort'.
-
-        Safe while a microbatch is in flight: this VE submits nothing new until that one
-        returns, and stages run in order, so a block reused later is rewritten first.
-        """
+        Microbatches in flight for it are ignored when they return (see scheduler.py on
+        why freeing their blocks now is safe)."""
         entry = self._requests.pop(request_id, None)
         if entry is None:
             return False
@@ -70,6 +71,7 @@ class VirtualEngine:
                 seq.finish("abort")
         request.metrics.finished_time = time.monotonic()
         stream.put(self.processor.request_output(request))
+        self._wake.set()
         return True
 
     def fail_all(self, error: BaseException) -> None:
@@ -93,21 +95,36 @@ class VirtualEngine:
             self._on_dead(dead)
 
     async def _loop(self) -> None:
-        while True:
-            batch = self.scheduler.schedule() if self.scheduler.has_work() else []
-            if not batch:
+        """Keep up to `max_in_flight` microbatches of this VE in the pipeline."""
+        async with anyio.create_task_group() as tg:
+            while self._error is None:
+                batch = self.scheduler.schedule() if self._in_flight < self.max_in_flight else []
+                if batch:
+                    self._in_flight += 1
+                    tg.start_soon(self._run_microbatch, batch, self._microbatch(batch))
+                    continue
                 await self._wake.wait()
                 self._wake = anyio.Event()
-                continue
-            output = await self.executor.submit(self._microbatch(batch))
+            tg.cancel_scope.cancel()
+        raise self._error
+
+    async def _run_microbatch(self, batch: list[ScheduledSeq], mb: MicroBatch) -> None:
+        try:
+            output = await self.executor.submit(mb)
             self._apply(batch, output)
+        except Exception as e:
+            self._error = e
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
 
     def _microbatch(self, batch: list[ScheduledSeq]) -> MicroBatch:
         seqs = []
         for item in batch:
-            seq, start = item.seq, item.seq.num_computed
+            seq, start = item.seq, item.start
+            # Copies: later scheduling grows the live block table while this one is in flight.
             seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new), start,
-                                seq.block_table, self._sample_spec(seq) if item.samples else None))
+                                list(seq.block_table), self._sample_spec(seq) if item.samples else None))
         return MicroBatch(self.ve_id, seqs)
 
     def _sample_spec(self, seq: Sequence) -> SampleSpec:
@@ -119,7 +136,7 @@ class VirtualEngine:
         spec = SampleSpec(params, seq.seed, step, blocked)
         if params.has_penalties:
             spec.prompt_token_ids = seq.prompt_token_ids
-            spec.output_token_ids = seq.output_token_ids
+            spec.output_token_ids = list(seq.output_token_ids)
         return spec
 
     def _apply(self, batch: list[ScheduledSeq], output: StepOutput) -> None:
@@ -131,11 +148,12 @@ class VirtualEngine:
             if item.samples:
                 sampled = self._sampled(output, sample_index)
                 sample_index += 1
-            if seq.finished:  # aborted while in flight
+            if seq.finished or item.epoch != seq.epoch:  # aborted, or preempted, while in flight
                 continue
-            seq.num_computed += item.num_new
+            seq.num_computed = item.start + item.num_new
             if sampled is None:
                 continue
+            seq.awaiting_sample = False
             self.processor.append(seq, sampled)
             self.counters.generation_tokens += 1
             if seq.finished:

@@ -184,4 +184,6 @@ class Executor:
 
     def stats(self) -> PipelineStats:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]
-        return PipelineStats(stage_busy_s=busy, active_s=self._clock.total(), microbatches=self._clock.count)
+        clock = self._clock
+        return PipelineStats(stage_busy_s=busy, active_s=clock.total(), microbatches=clock.count,
+                             in_flight_mean=clock.mean(), in_flight_max=clock.most)

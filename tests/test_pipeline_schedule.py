@@ -1,0 +1,79 @@
+"""The pipeline schedule: several microbatches of one virtual engine in flight (prompt
+chunks of one sequence, other sequences), latency-bounded microbatches, a partition
+balanced by cost. Greedy fp32 parity with transformers throughout."""
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from asyncpp import AsyncLLM
+from conftest import TINY_LLAMA_BLOCK_BYTES, engine_tokens, greedy, hf_greedy, make_llama, mixed_prompts
+
+MAX_TOKENS = 8
+
+
+@pytest.mark.parametrize("pp,ves,budget", [(2, 1, 16), (2, 2, 64), (3, 1, 32), (3, 3, 16), (4, 1, 48), (4, 4, 32)])
+def test_parity_with_several_microbatches_in_flight(llama_dir, pp, ves, budget):
+    prompts = mixed_prompts(6, lo=1, hi=200, seed=40 + pp)
+    tokens, stats = engine_tokens(llama_dir, prompts, MAX_TOKENS, pipeline_parallel_size=pp,
+                                  num_virtual_engines=ves, max_num_batched_tokens=budget)
+    assert tokens == hf_greedy(llama_dir, prompts, MAX_TOKENS)
+    assert stats.kv_blocks_used == 0
+    assert stats.pipeline.in_flight_max > ves  # some VE had more than one microbatch in flight
+
+
+def test_one_long_prompt_is_pipelined_across_stages(llama_dir):
+    prompt = mixed_prompts(2, lo=400, hi=400, seed=5)[:1]
+    tokens, stats = engine_tokens(llama_dir, prompt, 1, pipeline_parallel_size=2, max_num_batched_tokens=32)
+    assert tokens == hf_greedy(llama_dir, prompt, 1)
+    assert stats.pipeline.in_flight_max >= 2  # its chunks occupied both stages at once
+    assert stats.pipeline.microbatches == 400 // 32 + 1
+
+
+def test_preemption_with_chunks_in_flight(llama_dir):
+    prompts = mixed_prompts(8, hi=120, seed=3)
+    tokens, stats = engine_tokens(llama_dir, prompts, 24, pipeline_parallel_size=2, num_virtual_engines=1,
+                                  max_num_batched_tokens=32, max_model_len=160,
+                                  kv_cache_memory=str(24 * TINY_LLAMA_BLOCK_BYTES))
+    assert stats.num_preemptions > 0
+    assert tokens == hf_greedy(llama_dir, prompts, 24)
+    assert stats.kv_blocks_used == 0
+
+
+@pytest.mark.anyio
+async def test_aborts_while_chunks_are_in_flight(llama_dir):
+    prompts = mixed_prompts(6, lo=400, hi=600, seed=8)
+    async with AsyncLLM(str(llama_dir), pipeline_parallel_size=2, num_virtual_engines=1, skip_tokenizer_init=True,
+                        max_num_batched_tokens=16, dtype="float32", device="cpu") as engine:
+        streams = [await engine.add_request(p, greedy(MAX_TOKENS), request_id=str(i)) for i, p in enumerate(prompts)]
+        with anyio.fail_after(10):
+            while engine.stats().pipeline.in_flight_max < 2:  # chunks are in the pipeline now
+                await anyio.sleep(0.001)
+        for i in (0, 3, 5):
+            assert await engine.abort(str(i))
+        outputs = {}
+        for i in (1, 2, 4):
+            async for out in streams[i]:
+                outputs[i] = out.outputs[0].token_ids
+        aborted = [await anext(streams[i]) for i in (0, 3, 5)]
+        with anyio.fail_after(10):
+            while engine.stats().kv_blocks_used:
+                await anyio.sleep(0.05)
+        assert engine.stats().pipeline.in_flight_max >= 2
+    assert all(out.outputs[0].finish_reason == "abort" for out in aborted)
+    assert [outputs[i] for i in (1, 2, 4)] == hf_greedy(llama_dir, [prompts[i] for i in (1, 2, 4)], MAX_TOKENS)
+
+
+def test_default_partition_weighs_a_large_vocabulary(tmp_path):
+    """With a 32,000-row head on 64-wide layers the last stage's head outweighs layers."""
+    from asyncpp.config import EngineArgs, create_engine_config
+
+    big_vocab = make_llama(tmp_path / "big-vocab", vocab=32000)
+    config = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2,
+                                             skip_tokenizer_init=True, device="cpu"))
+    assert config.layer_partition == [3, 1]
+    costs = config.shape.stage_costs(4).of(config.layer_partition)
+    assert max(costs) < max(config.shape.stage_costs(4).of([2, 2]))
+    explicit = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2, device="cpu",
+                                               skip_tokenizer_init=True, pp_layer_partition="2,2"))
+    assert explicit.layer_partition == [2, 2]
