@@ -91,8 +91,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                     "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines", "max_microbatches_in_flight",
-                     "max_waiting_requests", "num_threads"):
+                     "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines",
+                     "max_microbatches_in_flight", "max_waiting_requests", "num_threads"):
             positive(name)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")

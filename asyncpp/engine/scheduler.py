@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from asyncpp.engine.block_manager import BlockManager
-from asyncpp.engine.sequence import Sequence, SeqStatus
+from asyncpp.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)

@@ -106,6 +106,7 @@ class VirtualEngine:
                 await self._wake.wait()
                 self._wake = anyio.Event()
             tg.cancel_scope.cancel()
+        assert self._error is not None
         raise self._error
 
     async def _run_microbatch(self, batch: list[ScheduledSeq], mb: MicroBatch) -> None:
