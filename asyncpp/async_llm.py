@@ -40,6 +40,7 @@ class EngineStats:
     generation_tokens_total: int
     num_preemptions: int
     pipeline: PipelineStats
+    layer_partition: list[int]
 
     @property
     def kv_usage(self) -> float:
@@ -164,7 +165,8 @@ class AsyncLLM:
             prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
             generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
             num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
-            pipeline=self._executor.stats() if self._executor else PipelineStats([], 0.0))
+            pipeline=self._executor.stats() if self._executor else PipelineStats([], 0.0),
+            layer_partition=list(self.config.layer_partition) if self.config else [])
 
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,

@@ -48,9 +48,17 @@ class EngineStatsCollector(Collector):
                     s.pipeline.bubble_fraction)
         busy = GaugeMetricFamily("asyncpp:stage_busy_fraction", "Share of active time each stage computes.",
                                  labels=["model_name", "stage"])
-        for stage, fraction in enumerate(s.pipeline.busy_fractions):
+        layers = GaugeMetricFamily("asyncpp:stage_layers", "Decoder layers each stage runs (the partition).",
+                                   labels=["model_name", "stage"])
+        for stage, (fraction, count) in enumerate(zip(s.pipeline.busy_fractions, s.layer_partition)):
             busy.add_metric([self.model_name, str(stage)], fraction)
+            layers.add_metric([self.model_name, str(stage)], count)
         yield busy
+        yield layers
+        yield gauge("microbatches_in_flight_mean", "Microbatches in the pipeline, averaged over active time.",
+                    s.pipeline.in_flight_mean)
+        yield gauge("microbatches_in_flight_max", "Most microbatches in the pipeline at once.",
+                    s.pipeline.in_flight_max)
 
 
 class ServerMetrics:

@@ -266,6 +266,8 @@ async def test_metrics(server1):
     for histogram in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert samples[f"asyncpp:{histogram}_count"] > 0
     assert 'asyncpp:stage_busy_fraction{model_name="tiny-llama",stage="0"}' in text
+    assert 'asyncpp:stage_layers{model_name="tiny-llama",stage="0"}' in text
+    assert samples["asyncpp:microbatches_in_flight_max"] >= 1
 
 
 def test_metrics_registries_are_per_app():

@@ -71,7 +71,11 @@ async def run_asyncpp(layout: Layout, model: str, prompts: list[list[int]], outp
                 tg.start_soon(_consume, engine, prompt, params, f"bench-{i}", trace)
         total = max(t.end for t in traces) - start
         window = busy_since(before, PipelineSnapshot.of(engine))
+        pipeline = engine.stats().pipeline
+        partition = engine.config.layer_partition
     result = summarize(layout.name, "asyncpp", traces, total)
     if window is not None:
         result.busy_fractions, result.bubble_fraction = window
+    result.in_flight = (pipeline.in_flight_mean, pipeline.in_flight_max)
+    result.layer_partition = partition
     return result
