@@ -88,6 +88,9 @@ class AsyncLLM:
         await self._executor.start(self._task_group)
         per_ve = self._blocks_per_ve(self._executor.num_available_blocks())
         await self._executor.init_kv_cache(per_ve)
+        log.info("microbatch token budget %d (%s), up to %d microbatch(es) in flight per virtual engine",
+                 config.max_num_batched_tokens, "given" if self.args.max_num_batched_tokens else "default",
+                 config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
                                  config.enable_chunked_prefill, config.decode_groups)

@@ -62,7 +62,9 @@ class EngineArgs:
     max_model_len: int | None = _arg(None, "longest prompt + output (default: the model's context length)")
     block_size: int = _arg(16, "tokens per KV-cache block")
     max_num_seqs: int = _arg(128, "most sequences in one microbatch")
-    max_num_batched_tokens: int | None = _arg(None, "most tokens in one microbatch (default 2048 with chunked prefill)")
+    max_num_batched_tokens: int | None = _arg(None, "token budget of one microbatch: decodes first, prompt chunks "
+                                              "fill the rest (default: 256 on CPU, 2048 on GPU, with chunked "
+                                              "prefill; at least max_model_len without)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     kv_cache_memory: str = _arg("2GiB", "KV-cache memory on CPU, for the whole model (e.g. 512MiB, 4GiB)")
     gpu_memory_utilization: float = _arg(0.9, "fraction of GPU memory for weights and KV cache")
@@ -196,7 +198,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     max_model_len = args.max_model_len or shape.max_positions
     if max_model_len > shape.max_positions:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
-    batched = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, max_model_len))
+    batched = args.max_num_batched_tokens or _default_budget(device, args.enable_chunked_prefill, max_model_len)
     if not args.enable_chunked_prefill and batched < max_model_len:
         raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) "
                          "when chunked prefill is off")
@@ -224,6 +226,18 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         layer_partition=parts, backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, eos_token_ids=_eos_ids(Path(model_path), hf_config), stages=stages)
+
+
+# A microbatch's token budget bounds how long it holds up the decodes behind it: one with a
+# prompt chunk should cost a few decode steps, not seconds. Measured per device (README,
+# "Latency-bounded microbatches").
+DEFAULT_BUDGET = {"cpu": 256, "cuda": 2048}
+
+
+def _default_budget(device: str, chunked_prefill: bool, max_model_len: int) -> int:
+    if chunked_prefill:
+        return DEFAULT_BUDGET[device]
+    return max(DEFAULT_BUDGET[device], max_model_len)
 
 
 def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
