@@ -20,9 +20,8 @@ from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.supervisor import Supervisor
 from asyncpp.engine.virtual_engine import VirtualEngine
-from asyncpp.executor.executor import Executor
-from asyncpp.executor.factory import create_executor
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.prompts import PromptInput, resolve_prompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
@@ -55,7 +54,7 @@ class AsyncLLM:
         self._runner_factory = runner_factory
         self.config: EngineConfig | None = None
         self.tokenizer = None
-        self._executor: Executor | None = None
+        self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
         self._where: dict[str, VirtualEngine] = {}
         self._task_group: TaskGroup | None = None
@@ -84,17 +83,15 @@ class AsyncLLM:
 
     async def _start_executor(self) -> None:
         config = self.config
-        self._executor = create_executor(config, self._runner_factory)
-        await self._executor.start(self._task_group)
-        per_ve = self._blocks_per_ve(self._executor.num_available_blocks())
-        await self._executor.init_kv_cache(per_ve)
+        self._supervisor = Supervisor(config, self._runner_factory)
+        per_ve = await self._supervisor.start(self._task_group, self._blocks_per_ve)
         log.info("microbatch token budget %d (%s), up to %d microbatch(es) in flight per virtual engine",
                  config.max_num_batched_tokens, "given" if self.args.max_num_batched_tokens else "default",
                  config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
                                  config.enable_chunked_prefill, config.decode_groups)
-        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, config.max_in_flight_per_ve, self._executor,
+        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, config.max_in_flight_per_ve, self._supervisor,
                                    processor, self._mark_dead, self._forget)
                      for i in range(config.num_virtual_engines)]
         for ve in self._ves:
@@ -125,8 +122,8 @@ class AsyncLLM:
         for ve in self._ves:
             ve.fail_all(self._dead)
         with anyio.CancelScope(shield=True):
-            if self._executor is not None:
-                await self._executor.shutdown()
+            if self._supervisor is not None:
+                await self._supervisor.shutdown()
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
@@ -139,10 +136,10 @@ class AsyncLLM:
 
     # -- health and stats ----------------------------------------------------------
     def dead_error(self) -> BaseException | None:
-        if self._dead is None and self._executor is not None:
-            error = self._executor.dead_error()
-            if error is not None:
-                self._mark_dead(error)
+        """Why requests are refused now: the engine is down for good, or restarting its
+        stages after a failure (then healthy again); None while healthy."""
+        if self._dead is None and self._supervisor is not None:
+            return self._supervisor.error()
         return self._dead
 
     def is_healthy(self) -> bool:
@@ -154,12 +151,19 @@ class AsyncLLM:
 
     def param_bytes_per_rank(self) -> list[int]:
         """Parameter bytes each rank loaded, by global rank (rank = pp_rank * T + tp_rank)."""
-        if self._executor is None:
+        if self._supervisor is None or self._supervisor.executor is None:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
-        return self._executor.param_bytes()
+        return self._supervisor.executor.param_bytes()
+
+    def rank_pids(self) -> list[int]:
+        """Each rank's process id, by global rank (the engine's own with the uni backend)."""
+        if self._supervisor is None or self._supervisor.executor is None:
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
+        return self._supervisor.executor.rank_pids()
 
     def stats(self) -> EngineStats:
         ves = self._ves
+        executor = self._supervisor.executor if self._supervisor else None
         return EngineStats(
             num_running=sum(len(ve.scheduler.running) for ve in ves),
             num_waiting=sum(len(ve.scheduler.waiting) for ve in ves),
@@ -168,7 +172,7 @@ class AsyncLLM:
             prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
             generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
             num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
-            pipeline=self._executor.stats() if self._executor else PipelineStats([], 0.0),
+            pipeline=executor.stats() if executor else PipelineStats([], 0.0),
             layer_partition=list(self.config.layer_partition) if self.config else [])
 
     # -- requests ------------------------------------------------------------------

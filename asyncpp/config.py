@@ -81,6 +81,11 @@ class EngineArgs:
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
     pp_comm: str = _arg("auto", "stage-to-stage tensors: auto | shm | gloo, as --tp-comm", choices=_COMM)
+    stage_timeout: float = _arg(300.0, "seconds a stage may go without answering while it has work before it "
+                                "counts as hung and the stages restart (0: never)")
+    max_stage_restarts: int = _arg(3, "stage restarts allowed within --stage-restart-window; past that the engine "
+                                   "stays down (0: a failed stage ends the engine)")
+    stage_restart_window: float = _arg(600.0, "seconds over which --max-stage-restarts counts")
     onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU in float32 (--no-onednn: F.linear)")
 
     def __post_init__(self) -> None:
@@ -109,6 +114,9 @@ class EngineArgs:
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ValueError("distributed_executor_backend='uni' runs one rank; use 'mp' or 'ray' "
                              f"for pipeline_parallel_size * tensor_parallel_size = {self.world_size}")
+        for name in ("stage_timeout", "stage_restart_window", "max_stage_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         parse_bytes(self.kv_cache_memory)
@@ -225,7 +233,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
-        onednn=args.onednn, eos_token_ids=_eos_ids(Path(model_path), hf_config), stages=stages)
+        onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
+        stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
+        stages=stages)
 
 
 # A microbatch's token budget bounds how long it holds up the decodes behind it: one with a

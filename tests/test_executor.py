@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.mp import MultiprocTransport
 from asyncpp.executor.uni import ThreadTransport
@@ -67,16 +67,16 @@ async def test_mp_tied_head_gpt2(gpt2_dir):
     assert shares == [checkpoint_share(gpt2_dir, s, tied=True) for s in config.stages]
 
 
-async def test_uni_exception_kills_the_executor(llama_dir):
+async def test_uni_exception_fails_only_its_microbatch(llama_dir):
     config = engine_config(llama_dir)
     bad = MicroBatch(0, [SeqWork(0, [VOCAB + 7], 0, [0], SampleSpec(GREEDY, None, 0))])
+    good = MicroBatch(0, [SeqWork(1, [5, 6], 0, [1], SampleSpec(GREEDY, None, 0))])
     async with running(config, BLOCKS_PER_VE) as executor:
-        with pytest.raises(EngineDeadError, match="IndexError|index"):
+        with pytest.raises(MicrobatchError, match="stage 0 .*IndexError") as info:
             await executor.submit(bad)
-        assert isinstance(executor.dead_error(), EngineDeadError)
-        good = MicroBatch(0, [SeqWork(0, [5], 0, [0], SampleSpec(GREEDY, None, 0))])
-        with pytest.raises(EngineDeadError):
-            await executor.submit(good)
+        assert "Traceback" in info.value.detail and executor.dead_error() is None
+        out = await executor.submit(good)
+    assert out.token_ids == hf_greedy(llama_dir, [[5, 6]], 1)[0]
 
 
 async def test_ray_pipeline_matches_transformers(llama_dir):

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+import torch
 
-from asyncpp.core.errors import EngineDeadError, StageDiedError
+from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageDiedError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
-from conftest import VOCAB
+from asyncpp.executor.factory import create_executor
+from conftest import VOCAB, hf_greedy
 from executor_helpers import GREEDY, child_pids, decode_until_error, engine_config, running
 
 pytestmark = pytest.mark.anyio
@@ -87,18 +89,55 @@ async def test_killed_ray_actor_fails_pending_submits(llama_dir):
 
 
 @pytest.mark.parametrize("backend", ["mp", "ray"])
-async def test_exception_in_a_stage_fails_the_engine(llama_dir, backend):
-    """A token id beyond the vocabulary makes the first stage's embedding raise."""
+async def test_exception_in_a_microbatch_fails_only_that_microbatch(llama_dir, backend):
+    """A token id beyond the vocabulary makes the first stage's embedding raise: the next
+    stage still gets a microbatch's worth of tensors, the stages stay in step, and the
+    microbatches after it come out right."""
     if backend == "ray":
         pytest.importorskip("ray")
     config = engine_config(llama_dir, 2, distributed_executor_backend=backend)
     bad = MicroBatch(0, [SeqWork(0, [VOCAB + 11], 0, [0], SampleSpec(GREEDY, None, 0))])
+    good = MicroBatch(0, [SeqWork(1, [5, 6, 7], 0, [1], SampleSpec(GREEDY, None, 0))])
     async with running(config) as executor:
-        with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(EngineDeadError) as info:
+        with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(MicrobatchError, match="stage 0 .*Error") as info:
             await executor.submit(bad)
-        assert "stage 0 (rank 0) raised" in str(info.value)
-        assert "Error" in str(info.value)  # the worker's exception and traceback come along
-        assert executor.dead_error() is info.value
+        assert "Traceback" in info.value.detail  # the worker's traceback comes along, for the log
+        assert executor.dead_error() is None
+        assert (await executor.submit(good)).token_ids == hf_greedy(llama_dir, [[5, 6, 7]], 1)[0]
+    assert_no_children()
+
+
+class FailingKvRunner:
+    """A rank that cannot allocate its KV cache: a failure outside any microbatch."""
+
+    def __init__(self, config, stage, tp_group):
+        self.stage = stage
+
+    def param_bytes(self) -> int:
+        return 0
+
+    def num_available_blocks(self) -> int:
+        return 64
+
+    def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
+        if self.stage.is_last:
+            raise MemoryError("no room for the KV cache")
+
+    def intermediate_spec(self, num_tokens: int):
+        return {"hidden_states": ((num_tokens, 8), torch.float32)}
+
+
+async def test_a_rank_failing_outside_a_microbatch_ends_the_engine(llama_dir):
+    config = engine_config(llama_dir, 2)
+    executor = create_executor(config, FailingKvRunner)
+    async with anyio.create_task_group() as tg:
+        try:
+            await executor.start(tg)
+            with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(EngineDeadError, match="stage 1 .*MemoryError"):
+                await executor.init_kv_cache(8)
+        finally:
+            await executor.shutdown()
+            tg.cancel_scope.cancel()
     assert_no_children()
 
 

@@ -80,6 +80,9 @@ class EngineConfig:
     tp_comm: str  # "auto" | "shm" | "gloo"
     pp_comm: str  # "auto" | "shm" | "gloo"
     onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32)
+    stage_timeout_s: float  # the watchdog: a stage silent this long with work pending is hung (0: off)
+    max_stage_restarts: int  # within stage_restart_window_s
+    stage_restart_window_s: float
     eos_token_ids: list[int] = field(default_factory=list)
     stages: list[StageSpec] = field(default_factory=list)
 

@@ -14,6 +14,24 @@ class StageDiedError(EngineDeadError):
         super().__init__(msg + (f": {detail}" if detail else ""))
 
 
+class StageHungError(EngineDeadError):
+    def __init__(self, stage: int, rank: int, timeout_s: float):
+        self.stage, self.rank = stage, rank
+        super().__init__(f"pipeline stage {stage} (rank {rank}) made no progress for {timeout_s:g} s "
+                         "with work pending (--stage-timeout)")
+
+
+class MicrobatchError(RuntimeError):
+    """Running one microbatch raised on a stage: its requests fail, the engine serves on."""
+
+    def __init__(self, stage: int, rank: int, summary: str, detail: str = ""):
+        self.stage, self.rank, self.summary, self.detail = stage, rank, summary, detail
+        super().__init__(f"pipeline stage {stage} (rank {rank}) failed on this request's microbatch: {summary}")
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.rank, self.summary, self.detail)
+
+
 class InvalidRequest(ValueError):
     """A request the caller got wrong; `param` names the request field at fault, if one is."""
 

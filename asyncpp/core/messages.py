@@ -47,11 +47,13 @@ class KvReady:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One microbatch done on this rank; `output` only from the rank that samples."""
+    """One microbatch done on this rank; `output` only from the rank that samples.
+    `error`: the microbatch raised here (the rank lives on and stays in step)."""
     rank: int
     mb_id: int
     output: StepOutput | None
     busy_s: float  # this rank's compute seconds since start (waits excluded)
+    error: Failure | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 import anyio
 
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError, MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.supervisor import Supervisor
 from asyncpp.executor.executor import Executor
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,13 @@ class TokenCounters:
 
 class VirtualEngine:
     def __init__(self, ve_id: int, limits: SchedulerLimits, num_blocks: int, block_size: int,
-                 max_in_flight: int, executor: Executor, processor: OutputProcessor,
+                 max_in_flight: int, supervisor: Supervisor, processor: OutputProcessor,
                  on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None]):
         self.ve_id = ve_id
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(limits, self.blocks)
         self.max_in_flight = max_in_flight
-        self.executor = executor
+        self.supervisor = supervisor
         self.processor = processor
         self.counters = TokenCounters()
         self._on_dead = on_dead
@@ -42,6 +43,7 @@ class VirtualEngine:
         self._requests: dict[str, tuple[Request, RequestStream]] = {}
         self._in_flight = 0
         self._error: BaseException | None = None
+        self._failed: Executor | None = None  # the executor that raised self._error
         self._wake = anyio.Event()
 
     # -- called by AsyncLLM --------------------------------------------------------
@@ -74,6 +76,19 @@ class VirtualEngine:
         self._wake.set()
         return True
 
+    def _fail_requests(self, requests: set[Request], error: BaseException) -> None:
+        """End these requests with `error` (their microbatch failed); the engine serves on."""
+        for request in requests:
+            entry = self._requests.pop(request.request_id, None)
+            if entry is None:
+                continue
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.scheduler.remove(seq)
+                    seq.finish("abort")
+            entry[1].fail(error)
+            self._on_finished(request.request_id)
+
     def fail_all(self, error: BaseException) -> None:
         for request, stream in self._requests.values():
             for seq in request.seqs:
@@ -83,11 +98,18 @@ class VirtualEngine:
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
+        """The loop, until the engine stops. A failed pipeline fails this VE's requests;
+        once the supervisor has restarted the stages, the loop starts over."""
         try:
-            await self._loop()
-        except EngineDeadError as e:
-            self.fail_all(e)
-            self._on_dead(e)
+            while True:
+                try:
+                    await self._loop()
+                except EngineDeadError as e:
+                    self.fail_all(e)
+                    assert self._failed is not None
+                    if not await self.supervisor.recovered(self._failed):
+                        self._on_dead(self.supervisor.dead or e)
+                        return
         except Exception as e:  # a bug must fail requests loudly, not hang them
             log.exception("virtual engine %d crashed", self.ve_id)
             dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}")
@@ -96,6 +118,7 @@ class VirtualEngine:
 
     async def _loop(self) -> None:
         """Keep up to `max_in_flight` microbatches of this VE in the pipeline."""
+        self._error = self._failed = None
         async with anyio.create_task_group() as tg:
             while self._error is None:
                 batch = self.scheduler.schedule() if self._in_flight < self.max_in_flight else []
@@ -110,11 +133,16 @@ class VirtualEngine:
         raise self._error
 
     async def _run_microbatch(self, batch: list[ScheduledSeq], mb: MicroBatch) -> None:
+        executor = self.supervisor.executor
+        assert executor is not None
         try:
-            output = await self.executor.submit(mb)
+            output = await executor.submit(mb)
             self._apply(batch, output)
+        except MicrobatchError as e:
+            self._fail_requests({item.seq.request for item in batch}, e)
         except Exception as e:
-            self._error = e
+            if self._error is None:
+                self._error, self._failed = e, executor
         finally:
             self._in_flight -= 1
             self._wake.set()

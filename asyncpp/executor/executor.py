@@ -8,14 +8,16 @@ shuts the ranks down. Backends (uni, mp, ray) are transports behind it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageHungError
 from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run
 from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.executor.failures import RootCause
@@ -23,6 +25,7 @@ from asyncpp.executor.stats import InFlightClock, PipelineStats
 from asyncpp.executor.transport import Transport
 
 _STOP_GRACE_S = 10.0
+_WATCHDOG_TICK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -31,6 +34,8 @@ class _Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     output: StepOutput | None = None
     error: BaseException | None = None
+    reported: set[int] = field(default_factory=set)  # ranks whose Result came
+    failure: Failure | None = None  # the first rank on which this microbatch raised
 
 
 @dataclass(slots=True)
@@ -52,7 +57,8 @@ class Executor:
         self.transport = transport
         self._world = config.world_size
         self._sampling_rank = next(s.rank for s in config.stages if s.is_last and s.tp_rank == 0)
-        self._pending: deque[_Waiter] = deque()
+        self._pending: deque[_Waiter] = deque()  # oldest first: every rank answers in this order
+        self._last_progress = time.monotonic()  # for the watchdog: the last answer while work was pending
         self._replies = _Replies(self._world)
         self._ready: list[Ready] = []
         self._busy = [0.0] * self._world
@@ -64,6 +70,8 @@ class Executor:
         self._closing = False
         self._closed = anyio.Event()
         self._poll_limiter = anyio.CapacityLimiter(1)
+        # Told when the pipeline fails (not on shutdown): the engine restarts the stages.
+        self.on_dead: Callable[[Executor, BaseException], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, task_group: TaskGroup) -> None:
@@ -104,6 +112,8 @@ class Executor:
         self._raise_if_unusable()
         mb.mb_id, self._next_mb_id = self._next_mb_id, self._next_mb_id + 1
         waiter = _Waiter(mb.mb_id)
+        if not self._pending:
+            self._last_progress = time.monotonic()
         self._pending.append(waiter)
         self._clock.started()
         try:
@@ -120,34 +130,62 @@ class Executor:
     async def _read_loop(self) -> None:
         while not self._closing:
             polled = await anyio.to_thread.run_sync(
-                self.transport.poll, self._blame.wait_s(), abandon_on_cancel=True, limiter=self._poll_limiter)
+                self.transport.poll, self._poll_timeout(), abandon_on_cancel=True, limiter=self._poll_limiter)
             for msg in polled.messages:
                 self._dispatch(msg)
             if self._closing:
                 return
             self._gone.update(d.rank for d in polled.deaths)
-            self._dead = self._blame.verdict(polled.deaths, final=len(self._gone) == self._world)
+            self._dead = self._blame.verdict(polled.deaths, final=len(self._gone) == self._world) or self._hung()
             if self._dead is not None:
                 await self._fail()
                 return
 
+    def _poll_timeout(self) -> float | None:
+        waits = [w for w in (self._blame.wait_s(), _WATCHDOG_TICK_S if self._pending else None) if w is not None]
+        return min(waits) if waits else None
+
+    def _hung(self) -> StageHungError | None:
+        """The watchdog: work pending and no rank answered for --stage-timeout seconds.
+        Stages run microbatches in order, so the oldest one is stuck at the first rank that
+        has not answered it."""
+        timeout = self.config.stage_timeout_s
+        if not self._pending or timeout <= 0 or time.monotonic() - self._last_progress < timeout:
+            return None
+        rank = min(set(range(self._world)) - self._pending[0].reported)
+        return StageHungError(self.config.stage(rank).pp_rank, rank, timeout)
+
     def _dispatch(self, msg: FromRank) -> None:
         match msg:
-            case Result(rank, mb_id, output, busy_s):
-                self._busy[rank] = busy_s
-                if rank == self._sampling_rank:
-                    waiter = self._pending.popleft()
-                    assert waiter.mb_id == mb_id, f"result for microbatch {mb_id}, expected {waiter.mb_id}"
-                    waiter.output = output
-                    waiter.event.set()
+            case Result():
+                self._on_result(msg)
             case Ready() | KvReady():
                 self._replies.add(msg)
             case Failure():
                 self._blame.reported(msg)
 
+    def _on_result(self, result: Result) -> None:
+        self._busy[result.rank] = result.busy_s
+        self._last_progress = time.monotonic()
+        waiter = next(w for w in self._pending if result.rank not in w.reported)
+        assert waiter.mb_id == result.mb_id, f"result for microbatch {result.mb_id}, expected {waiter.mb_id}"
+        waiter.reported.add(result.rank)
+        if result.error is not None and waiter.failure is None:
+            waiter.failure = result.error
+        if result.rank == self._sampling_rank:
+            waiter.output = result.output
+        if len(waiter.reported) == self._world:  # the oldest: every rank answers in order
+            assert self._pending.popleft() is waiter
+            if waiter.failure is not None:
+                f = waiter.failure
+                waiter.error = MicrobatchError(self.config.stage(f.rank).pp_rank, f.rank, f.summary, f.text)
+            waiter.event.set()
+
     async def _fail(self) -> None:
-        """A rank died or raised: fail every waiter now and take the other ranks down."""
+        """A rank died, raised or hung: fail every waiter now and take the other ranks down."""
         assert self._dead is not None
+        if self.on_dead is not None:  # first, so a waiter woken below finds the restart begun
+            self.on_dead(self, self._dead)
         self._resolve_all(self._dead)
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self.transport.kill)

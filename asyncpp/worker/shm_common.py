@@ -20,7 +20,7 @@ from typing import Callable
 
 CACHE_LINE = 64  # one flag per cache line: no false sharing between writers
 TOKEN_BYTES = 16
-_PREFIX = "asyncpp-"  # then the kind ("tp", "pp"), "-", the creator's pid, "-", a random name
+SHM_PREFIX = "asyncpp-"  # then the kind ("tp", "pp"), "-", the creator's pid, "-", a random name
 _SPIN_BEFORE_YIELD = 64  # busy checks before giving the core away (ranks may outnumber cores)
 
 
@@ -36,7 +36,7 @@ def create_mapping(kind: str, total: int) -> tuple[str, mmap.mmap]:
     """A new zero-filled shared file of `total` bytes, mapped. Its pages are reserved at
     once, so a full /dev/shm fails here (OSError) rather than with SIGBUS on first touch."""
     remove_stale_regions()
-    fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-", dir=shm_dir())
+    fd, path = tempfile.mkstemp(prefix=f"{SHM_PREFIX}{kind}-{os.getpid()}-", dir=shm_dir())
     try:
         os.ftruncate(fd, total)
         if hasattr(os, "posix_fallocate"):
@@ -75,8 +75,8 @@ def remove_stale_regions() -> None:
     """Files left by a creator killed between creating and unlinking (a short window)."""
     if not Path("/proc/self").exists():
         return  # no way to tell a live creator here
-    for path in Path(shm_dir()).glob(f"{_PREFIX}*-*-*"):
-        pid = path.name[len(_PREFIX):].split("-")[1]
+    for path in Path(shm_dir()).glob(f"{SHM_PREFIX}*-*-*"):
+        pid = path.name[len(SHM_PREFIX):].split("-")[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             path.unlink(missing_ok=True)
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.messages import FromRank, InitKv, KvReady, Ready, Result, Run, Stop, ToRank
+from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run, Stop, ToRank
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.parallel import TPGroup
@@ -22,6 +22,10 @@ from asyncpp.worker.model_runner import ModelRunner
 from asyncpp.worker.stage_link import connect_stage_links
 from asyncpp.worker.tp_comm import make_tp_communicator
 from asyncpp.worker.world import close_world, init_world, local_device
+
+# A device error leaves the device's state unknown: the rank must die, not carry on.
+_DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 
 
 class Runner(Protocol):
@@ -59,6 +63,7 @@ class StageWorker:
             device = init_world(args.rank, config.world_size, args.init_method, config.device)
         else:
             device = local_device(config.device)
+        self.device = device
         self.sync_cuda = device.type == "cuda"
         tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
         self.runner = args.runner_factory(config, self.stage, tp)
@@ -78,26 +83,45 @@ class StageWorker:
     def handle(self, msg: ToRank) -> FromRank:
         match msg:
             case Run(mb):
-                return Result(self.rank, mb.mb_id, self.run(mb), self.busy_s)
+                output, error = self.run(mb)
+                return Result(self.rank, mb.mb_id, output, self.busy_s, error)
             case InitKv(num_virtual_engines, blocks_per_ve):
                 self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
                 return KvReady(self.rank)
         raise ValueError(f"unexpected message {msg!r}")
 
-    def run(self, mb: MicroBatch) -> StepOutput | None:
-        """Run one microbatch; the sampled tokens on the rank that reports them, else None."""
+    def run(self, mb: MicroBatch) -> tuple[StepOutput | None, Failure | None]:
+        """Run one microbatch: (the sampled tokens on the rank that reports them, else None;
+        the microbatch's own failure, if it raised here).
+
+        An exception from this microbatch's forward or sampling fails the microbatch, not
+        the rank: it came from the microbatch's inputs, and the weights and the other
+        sequences' KV are untouched. The next stage still gets tensors of the right shape,
+        so every stage stays in step. Link and device errors are not caught: after them
+        the pipeline's state cannot be trusted, and the rank dies."""
         intermediate = None
         if not self.stage.is_first:
             intermediate = self.link.recv(self.runner.intermediate_spec(mb.num_tokens))
         started = time.perf_counter()
-        out = self.runner.execute(mb, intermediate)
+        error = None
+        try:
+            out = self.runner.execute(mb, intermediate)
+        except _DEVICE_ERRORS:
+            raise
+        except Exception as exc:
+            error = Failure.of(self.rank, exc)
+            out = None if self.stage.is_last else self._placeholder(mb.num_tokens)
         if self.sync_cuda:
             torch.cuda.current_stream().synchronize()
         self.busy_s += time.perf_counter() - started  # compute only, not waits
         if not self.stage.is_last:
             self.link.send(out)
-            return None
-        return out if self.samples else None
+            return None, error
+        return (out if self.samples else None), error
+
+    def _placeholder(self, num_tokens: int) -> IntermediateTensors:
+        spec = self.runner.intermediate_spec(num_tokens)
+        return {name: torch.zeros(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in spec.items()}
 
     def close(self) -> None:
         self.link.close()

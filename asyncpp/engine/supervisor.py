@@ -1,0 +1,105 @@
+"""Owns the pipeline's executor: starts it, and when a stage dies or hangs, restarts every
+stage (a new world, weights reloaded, KV caches re-made) without the engine process going
+down, a bounded number of times within a window."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskGroup
+
+from asyncpp.core.config import EngineConfig
+from asyncpp.core.errors import EngineDeadError
+from asyncpp.executor.executor import Executor
+from asyncpp.executor.factory import create_executor
+from asyncpp.worker.worker import RunnerFactory
+
+log = logging.getLogger("asyncpp")
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig, runner_factory: RunnerFactory):
+        self.config = config
+        self.runner_factory = runner_factory
+        self.executor: Executor | None = None
+        self.dead: BaseException | None = None  # for good: the engine cannot serve again
+        self.restarting: BaseException | None = None  # the failure a restart is recovering from
+        self._restarted = anyio.Event()
+        self._restarts: deque[float] = deque()  # when each restart began
+        self._task_group: TaskGroup | None = None
+        self._blocks_per_ve = 0
+
+    async def start(self, task_group: TaskGroup, blocks_per_ve: Callable[[int], int]) -> int:
+        """Start the first executor; `blocks_per_ve` turns the blocks every rank can hold into
+        each VE's share. Returns that share. A failure here is the caller's, not restarted."""
+        self._task_group = task_group
+        self.executor = create_executor(self.config, self.runner_factory)
+        await self.executor.start(task_group)
+        self._blocks_per_ve = blocks_per_ve(self.executor.num_available_blocks())
+        await self.executor.init_kv_cache(self._blocks_per_ve)
+        self.executor.on_dead = self._on_dead
+        return self._blocks_per_ve
+
+    def error(self) -> BaseException | None:
+        """Why the engine cannot take requests now: dead for good, or restarting its stages."""
+        if self.dead is not None:
+            return self.dead
+        if self.restarting is not None:
+            return EngineDeadError(f"restarting the pipeline stages after: {self.restarting}")
+        return None
+
+    def _on_dead(self, executor: Executor, error: BaseException) -> None:
+        """Called by the executor as it fails (every submission to it raises `error`)."""
+        if executor is not self.executor or self.dead is not None or self.restarting is not None:
+            return
+        now, window = time.monotonic(), self.config.stage_restart_window_s
+        while self._restarts and now - self._restarts[0] > window:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.config.max_stage_restarts:
+            self.dead = EngineDeadError(f"{error} (not restarted: {len(self._restarts)} stage restart(s) in the "
+                                        f"last {window:g} s, --max-stage-restarts {self.config.max_stage_restarts})")
+            log.error("engine failed: %s", self.dead)
+            return
+        self._restarts.append(now)
+        self.restarting = error
+        self._restarted = anyio.Event()
+        assert self._task_group is not None
+        self._task_group.start_soon(self._restart, executor, name="asyncpp-stage-restart")
+
+    async def _restart(self, failed: Executor) -> None:
+        log.error("pipeline failed: %s; restarting the stages (%d of at most %d in %g s)", self.restarting,
+                  len(self._restarts), self.config.max_stage_restarts, self.config.stage_restart_window_s)
+        started = time.monotonic()
+        try:
+            await failed.shutdown()  # nothing of the failed generation is left after this
+            fresh = create_executor(self.config, self.runner_factory)
+            try:
+                assert self._task_group is not None
+                await fresh.start(self._task_group)
+                await fresh.init_kv_cache(self._blocks_per_ve)
+            except BaseException:
+                await fresh.shutdown()
+                raise
+            fresh.on_dead = self._on_dead
+            self.executor = fresh
+            log.info("pipeline stages restarted in %.1f s", time.monotonic() - started)
+        except Exception as exc:
+            self.dead = EngineDeadError(f"restarting the stages after '{self.restarting}' failed: {exc}")
+            log.error("engine failed: %s", self.dead)
+        finally:
+            self.restarting = None
+            self._restarted.set()
+
+    async def recovered(self, failed: Executor) -> bool:
+        """After `failed` raised EngineDeadError: wait for its restart; False when the
+        engine is down for good (or shutting down)."""
+        while self.restarting is not None:
+            await self._restarted.wait()
+        return self.dead is None and self.executor is not failed
+
+    async def shutdown(self) -> None:
+        if self.executor is not None:
+            await self.executor.shutdown()
