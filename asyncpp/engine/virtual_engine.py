@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -76,8 +76,11 @@ class VirtualEngine:
         self._wake.set()
         return True
 
-    def _fail_requests(self, requests: set[Request], error: BaseException) -> None:
-        """End these requests with `error` (their microbatch failed); the engine serves on."""
+    def fail_all(self, error: BaseException) -> None:
+        self._fail_requests([request for request, _ in self._requests.values()], error)
+
+    def _fail_requests(self, requests: Iterable[Request], error: BaseException) -> None:
+        """End these requests with `error` and free their blocks."""
         for request in requests:
             entry = self._requests.pop(request.request_id, None)
             if entry is None:
@@ -88,13 +91,6 @@ class VirtualEngine:
                     seq.finish("abort")
             entry[1].fail(error)
             self._on_finished(request.request_id)
-
-    def fail_all(self, error: BaseException) -> None:
-        for request, stream in self._requests.values():
-            for seq in request.seqs:
-                self.scheduler.remove(seq)
-            stream.fail(error)
-        self._requests.clear()
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
