@@ -191,7 +191,7 @@ class AsyncLLM:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
         vocab_size = self.config.shape.vocab_size
         text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
-        params.verify_for_model(vocab_size)
+        params.verify_for_model(vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
         max_tokens = self._max_tokens(len(token_ids), params)
         if self._num_waiting() >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} "

@@ -77,6 +77,7 @@ class EngineArgs:
                                                   "at once (default P)")
     pp_layer_partition: str | None = _arg(None, "layers per stage, e.g. 8,8,7,7 (default even)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
+    max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
@@ -101,6 +102,8 @@ class EngineArgs:
                      "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines",
                      "max_microbatches_in_flight", "max_waiting_requests", "num_threads"):
             positive(name)
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -235,7 +238,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
-        stages=stages)
+        stages=stages, max_logprobs=args.max_logprobs)
 
 
 # A microbatch's token budget bounds how long it holds up the decodes behind it: one with a

@@ -84,6 +84,7 @@ class EngineConfig:
     max_stage_restarts: int  # within stage_restart_window_s
     stage_restart_window_s: float
     eos_token_ids: list[int] = field(default_factory=list)
+    max_logprobs: int = 20  # most logprobs a request may ask for per token
     stages: list[StageSpec] = field(default_factory=list)
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:

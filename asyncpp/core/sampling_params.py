@@ -1,11 +1,13 @@
 """Sampling parameters, named and validated as in vLLM."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from asyncpp.core.errors import InvalidRequest
 
 _GREEDY_EPS = 1e-5
+_INT64_MAX = 2**63 - 1  # the sampler puts integer fields into int64 tensors
 
 
 @dataclass(slots=True)
@@ -41,6 +43,12 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}", param=name)
 
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+            if isinstance(value, int) and abs(value) > _INT64_MAX:
+                raise bad(f.name, "must fit in 64 bits")
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0:
@@ -72,12 +80,20 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
 
-    def verify_for_model(self, vocab_size: int) -> None:
-        """Checks that need the model: every token id the request names must exist."""
+    def verify_for_model(self, vocab_size: int, max_logprobs: int | None = None,
+                         max_num_seqs: int | None = None) -> None:
+        """Checks that need the model and the engine's limits: every token id the request names
+        must exist, and it may ask for at most `max_logprobs` per token and `max_num_seqs` samples."""
         bad_ids = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad_ids:
             raise InvalidRequest(f"SamplingParams.stop_token_ids holds {bad_ids[0]}, not a token id in "
                                  f"[0, {vocab_size})", param="stop_token_ids")
+        if max_logprobs is not None and self.logprobs is not None and self.logprobs > max_logprobs:
+            raise InvalidRequest(f"SamplingParams.logprobs asks for {self.logprobs} per token; this engine "
+                                 f"allows at most max_logprobs = {max_logprobs}", param="logprobs")
+        if max_num_seqs is not None and self.n > max_num_seqs:
+            raise InvalidRequest(f"SamplingParams.n is {self.n}; this engine runs at most max_num_seqs = "
+                                 f"{max_num_seqs} sequences at once", param="n")
 
     @property
     def greedy(self) -> bool:
