@@ -1,29 +1,34 @@
 """The Starlette app: OpenAI-compatible routes around one AsyncLLM held for the app's lifespan."""
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asyncpp import __version__
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
+from asyncpp.core.errors import EngineDeadError
+from asyncpp.server.auth import BearerAuth
+from asyncpp.server.body_guard import BodyGuard, BodyLimit
 from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
 from asyncpp.server.completions import create_completion
-from asyncpp.server.errors import ServerError, internal_error, unavailable
+from asyncpp.server.errors import ServerError, engine_unhealthy
+from asyncpp.server.host_check import HostCheck
+from asyncpp.server.internal_errors import InternalErrors
+from asyncpp.server.log_hygiene import printable
 from asyncpp.server.metrics import ServerMetrics
+from asyncpp.server.openapi import Endpoint, openapi_document
 from asyncpp.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,41 +37,71 @@ from asyncpp.server.protocol import (
     describe_validation_error,
 )
 from asyncpp.server.serving import ServerState
+from asyncpp.server.settings import ServerSettings
+from asyncpp.server.stats_log import log_stats_every
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_app(args: EngineArgs, *, api_key: str | None = None) -> Starlette:
-    """An app that starts `AsyncLLM(args)` on startup and closes it on shutdown.
-    With `api_key`, every route but /health, /metrics and /version needs `Authorization: Bearer <key>`."""
+def build_app(args: EngineArgs, *, api_key: str | None = None, settings: ServerSettings | None = None) -> Starlette:
+    """An app that starts `AsyncLLM(args)` on startup and closes it on shutdown. With an API key
+    (`api_key` or `settings.api_key`), every route but the open ones needs `Authorization: Bearer <key>`."""
+    settings = settings or ServerSettings(api_key=api_key)
+    body_limit = BodyLimit(settings.max_request_body_bytes, settings.timeout_request_body_s)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with AsyncLLM.from_engine_args(args) as engine:
-            app.state.server = ServerState(engine, ServerMetrics(engine.stats, engine.model_name))
+        async with AsyncLLM.from_engine_args(args) as engine, anyio.create_task_group() as tasks:
+            app.state.server = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), settings)
+            body_limit.max_bytes = settings.body_limit(engine.config.max_model_len)
+            if settings.log_stats_interval_s:
+                tasks.start_soon(log_stats_every, settings.log_stats_interval_s, engine.stats)
             yield
+            tasks.cancel_scope.cancel()
 
-    routes = [
-        Route("/v1/completions", _with_body(CompletionRequest, create_completion), methods=["POST"]),
-        Route("/v1/chat/completions", _with_body(ChatCompletionRequest, create_chat_completion), methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/version", version, methods=["GET"]),
-        Route("/tokenize", _with_body(TokenizeRequest, tokenize), methods=["POST"]),
-        Route("/detokenize", _with_body(DetokenizeRequest, detokenize), methods=["POST"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ]
-    middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []
-    handlers = {ServerError: _server_error, HTTPException: _http_error, Exception: _internal_error}
+    table = endpoints()
+    document = openapi_document([e for e, _ in table], auth=settings.api_key is not None)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    routes = [Route(e.path, handler, methods=[e.method]) for e, handler in table]
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    middleware = [Middleware(HostCheck, allowed_hosts=settings.allowed_hosts)] if settings.allowed_hosts else []
+    if settings.api_key:
+        open_paths = {e.path for e, _ in table if e.open} | {"/openapi.json"}
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key, open_paths=open_paths))
+    middleware += [Middleware(BodyGuard, limit=body_limit), Middleware(InternalErrors)]
+    handlers = {ServerError: _server_error, HTTPException: _http_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
+
+def endpoints() -> list[tuple[Endpoint, Handler]]:
+    """Every route with what the OpenAPI document says of it."""
+    streams = ("application/json", "text/event-stream")
+    engine_errors = (404, 503)
+    return [
+        (Endpoint("/v1/completions", "POST", "Create a completion", CompletionRequest, streams, engine_errors),
+         _with_body(CompletionRequest, create_completion)),
+        (Endpoint("/v1/chat/completions", "POST", "Create a chat completion", ChatCompletionRequest, streams,
+                  engine_errors), _with_body(ChatCompletionRequest, create_chat_completion)),
+        (Endpoint("/v1/models", "GET", "List the served model"), models),
+        (Endpoint("/health", "GET", "200 while the engine is healthy", ok_media=(), errors=(503,), open=True),
+         health),
+        (Endpoint("/version", "GET", "The server's version", open=True), version),
+        (Endpoint("/tokenize", "POST", "Tokenize a prompt or chat messages", TokenizeRequest, errors=(404,)),
+         _with_body(TokenizeRequest, tokenize)),
+        (Endpoint("/detokenize", "POST", "Turn token ids into text", DetokenizeRequest, errors=(404,)),
+         _with_body(DetokenizeRequest, detokenize)),
+        (Endpoint("/metrics", "GET", "Prometheus metrics", ok_media=(CONTENT_TYPE_LATEST,), open=True), metrics),
+    ]
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def _with_body(model: type[Body], handler: Callable[[ServerState, Body, Request], Awaitable[Response]]
-               ) -> Callable[[Request], Awaitable[Response]]:
+def _with_body(model: type[Body], handler: Callable[[ServerState, Body, Request], Awaitable[Response]]) -> Handler:
     async def endpoint(request: Request) -> Response:
+        _check_json(request)
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -74,6 +109,13 @@ def _with_body(model: type[Body], handler: Callable[[ServerState, Body, Request]
             raise ServerError(400, message, param) from exc
         return await handler(_state(request), body, request)
     return endpoint
+
+
+def _check_json(request: Request) -> None:
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        shown = printable(media, 100) if media else "none"
+        raise ServerError(415, f"the body must be JSON sent with Content-Type: application/json (got {shown})")
 
 
 def _state(request: Request) -> ServerState:
@@ -91,7 +133,7 @@ async def models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if not engine.is_healthy():
-        raise unavailable(f"the engine is not healthy: {engine.dead_error()}")
+        raise engine_unhealthy(engine.dead_error() or EngineDeadError("the engine is not running"))
     return Response(status_code=200)
 
 
@@ -102,9 +144,12 @@ async def version(request: Request) -> Response:
 async def tokenize(state: ServerState, body: TokenizeRequest, request: Request) -> Response:
     state.check_model(body.model)
     if body.messages is not None:
-        ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
+        ids = await chat_prompt_ids(state, body.messages, body.add_generation_prompt)
     else:
-        ids = state.tokenizer_or_400("tokenize").encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokenizer = state.tokenizer_or_400("tokenize")
+        state.limits.check_text(body.prompt, "prompt")
+        ids = await anyio.to_thread.run_sync(
+            lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
     return JSONResponse({"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids})
 
 
@@ -114,26 +159,11 @@ async def detokenize(state: ServerState, body: DetokenizeRequest, request: Reque
     vocab = state.engine.config.shape.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise ServerError(400, f"tokens must be ids in [0, {vocab})", "tokens")
-    return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
+    return JSONResponse({"prompt": await anyio.to_thread.run_sync(tokenizer.decode, body.tokens)})
 
 
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-class BearerAuth:
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not secrets.compare_digest(given, self.expected):
-                error = ServerError(401, "invalid or missing API key: send `Authorization: Bearer <key>`")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _server_error(request: Request, exc: ServerError) -> Response:
@@ -142,8 +172,3 @@ async def _server_error(request: Request, exc: ServerError) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     return ServerError(exc.status_code, str(exc.detail)).response()
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette raises the exception again after this answer, and uvicorn logs its traceback.
-    return internal_error().response()

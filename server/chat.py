@@ -1,12 +1,16 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, then plain or streamed
-`chat.completion` objects (streamed: the assistant role first, then content deltas)."""
+"""POST /v1/chat/completions: the chat template, then plain or streamed `chat.completion`
+objects (streamed: the assistant role first, then content deltas)."""
 from __future__ import annotations
 
+from typing import Any
+
+import anyio
 from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from asyncpp.core.outputs import CompletionOutput
+from asyncpp.server.chat_template import RenderTimeout, check_template_request, render_chat
 from asyncpp.server.errors import ServerError
 from asyncpp.server.logprobs import chat_logprobs
 from asyncpp.server.protocol import ChatCompletionRequest, ChatMessage
@@ -32,20 +36,39 @@ class ChatShape(ResponseShape):
                  "finish_reason": None} for i in range(num_choices)]
 
 
-def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> list[int]:
+async def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          template: str | None = None, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The messages through the chat template, as token ids; rendered and tokenized in a worker thread."""
     tokenizer = state.tokenizer_or_400("chat")
+    kwargs = template_kwargs or {}
+    check_template_request(tokenizer, template, kwargs, state.settings.trust_request_chat_template)
+    state.limits.check_text("".join(_texts(messages)), "messages")
+    dicts = [m.template_dict() for m in messages]
+
+    def render_and_encode() -> list[int]:
+        text = render_chat(tokenizer, dicts, add_generation_prompt, template, kwargs,
+                           state.settings.chat_template_timeout_s)
+        state.limits.check_text(text, "messages")
+        # The template writes special tokens (BOS included) itself.
+        return tokenizer.encode(text, add_special_tokens=False)
+
     try:
-        text = tokenizer.apply_chat_template([m.template_dict() for m in messages], tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             **(template_kwargs or {}))
+        return await anyio.to_thread.run_sync(render_and_encode)
+    except RenderTimeout as exc:
+        raise ServerError(400, str(exc), "chat_template") from exc
     except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or one the messages do not fit
         raise ServerError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-    # The template writes special tokens (BOS included) itself.
-    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _texts(messages: list[ChatMessage]) -> list[str]:
+    return [m.content if isinstance(m.content, str) else "".join(p["text"] for p in m.content or [])
+            for m in messages]
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    state.limits.check_n(body.n)
+    state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
+    ids = await chat_prompt_ids(state, body.messages, body.add_generation_prompt, body.chat_template,
+                                body.chat_template_kwargs)
     return await respond(state, request, body, [{"prompt_token_ids": ids}], ChatShape(state, body))

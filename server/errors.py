@@ -1,8 +1,13 @@
 """Errors as OpenAI shapes them: {"error": {"message", "type", "param", "code"}}, with the
-HTTP status in `code`, and the mapping from exception types to statuses."""
+HTTP status in `code`, and the mapping from exception types to statuses.
+
+A 5xx tells the client a short message and an `error_id`; the server log has the same id
+with the full text (an engine failure may carry a stage's traceback and file paths)."""
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -13,7 +18,9 @@ from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-INTERNAL_MESSAGE = "internal server error; the server log has the details"
+INTERNAL_MESSAGE = "internal server error"
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+~-]+){2,}[\\/]?")
+MAX_SUMMARY_CHARS = 200
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
@@ -24,6 +31,7 @@ class ServerError(Exception):
     message: str
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    error_id: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status}: {self.message}"
@@ -33,8 +41,10 @@ class ServerError(Exception):
         return _ERROR_TYPES.get(self.status) or _type_from_phrase(self.status)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        if self.error_id is not None:
+            error["error_id"] = self.error_id
+        return {"error": error}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -52,15 +62,36 @@ def to_server_error(exc: Exception) -> ServerError:
     if isinstance(exc, QueueFullError):
         return unavailable(f"the server is at capacity: {exc}")
     if isinstance(exc, EngineDeadError):
-        return unavailable(f"the engine is not healthy: {exc}")
-    logger.exception("unexpected error", exc_info=exc)
-    return internal_error()
+        return engine_unhealthy(exc)
+    return internal_error(exc)
 
 
-def internal_error() -> ServerError:
+def internal_error(exc: BaseException) -> ServerError:
     """A 500 that tells the client nothing of the exception: its text may hold paths and internals."""
-    return ServerError(500, INTERNAL_MESSAGE)
+    error_id = new_error_id()
+    logger.error("unexpected error [error_id %s]", error_id, exc_info=exc)
+    return ServerError(500, f"{INTERNAL_MESSAGE} (error_id {error_id}; the server log has the details)",
+                       error_id=error_id)
 
 
-def unavailable(message: str) -> ServerError:
-    return ServerError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+def engine_unhealthy(exc: BaseException) -> ServerError:
+    """A 503 with the first line of the engine's error, file paths taken out."""
+    error_id = new_error_id()
+    logger.error("engine unhealthy [error_id %s]: %s", error_id, exc)
+    return unavailable(f"the engine is not healthy: {summary(exc)} (error_id {error_id}; the server log "
+                       "has the details)", error_id)
+
+
+def unavailable(message: str, error_id: str | None = None) -> ServerError:
+    return ServerError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)}, error_id=error_id)
+
+
+def summary(exc: BaseException) -> str:
+    """The exception's first line without file paths, short: what a client may read."""
+    lines = str(exc).strip().splitlines()
+    first = _PATH.sub("<path>", lines[0] if lines else type(exc).__name__)
+    return first if len(first) <= MAX_SUMMARY_CHARS else first[:MAX_SUMMARY_CHARS] + "..."
+
+
+def new_error_id() -> str:
+    return secrets.token_hex(6)

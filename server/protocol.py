@@ -1,29 +1,50 @@
 """The OpenAI wire format: request bodies (validated with pydantic) and their mapping to
-SamplingParams. Field names and defaults follow OpenAI, plus vLLM's sampling extras."""
+SamplingParams. Field names and defaults follow OpenAI, plus vLLM's sampling extras. What
+this server cannot honour (images, tools, structured output) is refused with 400, as vLLM does."""
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.server.log_hygiene import printable
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+TokenIds = list[StrictInt]  # JSON true/false or 1.0 are not token ids
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256  # the engine rescans each stop string's length of text on every step
+MAX_STOP_TOKEN_IDS = 1024
+MAX_CHAT_TEMPLATE_CHARS = 100_000
+MAX_LOGGED_FIELDS = 10
 
 
 class RequestModel(BaseModel):
     # Unknown fields are ignored as OpenAI and vLLM do, but named in the log: a typo'd
-    # sampling field should not pass unnoticed.
-    model_config = ConfigDict(extra="allow")
+    # sampling field should not pass unnoticed. NaN and infinities are no sampling values.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self) -> "RequestModel":
         if self.model_extra:
-            logger.warning("ignoring unknown fields in %s: %s", type(self).__name__,
-                           ", ".join(sorted(self.model_extra)))
+            names = sorted(self.model_extra)
+            more = f" and {len(names) - MAX_LOGGED_FIELDS} more" if len(names) > MAX_LOGGED_FIELDS else ""
+            logger.warning("ignoring unknown fields in %s: %s%s", type(self).__name__,
+                           printable(", ".join(names[:MAX_LOGGED_FIELDS]), 200), more)
         return self
 
 
@@ -56,10 +77,20 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its (new) token ids
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are taken, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
+        return stop
 
     @property
     def include_usage(self) -> bool:
@@ -79,7 +110,7 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
@@ -92,7 +123,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, prompt: Any) -> Any:
-        if prompt in ("", []) or any(p in ("", []) for p in prompt if not isinstance(p, int)):
+        if prompt in ("", []) or (not isinstance(prompt, str) and any(p in ("", []) for p in prompt)):
             raise ValueError("prompt must not be empty")
         return prompt
 
@@ -118,6 +149,24 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {printable(role, 40)!r}")
+        return role
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[dict[str, Any]] | None) -> Any:
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                shown = printable(str(kind), 40)
+                raise ValueError(f"content parts must be {{'type': 'text', 'text': ...}}; this server reads "
+                                 f"text only (got a part of type {shown!r})")
+        return content
+
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: text parts joined into one string."""
         message = self.model_dump(exclude_none=True)
@@ -134,11 +183,28 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    chat_template: str | None = Field(default=None, max_length=MAX_CHAT_TEMPLATE_CHARS)
     chat_template_kwargs: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     _unsupported = field_validator("logit_bias", "tools")(unsupported)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_calls(cls, choice: str | dict[str, Any] | None) -> Any:
+        if choice not in (None, "none", "auto"):
+            raise ValueError("only none or auto is supported: this server calls no tools")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, fmt: dict[str, Any] | None) -> Any:
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ValueError(f"only type text is supported, got {printable(str(fmt.get('type')), 40)!r}")
+        return fmt
 
     @field_validator("top_logprobs")
     @classmethod
@@ -169,8 +235,7 @@ class TokenizeRequest(RequestModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
-
+    tokens: TokenIds
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:

@@ -19,8 +19,11 @@ from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.server.errors import ServerError, to_server_error
+from asyncpp.server.limits import RequestLimits
+from asyncpp.server.log_hygiene import printable
 from asyncpp.server.metrics import RequestTracker, ServerMetrics
 from asyncpp.server.protocol import Prompt, SamplingFields
+from asyncpp.server.settings import ServerSettings
 from asyncpp.server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
 
 if TYPE_CHECKING:  # transformers loads only with the engine's tokenizer
@@ -33,15 +36,20 @@ OnOutput = Callable[[int, RequestOutput], Awaitable[None]]
 class ServerState:
     engine: AsyncLLM
     metrics: ServerMetrics
+    settings: ServerSettings = field(default_factory=ServerSettings)
     created: int = field(default_factory=lambda: int(time.time()))
+    limits: RequestLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = RequestLimits.of(self.engine.config)
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name
 
     def check_model(self, name: str | None) -> None:
-        if name and name != self.model_name:
-            raise ServerError(404, f"The model `{name}` does not exist.", "model")
+        if name is not None and name != self.model_name:
+            raise ServerError(404, f"The model `{printable(name, 100)}` does not exist.", "model")
 
     def tokenizer_or_400(self, what: str) -> PreTrainedTokenizerBase:
         if self.engine.tokenizer is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -58,6 +59,7 @@ class StubEngine:
     with `in_stream`, from its stream."""
     model_name = "stub"
     tokenizer = None
+    config = SimpleNamespace(max_model_len=256, max_logprobs=20, max_num_seqs=8, max_waiting_requests=8)
 
     def __init__(self, error: Exception, in_stream: bool = False):
         self.error, self.in_stream = error, in_stream

@@ -1,0 +1,62 @@
+"""What the operator sets for the HTTP layer (beside EngineArgs): auth, hosts, limits, logging."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+MIB = 2**20
+BASE_BODY_BYTES = 4 * MIB
+# Text prompts longer than this many characters per token of max_model_len are refused before
+# they are tokenized (no tokenizer in use packs more into one token but for pathological text).
+PROMPT_CHARS_PER_TOKEN = 32
+# JSON may spend 6 bytes on one character (\uXXXX).
+BODY_BYTES_PER_TOKEN = PROMPT_CHARS_PER_TOKEN * 6
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    api_key: str | None = None
+    allowed_hosts: list[str] | None = None  # Host header names; None or "*": any
+    trust_request_chat_template: bool = False
+    max_request_body_bytes: int | None = None  # None: default_body_limit(max_model_len)
+    timeout_request_body_s: float = 60.0
+    chat_template_timeout_s: float = 5.0
+    log_stats_interval_s: float = 10.0  # 0: off
+
+    def __post_init__(self) -> None:
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
+        for name in ("timeout_request_body_s", "chat_template_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.log_stats_interval_s < 0:
+            raise ValueError(f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s}")
+
+    def body_limit(self, max_model_len: int) -> int:
+        return self.max_request_body_bytes or default_body_limit(max_model_len)
+
+
+def default_body_limit(max_model_len: int) -> int:
+    """A few MiB for the request around the prompt, plus room for the longest prompt text."""
+    return BASE_BODY_BYTES + BODY_BYTES_PER_TOKEN * max_model_len
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def default_allowed_hosts(bind_host: str) -> list[str] | None:
+    """Host names a client may put in `Host` when the operator names none: on loopback the
+    bound address and localhost's names (a browser page elsewhere then cannot reach the
+    server through DNS rebinding); on a wildcard address any; else the bound address."""
+    if bind_host in ("", "0.0.0.0", "::", "*"):
+        return None
+    if bind_host == "localhost" or _is_loopback(bind_host):
+        return sorted({bind_host, *LOOPBACK_NAMES})
+    return [bind_host]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,38 @@
+"""One line about the engine every few seconds, as vLLM prints: throughput, queues, KV use,
+pipeline bubble. Quiet while the engine stays idle (one line says it went idle)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+
+from asyncpp.async_llm import EngineStats
+
+logger = logging.getLogger("asyncpp.server.stats")
+
+
+def stats_line(before: EngineStats, now: EngineStats, elapsed_s: float) -> str:
+    prompt = (now.prompt_tokens_total - before.prompt_tokens_total) / elapsed_s
+    generation = (now.generation_tokens_total - before.generation_tokens_total) / elapsed_s
+    return (f"Avg prompt throughput: {prompt:.1f} tokens/s, Avg generation throughput: {generation:.1f} tokens/s, "
+            f"Running: {now.num_running} reqs, Waiting: {now.num_waiting} reqs, "
+            f"KV cache usage: {100 * now.kv_usage:.1f}%, Pipeline bubble: {100 * now.pipeline.bubble_fraction:.1f}%")
+
+
+def _idle(before: EngineStats, now: EngineStats) -> bool:
+    return (now.num_running == now.num_waiting == 0 and now.prompt_tokens_total == before.prompt_tokens_total
+            and now.generation_tokens_total == before.generation_tokens_total)
+
+
+async def log_stats_every(interval_s: float, stats: Callable[[], EngineStats]) -> None:
+    """Runs until cancelled."""
+    before, since, was_idle = stats(), time.monotonic(), False
+    while True:
+        await anyio.sleep(interval_s)
+        now, at = stats(), time.monotonic()
+        idle = _idle(before, now)
+        if not (idle and was_idle):
+            logger.info("%s", stats_line(before, now, max(at - since, 1e-9)))
+        before, since, was_idle = now, at, idle
