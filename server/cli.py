@@ -5,14 +5,22 @@ asyncpp.server` parses `add_serve_args` itself. Both run it with `run_serve(name
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
+from typing import Any
 
 import uvicorn
 
-from asyncpp.config import EngineArgs
+from asyncpp.config import EngineArgs, parse_bytes
 from asyncpp.server.app import build_app
+from asyncpp.server.connections import GuardedH11Protocol
+from asyncpp.server.log_hygiene import log_config
+from asyncpp.server.settings import ServerSettings, default_allowed_hosts
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+WANTED_OPEN_FILES = 65536
+logger = logging.getLogger("asyncpp.server")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +30,51 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
     group.add_argument("--api-key", default=os.environ.get("ASYNCPP_API_KEY"),
                        help="require `Authorization: Bearer <key>` (default: $ASYNCPP_API_KEY, else none)")
-    group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn log level")
+    group.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                       help="names the Host header may carry, or '*' for any (default: on loopback the bound "
+                            "address, localhost, 127.0.0.1 and ::1; on 0.0.0.0 or :: any; else the bound address)")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="render chat templates that requests bring (chat_template); off: refused with 400")
+    group.add_argument("--max-request-body-bytes", type=_size, metavar="SIZE",
+                       help="largest request body, e.g. 8MiB; larger ones get 413 (default: 4 MiB plus 192 bytes "
+                            "per token of max_model_len)")
+    group.add_argument("--limit-concurrency", type=_number(int), default=1024,
+                       help="most connections and requests at once; beyond it requests get 503, and a new "
+                            "connection closes the longest-idle one (default 1024)")
+    group.add_argument("--timeout-keep-alive", type=_number(float), default=5,
+                       help="seconds an idle keep-alive connection stays open after a response (default 5)")
+    group.add_argument("--timeout-request-headers", type=_number(float), default=10,
+                       help="seconds a client may take to send a request's headers, from its first byte or "
+                            "from connecting; then the connection is closed (default 10)")
+    group.add_argument("--timeout-request-body", type=_number(float), default=60,
+                       help="seconds a client may take to send a request's body; then 408 (default 60)")
+    group.add_argument("--log-stats-interval", type=_number(float, minimum=0), default=10,
+                       help="seconds between engine stats lines in the log; 0: none (default 10)")
+    group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log one line per HTTP request")
+
+
+def _number(kind: type, minimum: float | None = None) -> Any:
+    """An argparse type: a `kind` above 0, or at least `minimum`."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if (value < minimum) if minimum is not None else (value <= 0):
+            raise argparse.ArgumentTypeError(f"must be {'>= %g' % minimum if minimum is not None else '> 0'}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error for text that is no number
+    return parse
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a size such as 8MiB or 4000000, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,8 +86,41 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def settings_from(ns: argparse.Namespace) -> ServerSettings:
+    hosts = ns.allowed_hosts if ns.allowed_hosts is not None else default_allowed_hosts(ns.host)
+    return ServerSettings(
+        api_key=ns.api_key, allowed_hosts=None if hosts is None or "*" in hosts else hosts,
+        trust_request_chat_template=ns.trust_request_chat_template,
+        max_request_body_bytes=ns.max_request_body_bytes, timeout_request_body_s=ns.timeout_request_body,
+        log_stats_interval_s=ns.log_stats_interval)
+
+
+def uvicorn_options(ns: argparse.Namespace) -> dict[str, Any]:
+    return dict(http=GuardedH11Protocol.with_header_timeout(ns.timeout_request_headers),
+                limit_concurrency=ns.limit_concurrency, timeout_keep_alive=ns.timeout_keep_alive,
+                log_config=log_config(ns.log_level), log_level=ns.log_level, access_log=ns.access_log,
+                timeout_graceful_shutdown=5)
+
+
 def run_serve(ns: argparse.Namespace) -> None:
     """Serves until Ctrl-C or SIGTERM; uvicorn's lifespan then closes the engine and its processes."""
-    app = build_app(EngineArgs.from_cli_args(ns), api_key=ns.api_key)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.access_log,
-                timeout_graceful_shutdown=5)
+    app = build_app(EngineArgs.from_cli_args(ns), settings=settings_from(ns))
+    options = uvicorn_options(ns)
+    open_files = raise_open_files_limit()
+    if ns.limit_concurrency > open_files // 2:
+        logger.warning("--limit-concurrency %d is close to the open-file limit (%d): connections may fail",
+                       ns.limit_concurrency, open_files)
+    uvicorn.run(app, host=ns.host, port=ns.port, **options)
+
+
+def raise_open_files_limit() -> int:
+    """Raises the soft limit on open files towards the hard one (as vLLM does); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(WANTED_OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
