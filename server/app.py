@@ -60,7 +60,8 @@ def build_app(args: EngineArgs, *, api_key: str | None = None, settings: ServerS
             tasks.cancel_scope.cancel()
 
     table = endpoints()
-    document = openapi_document([e for e, _ in table], auth=settings.api_key is not None)
+    maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs}
+    document = openapi_document([e for e, _ in table], auth=settings.api_key is not None, maxima=maxima)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
@@ -171,4 +172,4 @@ async def _server_error(request: Request, exc: ServerError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return ServerError(exc.status_code, str(exc.detail)).response()
+    return ServerError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()  # 405: Allow

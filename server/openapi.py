@@ -2,6 +2,7 @@
 models' JSON schemas, and every route lists the error statuses it can answer."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -40,9 +41,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def openapi_document(endpoints: list[Endpoint], *, auth: bool) -> dict[str, Any]:
+def openapi_document(endpoints: list[Endpoint], *, auth: bool, maxima: dict[str, int] | None = None
+                     ) -> dict[str, Any]:
+    """`maxima`: upper bounds of integer fields that the engine's settings impose (n, logprobs)."""
     bodies = sorted({e.body for e in endpoints if e.body is not None}, key=lambda m: m.__name__)
     _, schemas = models_json_schema([(m, "validation") for m in [*bodies, ErrorResponse]], ref_template=REF)
+    for schema in schemas.get("$defs", {}).values():
+        _bound(schema, maxima or {})
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, auth)
@@ -51,6 +56,12 @@ def openapi_document(endpoints: list[Endpoint], *, auth: bool) -> dict[str, Any]
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return document
+
+
+def _bound(schema: dict[str, Any], maxima: dict[str, int]) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        if name in maxima and '"integer"' in json.dumps(prop):  # numeric keywords pass other types by
+            prop["maximum"] = maxima[name]
 
 
 def _operation(endpoint: Endpoint, auth: bool) -> dict[str, Any]:

@@ -4,18 +4,9 @@ this server cannot honour (images, tools, structured output) is refused with 400
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.server.log_hygiene import printable
@@ -23,20 +14,41 @@ from asyncpp.server.log_hygiene import printable
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-TokenIds = list[StrictInt]  # JSON true/false or 1.0 are not token ids
-
-ROLES = ("system", "user", "assistant", "tool", "developer")
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+ROLES: tuple[str, ...] = get_args(Role)
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 256  # the engine rescans each stop string's length of text on every step
 MAX_STOP_TOKEN_IDS = 1024
 MAX_CHAT_TEMPLATE_CHARS = 100_000
 MAX_LOGGED_FIELDS = 10
+INT64 = 2**63 - 1  # the sampler keeps integer fields in int64 tensors
+
+# The bounds SamplingParams enforces, stated here too so that the OpenAPI document shows them.
+Int64 = Annotated[int, Field(ge=-INT64, le=INT64)]
+Count = Annotated[int, Field(ge=0, le=INT64)]
+Positive = Annotated[int, Field(ge=1, le=INT64)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+TokenId = Annotated[int, Field(ge=0, le=INT64)]
+TokenIds = list[TokenId]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+PromptText = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+# What the validators below refuse, said in the OpenAPI document too: an unsupported field
+# may only be empty, or false.
+EMPTY = {"maxLength": 0, "maxItems": 0, "maxProperties": 0}  # each keyword lets other JSON types by
+TEXT_PARTS = {"items": {"type": "object", "required": ["type", "text"],
+                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
 
 
 class RequestModel(BaseModel):
     # Unknown fields are ignored as OpenAI and vLLM do, but named in the log: a typo'd
-    # sampling field should not pass unnoticed. NaN and infinities are no sampling values.
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # sampling field should not pass unnoticed. Types are strict (true is no token id, "1" no
+    # count), and NaN and infinities are no sampling values.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self) -> "RequestModel":
@@ -55,42 +67,33 @@ def unsupported(value: Any, info: ValidationInfo) -> Any:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingFields(RequestModel):
     """Sampling fields shared by completions and chat (OpenAI's, then vLLM's extras)."""
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: Positive = 1
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: Stop | None = None
+    seed: Int64 | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64)] | None = None  # 0 or -1: off
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Count = 0
     stop_token_ids: TokenIds | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its (new) token ids
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are taken, got {len(stops)}")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
-        return stop
 
     @property
     def include_usage(self) -> bool:
@@ -110,22 +113,17 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    prompt: (PromptText | Annotated[list[PromptText], Field(min_length=1)] | PromptIds
+             | Annotated[list[PromptIds], Field(min_length=1)]) = Field(
+        description="a non-empty string, a list of them, a non-empty list of token ids, or a list of those")
+    max_tokens: Positive | None = 16
+    logprobs: Count | None = None
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    suffix: str | None = Field(default=None, json_schema_extra=EMPTY)
+    best_of: Positive | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=EMPTY)
 
     _unsupported = field_validator("echo", "suffix", "logit_bias")(unsupported)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, prompt: Any) -> Any:
-        if prompt in ("", []) or (not isinstance(prompt, str) and any(p in ("", []) for p in prompt)):
-            raise ValueError("prompt must not be empty")
-        return prompt
 
     @field_validator("best_of")
     @classmethod
@@ -145,16 +143,9 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, role: str) -> str:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {printable(role, 40)!r}")
-        return role
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Role
+    content: str | list[dict[str, Any]] | None = Field(default=None, json_schema_extra=TEXT_PARTS)
 
     @field_validator("content")
     @classmethod
@@ -178,17 +169,18 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: Count | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = Field(default=None, max_length=MAX_CHAT_TEMPLATE_CHARS)
     chat_template_kwargs: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=EMPTY)
+    tools: list[Any] | None = Field(default=None, json_schema_extra=EMPTY)
+    tool_choice: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"enum": [None, "none", "auto"]})
+    response_format: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"properties": {"type": {"const": "text"}}})
 
     _unsupported = field_validator("logit_bias", "tools")(unsupported)
 
@@ -220,9 +212,13 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(RequestModel):
+    # One of prompt or messages, as the document says too.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -240,11 +236,18 @@ class DetokenizeRequest(RequestModel):
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     """A message naming the offending fields, and the first one as OpenAI's `param`."""
+    described = list(dict.fromkeys(_describe(error) for error in exc.errors(include_url=False)))
+    more = f" (and {len(described) - 3} more)" if len(described) > 3 else ""
     errors = exc.errors(include_url=False)
-    parts = []
-    for error in errors[:3]:
-        where = ".".join(str(part) for part in error["loc"])
-        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     first_loc = errors[0]["loc"] if errors else ()
-    return "; ".join(parts) + more, (str(first_loc[0]) if first_loc else None)
+    return "; ".join(described[:3]) + more, (str(first_loc[0]) if first_loc else None)
+
+
+def _describe(error: Any) -> str:
+    # pydantic names the member of a union it tried (`constrained-str`, `list[int]`): noise here.
+    where = ".".join(str(part) for part in error["loc"] if not _is_union_member(part))
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def _is_union_member(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
