@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -85,17 +86,22 @@ class AsyncLLM:
         config = self.config
         self._supervisor = Supervisor(config, self._runner_factory)
         per_ve = await self._supervisor.start(self._task_group, self._blocks_per_ve)
-        log.info("microbatch token budget %d (%s), up to %d microbatch(es) in flight per virtual engine",
-                 config.max_num_batched_tokens, "given" if self.args.max_num_batched_tokens else "default",
-                 config.max_in_flight_per_ve)
+        log.info("microbatch token budget %d, %d prompt tokens while streams decode (%s); up to %d microbatch(es) "
+                 "in flight per virtual engine", config.max_num_batched_tokens,
+                 config.max_prefill_tokens_while_decoding,
+                 "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
+                 else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
-        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
-                                 config.enable_chunked_prefill, config.decode_groups)
+        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                                 config.decode_groups, config.max_prefill_tokens_while_decoding)
         self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, config.max_in_flight_per_ve, self._supervisor,
-                                   processor, self._mark_dead, self._forget)
+                                   processor, self._mark_dead, self._forget, partial(self._decoding_besides, i))
                      for i in range(config.num_virtual_engines)]
         for ve in self._ves:
             self._task_group.start_soon(ve.run, name=f"virtual-engine-{ve.ve_id}")
+
+    def _decoding_besides(self, ve_id: int) -> bool:
+        return any(ve.scheduler.num_decoding for ve in self._ves if ve.ve_id != ve_id)
 
     def _blocks_per_ve(self, total: int) -> int:
         config = self.config

@@ -63,8 +63,11 @@ class EngineArgs:
     block_size: int = _arg(16, "tokens per KV-cache block")
     max_num_seqs: int = _arg(128, "most sequences in one microbatch")
     max_num_batched_tokens: int | None = _arg(None, "token budget of one microbatch: decodes first, prompt chunks "
-                                              "fill the rest (default: 256 on CPU, 2048 on GPU, with chunked "
+                                              "fill the rest (default: 512 on CPU, 2048 on GPU, with chunked "
                                               "prefill; at least max_model_len without)")
+    max_prefill_tokens_while_decoding: int | None = _arg(
+        None, "prompt tokens in one microbatch while any sequence is decoding, so the streams behind it are "
+        "not held up long (default: 64 on CPU, 512 on GPU; at most --max-num-batched-tokens)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     kv_cache_memory: str = _arg("2GiB", "KV-cache memory on CPU, for the whole model (e.g. 512MiB, 4GiB)")
     gpu_memory_utilization: float = _arg(0.9, "fraction of GPU memory for weights and KV cache")
@@ -100,7 +103,8 @@ class EngineArgs:
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                      "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines",
-                     "max_microbatches_in_flight", "max_waiting_requests", "num_threads"):
+                     "max_microbatches_in_flight", "max_waiting_requests", "num_threads",
+                     "max_prefill_tokens_while_decoding"):
             positive(name)
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
@@ -210,6 +214,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     if max_model_len > shape.max_positions:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
     batched = args.max_num_batched_tokens or _default_budget(device, args.enable_chunked_prefill, max_model_len)
+    while_decoding = min(batched, args.max_prefill_tokens_while_decoding or DEFAULT_PREFILL_WHILE_DECODING[device])
+    if not args.enable_chunked_prefill:
+        while_decoding = batched  # whole prompts only
     if not args.enable_chunked_prefill and batched < max_model_len:
         raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) "
                          "when chunked prefill is off")
@@ -230,7 +237,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
         hf_config=hf_config, shape=shape, dtype=dtype, device=device,
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=batched, enable_chunked_prefill=args.enable_chunked_prefill,
+        max_num_batched_tokens=batched, max_prefill_tokens_while_decoding=while_decoding,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
         gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=ves,
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
@@ -241,10 +249,12 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         stages=stages, max_logprobs=args.max_logprobs)
 
 
-# A microbatch's token budget bounds how long it holds up the decodes behind it: one with a
-# prompt chunk should cost a few decode steps, not seconds. Measured per device (README,
-# "Latency-bounded microbatches").
-DEFAULT_BUDGET = {"cpu": 256, "cuda": 2048}
+# A microbatch's token budget bounds how long it holds up the decodes behind it: while any
+# stream is decoding, a microbatch's prompt chunk should cost about a decode step, not
+# seconds; with no stream waiting, larger chunks keep prefill efficient and still pipeline a
+# long prompt over the stages. Measured per device (README, "Latency-bounded microbatches").
+DEFAULT_BUDGET = {"cpu": 512, "cuda": 2048}
+DEFAULT_PREFILL_WHILE_DECODING = {"cpu": 64, "cuda": 512}
 
 
 def _default_budget(device: str, chunked_prefill: bool, max_model_len: int) -> int:

@@ -120,3 +120,22 @@ def test_preempted_sequence_ignores_its_stale_microbatch():
     complete(in_flight[0])
     again = sched.schedule()
     assert [(i.seq, i.start, i.epoch) for i in again] == [(a, 9, 0)]
+
+
+def test_prompt_chunks_shrink_while_streams_decode():
+    limits = SchedulerLimits(8, 64, True, prefill_while_decoding=8)
+    sched = Scheduler(limits, BlockManager(64, 16))
+    a = make_seq(4)
+    sched.add(a)
+    run_step(sched)  # a decodes from now on
+    b = make_seq(100)
+    sched.add(b)
+    assert [(i.seq, i.num_new) for i in sched.schedule()] == [(a, 1), (b, 8)]
+    alone = Scheduler(limits, BlockManager(64, 16))
+    c = make_seq(100)
+    alone.add(c)
+    assert [i.num_new for i in alone.schedule()] == [64]  # nobody waits on it: the whole budget
+    other = Scheduler(limits, BlockManager(64, 16), decoding_elsewhere=lambda: True)
+    d = make_seq(100)
+    other.add(d)
+    assert [i.num_new for i in other.schedule()] == [8]  # another VE's streams wait behind it too

@@ -67,6 +67,7 @@ class EngineConfig:
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_prefill_tokens_while_decoding: int  # prompt tokens in a microbatch while any sequence decodes
     enable_chunked_prefill: bool
     max_waiting_requests: int
     kv_cache_bytes: int  # CPU: the KV budget of the whole model

@@ -12,6 +12,7 @@ the earlier one on every stage, and rewrites the block before reading it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from asyncpp.engine.block_manager import BlockManager
@@ -24,6 +25,7 @@ class SchedulerLimits:
     max_num_batched_tokens: int  # tokens in one microbatch
     chunked_prefill: bool
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
+    prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
 
 
 @dataclass(slots=True)
@@ -36,9 +38,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, blocks: BlockManager):
+    def __init__(self, limits: SchedulerLimits, blocks: BlockManager,
+                 decoding_elsewhere: Callable[[], bool] = lambda: False):
+        """`decoding_elsewhere`: whether another VE has decoding sequences (their streams
+        wait behind this VE's microbatches in the shared pipeline too)."""
         self.limits = limits
         self.blocks = blocks
+        self.decoding_elsewhere = decoding_elsewhere
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -49,9 +55,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_decoding(self) -> int:
+        return sum(1 for s in self.running if s.decoding)
+
     def schedule(self) -> list[ScheduledSeq]:
         """The next microbatch, possibly empty (everything runnable is in flight)."""
-        batch = _Batch(self.limits.max_num_batched_tokens)
+        batch = _Batch(self.limits.max_num_batched_tokens, self._prefill_budget())
         preempted = self._schedule_running(batch)
         if not preempted:
             self._schedule_waiting(batch)
@@ -59,6 +69,12 @@ class Scheduler:
             item.seq.num_scheduled += item.num_new
             item.seq.awaiting_sample = item.samples
         return batch.items
+
+    def _prefill_budget(self) -> int:
+        cap = self.limits.prefill_while_decoding
+        if cap is None or not (self.num_decoding or self.decoding_elsewhere()):
+            return self.limits.max_num_batched_tokens
+        return cap
 
     def _schedule_running(self, batch: _Batch) -> bool:
         """Decodes first (a fair share of them per microbatch), then prompt chunks.
@@ -68,11 +84,11 @@ class Scheduler:
         ready = [s for s in decoding if s.schedulable][:share]
         ready += [s for s in self.running if not s.decoding and s.schedulable]
         for seq in ready:
-            if batch.budget <= 0:
-                break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted while this microbatch was being built
-            num_new = min(seq.num_pending, batch.budget)
+            num_new = min(seq.num_pending, batch.room(seq))
+            if num_new <= 0:
+                continue
             while not self.blocks.allocate(seq, seq.num_scheduled + num_new):
                 victim = self.running.pop()  # the newest running sequence gives way
                 batch.drop(victim)
@@ -83,10 +99,11 @@ class Scheduler:
         return False
 
     def _schedule_waiting(self, batch: _Batch) -> None:
-        while self.waiting and batch.budget > 0 and len(self.running) < self.limits.max_num_seqs:
+        while self.waiting and batch.room(self.waiting[0]) > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_pending, batch.budget) if self.limits.chunked_prefill else seq.num_pending
-            if num_new > batch.budget or not self.blocks.allocate(seq, seq.num_scheduled + num_new):
+            room = batch.room(seq)
+            num_new = min(seq.num_pending, room) if self.limits.chunked_prefill else seq.num_pending
+            if num_new > room or not self.blocks.allocate(seq, seq.num_scheduled + num_new):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -113,13 +130,21 @@ class Scheduler:
 
 
 class _Batch:
-    """The microbatch being built and what is left of its token budget."""
+    """The microbatch being built: what is left of its token budget, and of the part of it
+    prompt chunks may take."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, prefill_budget: int):
         self.budget = budget
+        self.prefill_budget = prefill_budget
         self.items: list[ScheduledSeq] = []
 
+    def room(self, seq: Sequence) -> int:
+        """Tokens `seq` may add: a decode needs only the budget, a prompt chunk its share too."""
+        return self.budget if seq.decoding else min(self.budget, self.prefill_budget)
+
     def add(self, seq: Sequence, num_new: int) -> None:
+        if not seq.decoding:
+            self.prefill_budget -= num_new
         samples = seq.num_scheduled + num_new == seq.num_tokens
         self.items.append(ScheduledSeq(seq, seq.num_scheduled, num_new, samples, seq.epoch))
         self.budget -= num_new
@@ -129,4 +154,6 @@ class _Batch:
             if item.seq is seq:
                 self.items.remove(item)
                 self.budget += item.num_new
+                if not seq.decoding:
+                    self.prefill_budget += item.num_new
                 return

@@ -30,10 +30,11 @@ class TokenCounters:
 class VirtualEngine:
     def __init__(self, ve_id: int, limits: SchedulerLimits, num_blocks: int, block_size: int,
                  max_in_flight: int, supervisor: Supervisor, processor: OutputProcessor,
-                 on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None]):
+                 on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None],
+                 decoding_elsewhere: Callable[[], bool] = lambda: False):
         self.ve_id = ve_id
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(limits, self.blocks)
+        self.scheduler = Scheduler(limits, self.blocks, decoding_elsewhere)
         self.max_in_flight = max_in_flight
         self.supervisor = supervisor
         self.processor = processor
