@@ -1,45 +1,22 @@
-"""Shared fixtures: tiny random checkpoints built with transformers, and the HF oracle."""
+"""Session fixtures every test folder shares: the tiny checkpoints, the anyio backend, and
+the check that no test leaves a process behind. Helpers live in `helpers/`."""
 from __future__ import annotations
 
 import os
-import random
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
+
+from asyncpp import LLM, SamplingParams
+from helpers.models import make_gpt2, make_llama
+from helpers.processes import child_commands
+from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, ServerPool
+from helpers.tokenizer import make_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-VOCAB = 1000
-
-
-def _save(model, path: Path) -> Path:
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False, vocab: int = VOCAB) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  rope_theta=10000.0, tie_word_embeddings=tie, initializer_range=0.2,
-                  bos_token_id=1, eos_token_id=2)
-    if qkv_bias:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    return _save(model.eval(), path)
-
-
-def make_gpt2(path: Path, *, layers: int = 4) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
-                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    return _save(GPT2LMHeadModel(cfg).eval(), path)
 
 
 @pytest.fixture(scope="session")
@@ -62,82 +39,47 @@ def model_dir(request, llama_dir, gpt2_dir) -> Path:
     return {"llama": llama_dir, "gpt2": gpt2_dir}[request.param]
 
 
-def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of mixed lengths, always including both ends of the range."""
-    rng = random.Random(seed)
-    lengths = [lo, hi] + [rng.randint(lo, hi) for _ in range(count - 2)]
-    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
-
-
-_HF_CACHE: dict[tuple, list[int]] = {}
-
-
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The oracle: transformers generate(), greedy fp32, one prompt at a time, EOS ignored."""
-    from transformers import AutoModelForCausalLM
-
-    model = None
-    results = []
-    for prompt in prompts:
-        key = (str(model_dir), tuple(prompt), max_new_tokens)
-        if key not in _HF_CACHE:
-            if model is None:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-                model.generation_config.eos_token_id = None  # run on through EOS, never suppress it
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=0)
-            _HF_CACHE[key] = out[0, len(prompt):].tolist()
-        results.append(_HF_CACHE[key])
-    return results
-
-
 @pytest.fixture
-def anyio_backend():
+def anyio_backend() -> str:
     return "asyncio"
 
 
-def greedy(max_tokens: int) -> "SamplingParams":
-    from asyncpp import SamplingParams
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_kwargs):
-    """Greedy token ids from asyncpp's offline LLM, and the engine stats at the end."""
-    from asyncpp import LLM
-
-    engine_kwargs.setdefault("skip_tokenizer_init", True)
-    with LLM(str(model_dir), **engine_kwargs) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
-        stats = llm.engine.stats()
-    return [o.outputs[0].token_ids for o in outs], stats
-
-
-# KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
-TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
-
-
-def _children() -> dict[int, str]:
-    from executor_helpers import child_pids
-
-    found = {}
-    for pid in child_pids():
-        try:
-            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-        except OSError:
-            pass
-    return found
-
-
 @pytest.fixture(autouse=True)
-def no_leaked_processes():
+def no_leaked_processes() -> Iterator[None]:
     """No process a test started may outlive it (engines, stage workers, servers)."""
-    before = set(_children())
+    before = set(child_commands())
     yield
-    import time
-
     deadline = time.monotonic() + 10
-    while (leaked := {p: c for p, c in _children().items() if p not in before}) and time.monotonic() < deadline:
+    while (leaked := {p: c for p, c in child_commands().items() if p not in before}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not leaked, f"processes outlived the test: {leaked}"
+
+
+# -- the HTTP tests' servers ---------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def server_pool(llama_dir, tok_dir) -> Iterator[ServerPool]:
+    pool = ServerPool(llama_dir, tok_dir)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def reference(llama_dir, tok_dir) -> dict[str, Any]:
+    """What asyncpp's offline LLM gives for the tests' greedy requests (ignore_eos)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    chat_ids = tokenizer.encode(chat_text, add_special_tokens=False)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
+             kv_cache_memory="64MiB") as llm:
+        completion, chat = llm.generate([COMPLETION_PROMPT, {"prompt_token_ids": chat_ids}], params)
+    return {"completion": completion.outputs[0].text, "completion_ids": completion.outputs[0].token_ids,
+            "completion_prompt_ids": completion.prompt_token_ids,
+            "chat": chat.outputs[0].text, "chat_prompt_ids": chat_ids}

@@ -6,7 +6,7 @@ import pytest
 
 from asyncpp import AsyncLLM, SamplingParams
 from asyncpp.core.errors import EngineDeadError, QueueFullError
-from conftest import greedy, hf_greedy, mixed_prompts
+from helpers.parity import greedy, hf_greedy, mixed_prompts
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -7,8 +7,7 @@ import pytest
 
 from asyncpp import Client
 from asyncpp.client import APIError
-from http_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_TOKENS, MODEL_NAME, reference,  # noqa: F401
-                             server_pool, tok_dir)
+from helpers.http_server import API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_TOKENS, MODEL_NAME
 
 GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
 

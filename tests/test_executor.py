@@ -7,8 +7,9 @@ from asyncpp.core.errors import MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.mp import MultiprocTransport
 from asyncpp.executor.uni import ThreadTransport
-from conftest import VOCAB, hf_greedy, mixed_prompts
-from executor_helpers import GREEDY, checkpoint_share, engine_config, greedy_generate, running
+from helpers.driver import GREEDY, engine_config, greedy_generate, running
+from helpers.models import VOCAB, checkpoint_share
+from helpers.parity import hf_greedy, mixed_prompts
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from asyncpp.model import loader
 from asyncpp.model.registry import check_supported
 from asyncpp.model.rotary import rope_parameters
 from asyncpp.worker.model_runner import ModelRunner
-from model_driver import engine_config
+from helpers.driver import GlooGroup, engine_config
 
 
 class ReadLog:
@@ -73,8 +73,6 @@ def test_tied_head_on_last_stage_reads_the_embedding(qwen2_dir, monkeypatch):
 
 def test_tensor_parallel_slices(llama_dir):
     """Rank 1 of 2 holds the second half of each split dimension, read as slices."""
-    from model_driver import GlooGroup
-
     config = engine_config(llama_dir, tensor_parallel_size=2, distributed_executor_backend="mp")
     runner = ModelRunner(config, config.stages[1], GlooGroup(1, 2))
     model = runner.model

@@ -3,22 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from asyncpp.worker.model_runner import ModelRunner
-from conftest import hf_greedy, mixed_prompts
-from model_driver import engine_config, generate
+from helpers.driver import engine_config, generate, runners_for
+from helpers.models import checkpoint_share
+from helpers.parity import hf_greedy, mixed_prompts
 
 MAX_NEW = 12
 NUM_BLOCKS = 400
-
-
-def runners_for(model_dir, pp: int = 1, num_ves: int = 1, **kwargs) -> list[ModelRunner]:
-    config = engine_config(model_dir, pipeline_parallel_size=pp, **kwargs)
-    runners = [ModelRunner(config, stage) for stage in config.stages]
-    for r in runners:
-        r.init_kv_cache(num_ves, NUM_BLOCKS)
-    return runners
 
 
 @pytest.fixture(scope="module")
@@ -61,38 +53,14 @@ def test_unchunked_prompts_and_pure_decode_batches(llama_dir, prompts):
     assert got == expected
 
 
-def _checkpoint_bytes(model_dir, owned) -> int:
-    total = 0
-    for file in model_dir.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if owned(name):
-                    total += _numel(f, name) * 4
-    return total
-
-
-def _numel(f, name) -> int:
-    n = 1
-    for d in f.get_slice(name).get_shape():
-        n *= d
-    return n
-
-
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_param_bytes_per_stage(model, llama_dir, qwen2_dir):
     model_dir = {"llama": llama_dir, "qwen2": qwen2_dir}[model]
+    tied = model == "qwen2"  # the last stage loads the embedding for its head
     runners = runners_for(model_dir, pp=2)
-    first_layers = range(runners[0].stage.layer_start, runners[0].stage.layer_end)
-
-    def first(name: str) -> bool:
-        return name == "model.embed_tokens.weight" or any(name.startswith(f"model.layers.{i}.") for i in first_layers)
-
-    embed = _checkpoint_bytes(model_dir, lambda n: n == "model.embed_tokens.weight")
-    tied_head = embed if model == "qwen2" else 0  # the last stage loads the embedding for its head
-    assert runners[0].param_bytes() == _checkpoint_bytes(model_dir, first)
-    assert runners[1].param_bytes() == _checkpoint_bytes(model_dir, lambda n: not first(n)) + tied_head
+    assert [r.param_bytes() for r in runners] == [checkpoint_share(model_dir, r.stage, tied) for r in runners]
     single = runners_for(model_dir)[0]
-    assert single.param_bytes() == _checkpoint_bytes(model_dir, lambda n: True)  # tied: held once
+    assert single.param_bytes() == checkpoint_share(model_dir, single.stage, tied)  # tied: held once
 
 
 def make_odd_vocab_llama(path, vocab: int = 1001):
@@ -111,7 +79,7 @@ def run_tensor_parallel(model_dir, tmp_path, prompts, tp: int, pp: int = 1) -> l
 
     import torch.multiprocessing as mp
 
-    from model_driver import tp_worker
+    from helpers.driver import tp_worker
 
     result = tmp_path / "result"
     mp.spawn(tp_worker, args=(tp, str(model_dir), pp, prompts, MAX_NEW, f"file://{tmp_path}/rdzv", str(result)),

@@ -1,7 +1,8 @@
 """Greedy fp32 parity with transformers for P > 1 (mp backend: one process per stage)."""
 import pytest
 
-from conftest import TINY_LLAMA_BLOCK_BYTES, engine_tokens, hf_greedy, mixed_prompts
+from helpers.models import TINY_LLAMA_BLOCK_BYTES
+from helpers.parity import engine_tokens, hf_greedy, mixed_prompts
 
 MAX_TOKENS = 10
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import TINY_LLAMA_BLOCK_BYTES, engine_tokens, greedy, hf_greedy, make_llama, mixed_prompts
 
 from asyncpp import AsyncLLM
+from helpers.models import TINY_LLAMA_BLOCK_BYTES, make_llama
+from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
 
 MAX_TOKENS = 8
 

@@ -11,10 +11,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import hf_greedy, mixed_prompts
 from asyncpp.server.metrics import ServerMetrics
-from http_fixtures import (API_KEY, CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME,
-                             reference, server_pool, tok_dir)  # noqa: F401  (fixtures)
+from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME
+from helpers.parity import hf_greedy, mixed_prompts
 
 GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS}
 # One running slot, one waiting place, and room for requests that need seconds to finish.

@@ -16,7 +16,7 @@ import pytest
 
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
-from http_fixtures import COMPLETION_PROMPT, MAX_MODEL_LEN, engine_args, tok_dir  # noqa: F401
+from helpers.http_server import COMPLETION_PROMPT, MAX_MODEL_LEN, engine_args
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

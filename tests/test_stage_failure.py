@@ -17,8 +17,10 @@ import torch
 from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageDiedError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.factory import create_executor
-from conftest import VOCAB, hf_greedy
-from executor_helpers import GREEDY, child_pids, decode_until_error, engine_config, running
+from helpers.driver import GREEDY, decode_until_error, engine_config, running
+from helpers.models import VOCAB
+from helpers.parity import hf_greedy
+from helpers.processes import child_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -175,7 +177,7 @@ async def test_cancelled_while_in_flight_then_shutdown(llama_dir):
 _ORPHAN_SCRIPT = textwrap.dedent("""
     import sys, anyio
     sys.path.insert(0, {tests!r})
-    from executor_helpers import engine_config, running
+    from helpers.driver import engine_config, running
 
     async def main():
         async with running(engine_config({model!r}, 2)) as executor:

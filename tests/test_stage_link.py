@@ -8,7 +8,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from conftest import engine_tokens, hf_greedy, mixed_prompts
+from helpers.parity import engine_tokens, hf_greedy, mixed_prompts
 
 NUM_SLOTS = 3
 SLOT_BYTES = 1000  # rounded up to 1024: some messages below take several slots

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import greedy, hf_greedy, mixed_prompts
 
 from asyncpp import AsyncLLM, EngineDeadError, StageDiedError
 from asyncpp.core.errors import MicrobatchError, StageHungError
 from asyncpp.worker.model_runner import ModelRunner
 from asyncpp.worker.shm_common import SHM_PREFIX, shm_dir
+from helpers.parity import greedy, hf_greedy, mixed_prompts
 
 pytestmark = pytest.mark.anyio
 

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from conftest import engine_tokens, greedy, hf_greedy, mixed_prompts
-from model_driver import engine_config
+from helpers.driver import engine_config
+from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
 
 MAX_TOKENS = 8
 

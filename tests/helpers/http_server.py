@@ -1,7 +1,6 @@
 """Servers for the HTTP tests: the tiny Llama with the fixture tokenizer, served by uvicorn
-in a background thread on a free loopback port, one per engine setting, for the session.
-
-Import the fixtures into a test module: `from http_fixtures import (server_pool, ...)`."""
+in a background thread on a free loopback port, one per engine setting, for the session
+(the fixtures that hold them are in integration/conftest.py)."""
 from __future__ import annotations
 
 import time
@@ -11,15 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from starlette.applications import Starlette
 
-from asyncpp import LLM, SamplingParams
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
-from tokenizer_fixture import make_tokenizer
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"
@@ -30,7 +26,7 @@ CHAT_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def engine_args(model_dir: Path, tok_dir: Path, **overrides: Any) -> EngineArgs:
-    settings = dict(dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_memory="64MiB") | overrides
+    settings = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "kv_cache_memory": "64MiB"} | overrides
     return EngineArgs(model=str(model_dir), tokenizer=str(tok_dir), served_model_name=MODEL_NAME, **settings)
 
 
@@ -81,32 +77,3 @@ class ServerPool:
 
     def close(self) -> None:
         self._stack.close()
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def server_pool(llama_dir, tok_dir):
-    pool = ServerPool(llama_dir, tok_dir)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="session")
-def reference(llama_dir, tok_dir) -> dict[str, Any]:
-    """What asyncpp's offline LLM gives for the tests' greedy requests (ignore_eos)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
-    chat_ids = tokenizer.encode(chat_text, add_special_tokens=False)
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    with LLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
-             kv_cache_memory="64MiB") as llm:
-        completion, chat = llm.generate([COMPLETION_PROMPT, {"prompt_token_ids": chat_ids}], params)
-    return {"completion": completion.outputs[0].text, "completion_ids": completion.outputs[0].token_ids,
-            "completion_prompt_ids": completion.prompt_token_ids,
-            "chat": chat.outputs[0].text, "chat_prompt_ids": chat_ids}

@@ -1,0 +1,57 @@
+"""Greedy parity: prompts of mixed lengths, the transformers oracle, and asyncpp's answer."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyncpp import LLM, SamplingParams
+from asyncpp.async_llm import EngineStats
+from helpers.models import VOCAB
+
+
+def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of mixed lengths, always including both ends of the range."""
+    rng = random.Random(seed)
+    lengths = [lo, hi] + [rng.randint(lo, hi) for _ in range(count - 2)]
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+_HF_CACHE: dict[tuple, list[int]] = {}
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The oracle: transformers generate(), greedy fp32, one prompt at a time, EOS ignored."""
+    from transformers import AutoModelForCausalLM
+
+    model = None
+    results = []
+    for prompt in prompts:
+        key = (str(model_dir), tuple(prompt), max_new_tokens)
+        if key not in _HF_CACHE:
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+                model.generation_config.eos_token_id = None  # run on through EOS, never suppress it
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=0)
+            _HF_CACHE[key] = out[0, len(prompt):].tolist()
+        results.append(_HF_CACHE[key])
+    return results
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int,
+                  **engine_kwargs: Any) -> tuple[list[list[int]], EngineStats]:
+    """Greedy token ids from asyncpp's offline LLM, and the engine stats at the end."""
+    engine_kwargs.setdefault("skip_tokenizer_init", True)
+    with LLM(str(model_dir), **engine_kwargs) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
+        stats = llm.engine.stats()
+    return [o.outputs[0].token_ids for o in outs], stats
