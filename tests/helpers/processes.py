@@ -1,4 +1,5 @@
-"""This process's children, for the checks that no test leaves a process behind."""
+"""Processes seen through /proc: this process's children (for the checks that no test
+leaves a process behind), a process's descendants, and whether one is still running."""
 from __future__ import annotations
 
 import os
@@ -7,20 +8,12 @@ from pathlib import Path
 
 
 def child_pids() -> list[int]:
-    """Processes whose parent is this one, zombies included (from /proc), except the
-    resource tracker multiprocessing keeps for the life of the process."""
+    """Processes whose parent is this one, zombies included, except the resource tracker
+    multiprocessing keeps for the life of the process."""
     # No public API names the tracker's pid; without it the tracker looks like a leak.
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    me, pids = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me and int(entry) != tracker:
-                pids.append(int(entry))
-    return pids
+    me = os.getpid()
+    return [pid for pid, parent in _parents().items() if parent == me and pid != tracker]
 
 
 def child_commands() -> dict[int, str]:
@@ -32,3 +25,37 @@ def child_commands() -> dict[int, str]:
         except OSError:
             pass
     return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    parents = _parents()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, or stopped: neither gone nor a zombie."""
+    try:
+        return _stat_fields(Path(f"/proc/{pid}/stat").read_text())[0] != "Z"
+    except OSError:
+        return False
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat_fields(Path(f"/proc/{entry}/stat").read_text())[1])
+            except OSError:
+                continue
+    return parents
+
+
+def _stat_fields(stat: str) -> list[str]:
+    """The fields after the command name (which may hold spaces and parentheses)."""
+    return stat.rsplit(")", 1)[1].split()

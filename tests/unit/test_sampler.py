@@ -10,6 +10,7 @@ from asyncpp.core.microbatch import SampleSpec
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.worker.sampler import Sampler, apply_penalties, filtered_probs
 
+
 def spec(seed: int | None = None, step: int = 0, blocked: list[int] | None = None,
          prompt: list[int] | None = None, output: list[int] | None = None, **params) -> SampleSpec:
     return SampleSpec(SamplingParams(**params), seed, step, list(blocked or []), prompt, output)

@@ -1,13 +1,15 @@
-"""Tensor parallelism through the engine: greedy fp32 parity with transformers for T = 2 and
-P = 2 x T = 2, each rank holding only its slice; the CPU collectives; invalid layouts."""
+"""Tensor parallelism: greedy fp32 parity with transformers for T = 2 and P = 2 x T = 2
+through the engine, and through ModelRunners driven by hand in a gloo world, each rank
+holding only its slice; the CPU collectives. (Invalid layouts: unit/test_config.py.)"""
 from __future__ import annotations
 
-import logging
+import json
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from helpers.driver import engine_config
+from helpers.driver import engine_config, runners_for, tp_worker
 from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
 
 MAX_TOKENS = 8
@@ -69,41 +71,49 @@ def test_tp2_over_gloo_matches_hf(llama_dir):
     assert tokens == hf_greedy(llama_dir, prompts, MAX_TOKENS)
 
 
-# -- invalid layouts -------------------------------------------------------------------
-def test_t_not_dividing_heads_fails_at_start(llama_dir):
-    from asyncpp import LLM
-
-    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide num_attention_heads \(4\)"):
-        LLM(str(llama_dir), skip_tokenizer_init=True, tensor_parallel_size=3)
+# -- ModelRunners sharded over a real gloo world, driven by hand ---------------------------
+MAX_NEW = 12
 
 
-def test_layout_constraints_name_the_field(llama_dir):
-    from transformers import LlamaConfig
+def make_odd_vocab_llama(path, vocab: int = 1001):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from asyncpp.config import check_tensor_parallel
-    from asyncpp.core.config import ModelShape
-
-    with pytest.raises(ValueError, match=r"num_key_value_heads \(4\)"):
-        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)), 3)
-    with pytest.raises(ValueError, match=r"intermediate size \(130\)"):
-        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
-                                                         intermediate_size=130)), 4)
-    check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
-                                                     intermediate_size=128)), 4)
-    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(5\) is larger than the model's layer count \(4\)"):
-        engine_config(llama_dir, pipeline_parallel_size=5)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
+                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return path
 
 
-def test_more_ranks_than_cores_warns_with_thread_count(llama_dir, monkeypatch, caplog):
-    monkeypatch.setattr("asyncpp.config.available_cores", lambda: 2)
-    with caplog.at_level(logging.WARNING, logger="asyncpp"):
-        config = engine_config(llama_dir, pipeline_parallel_size=2, tensor_parallel_size=2)
-    assert config.threads_per_rank == 1
-    assert "4 ranks x 1 thread(s) on 2 cores" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="asyncpp"):
-        assert engine_config(llama_dir, tensor_parallel_size=2).threads_per_rank == 1
-    assert caplog.text == ""
+def run_tensor_parallel(model_dir, tmp_path, prompts, tp: int, pp: int = 1) -> list[dict]:
+    result = tmp_path / "result"
+    mp.spawn(tp_worker, args=(tp, str(model_dir), pp, prompts, MAX_NEW, f"file://{tmp_path}/rdzv", str(result)),
+             nprocs=tp, join=True)
+    return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(tp)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,pp", [("llama", 2), ("qwen2", 1), ("gpt2", 2)])
+def test_tensor_parallel_two_ranks(model, pp, llama_dir, qwen2_dir, gpt2_dir, tmp_path):
+    model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gpt2": gpt2_dir}[model]
+    prompts = mixed_prompts(4, 1, 150, seed=1)
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2, pp=pp)
+    assert [r["tokens"] for r in results] == [expected, expected]
+    whole = sum(r.param_bytes() for r in runners_for(model_dir, pp=pp))
+    for r in results:  # sharded: only norms, row-parallel biases (and GPT-2 positions) are replicated
+        assert sum(r["param_bytes"]) < 0.6 * whole
+
+
+@pytest.mark.slow
+def test_tensor_parallel_replicated_kv_heads_and_padded_vocab(tmp_path):
+    """One KV head for two ranks (replicated), vocab 1001 (one padding row on rank 1)."""
+    model_dir = make_odd_vocab_llama(tmp_path / "odd")
+    prompts = mixed_prompts(3, 1, 120, seed=2)
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2)
+    assert [r["tokens"] for r in results] == [expected, expected]
 
 
 # -- the CPU collectives -----------------------------------------------------------------
@@ -147,8 +157,6 @@ def _collectives_rank(rank: int, world: int, init: str, slot_bytes: int, out_dir
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_shared_memory_collectives_exact_and_identical(world, tmp_path):
-    import torch.multiprocessing as mp
-
     mp.spawn(_collectives_rank, args=(world, f"file://{tmp_path}/rdzv", 4096, str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in ranks:

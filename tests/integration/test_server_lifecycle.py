@@ -17,8 +17,9 @@ import pytest
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
 from helpers.http_server import COMPLETION_PROMPT, MAX_MODEL_LEN, engine_args
+from helpers.processes import alive, descendants
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
 
@@ -26,30 +27,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _wait_until(condition, timeout_s: float, what: str) -> None:
@@ -80,7 +57,7 @@ def test_serve_shuts_down_on_signal_leaving_no_process(llama_dir, tok_dir, sig):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         _wait_until(lambda: _healthy(url, proc), 180, "the server to become healthy")
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) >= 2, "two stage processes expected"
         body = {"prompt": COMPLETION_PROMPT, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as s:
@@ -99,7 +76,7 @@ def test_serve_shuts_down_on_signal_leaving_no_process(llama_dir, tok_dir, sig):
             proc.wait()
     assert proc.returncode in (0, 130, -sig), output  # 130: Ctrl-C re-raised after a clean shutdown
     assert "Application shutdown complete" in output, output
-    _wait_until(lambda: not any(_alive(pid) for pid in children), 30, "the stage processes to exit")
+    _wait_until(lambda: not any(alive(pid) for pid in children), 30, "the stage processes to exit")
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """Scheduler and block manager, without a model."""
-from asyncpp.engine.block_manager import BlockManager
-from asyncpp.engine.scheduler import Scheduler, SchedulerLimits
-from asyncpp.engine.sequence import Request, Sequence, SeqStatus
 from asyncpp.core.outputs import RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.scheduler import Scheduler, SchedulerLimits
+from asyncpp.engine.sequence import Request, SeqStatus, Sequence
 
 
 def make_seq(prompt_len: int) -> Sequence:

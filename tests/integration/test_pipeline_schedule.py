@@ -1,13 +1,14 @@
 """The pipeline schedule: several microbatches of one virtual engine in flight (prompt
-chunks of one sequence, other sequences), latency-bounded microbatches, a partition
-balanced by cost. Greedy fp32 parity with transformers throughout."""
+chunks of one sequence, other sequences) and latency-bounded microbatches, with greedy fp32
+parity with transformers throughout. (The cost-balanced default partition:
+unit/test_config.py.)"""
 from __future__ import annotations
 
 import anyio
 import pytest
 
 from asyncpp import AsyncLLM
-from helpers.models import TINY_LLAMA_BLOCK_BYTES, make_llama
+from helpers.models import TINY_LLAMA_BLOCK_BYTES
 from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
 
 MAX_TOKENS = 8
@@ -63,18 +64,3 @@ async def test_aborts_while_chunks_are_in_flight(llama_dir):
         assert engine.stats().pipeline.in_flight_max >= 2
     assert all(out.outputs[0].finish_reason == "abort" for out in aborted)
     assert [outputs[i] for i in (1, 2, 4)] == hf_greedy(llama_dir, [prompts[i] for i in (1, 2, 4)], MAX_TOKENS)
-
-
-def test_default_partition_weighs_a_large_vocabulary(tmp_path):
-    """With a 32,000-row head on 64-wide layers the last stage's head outweighs layers."""
-    from asyncpp.config import EngineArgs, create_engine_config
-
-    big_vocab = make_llama(tmp_path / "big-vocab", vocab=32000)
-    config = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2,
-                                             skip_tokenizer_init=True, device="cpu"))
-    assert config.layer_partition == [3, 1]
-    costs = config.shape.stage_costs(4).of(config.layer_partition)
-    assert max(costs) < max(config.shape.stage_costs(4).of([2, 2]))
-    explicit = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2, device="cpu",
-                                               skip_tokenizer_init=True, pp_layer_partition="2,2"))
-    assert explicit.layer_partition == [2, 2]

@@ -58,7 +58,8 @@ def test_each_stage_reads_only_its_tensors(llama_dir, monkeypatch):
     assert reads[0] == {n for n in _all_names(llama_dir)
                         if n == "model.embed_tokens.weight" or n.startswith(("model.layers.0.", "model.layers.1."))}
     assert reads[1] == {n for n in _all_names(llama_dir)
-                        if n in ("model.norm.weight", "lm_head.weight") or n.startswith(("model.layers.2.", "model.layers.3."))}
+                        if n in ("model.norm.weight", "lm_head.weight")
+                        or n.startswith(("model.layers.2.", "model.layers.3."))}
 
 
 def test_tied_head_on_last_stage_reads_the_embedding(qwen2_dir, monkeypatch):

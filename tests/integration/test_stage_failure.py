@@ -20,7 +20,7 @@ from asyncpp.executor.factory import create_executor
 from helpers.driver import GREEDY, decode_until_error, engine_config, running
 from helpers.models import VOCAB
 from helpers.parity import hf_greedy
-from helpers.processes import child_pids
+from helpers.processes import alive, child_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -189,34 +189,27 @@ _ORPHAN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_stage_processes_die_with_a_killed_engine(llama_dir, tmp_path):
     """SIGKILL gives the engine no chance to clean up, and stopped stages (standing in for
     ones stuck in compute or a collective) never see their control pipe close: the kernel
     must take them down."""
     script = tmp_path / "engine.py"
-    script.write_text(_ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent), model=str(llama_dir)))
+    script.write_text(_ORPHAN_SCRIPT.format(tests=str(Path(__file__).parents[1]), model=str(llama_dir)))
     engine = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     stage_pids: list[int] = []
     try:
         stage_pids = [int(p) for p in engine.stdout.readline().split()]
-        assert len(stage_pids) == 2 and all(_alive(p) for p in stage_pids)
+        assert len(stage_pids) == 2 and all(alive(p) for p in stage_pids)
         for pid in stage_pids:
             os.kill(pid, signal.SIGSTOP)
         engine.kill()
         engine.wait()
         deadline = time.monotonic() + FAIL_WITHIN_S
-        while any(_alive(p) for p in stage_pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in stage_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(p) for p in stage_pids)
+        assert not any(alive(p) for p in stage_pids)
     finally:
         engine.kill()
-        for pid in filter(_alive, stage_pids):
+        for pid in filter(alive, stage_pids):
             os.kill(pid, signal.SIGKILL)

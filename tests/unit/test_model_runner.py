@@ -63,53 +63,6 @@ def test_param_bytes_per_stage(model, llama_dir, qwen2_dir):
     assert single.param_bytes() == checkpoint_share(model_dir, single.stage, tied)  # tied: held once
 
 
-def make_odd_vocab_llama(path, vocab: int = 1001):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
-                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def run_tensor_parallel(model_dir, tmp_path, prompts, tp: int, pp: int = 1) -> list[dict]:
-    import json
-
-    import torch.multiprocessing as mp
-
-    from helpers.driver import tp_worker
-
-    result = tmp_path / "result"
-    mp.spawn(tp_worker, args=(tp, str(model_dir), pp, prompts, MAX_NEW, f"file://{tmp_path}/rdzv", str(result)),
-             nprocs=tp, join=True)
-    return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(tp)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model,pp", [("llama", 2), ("qwen2", 1), ("gpt2", 2)])
-def test_tensor_parallel_two_ranks(model, pp, llama_dir, qwen2_dir, gpt2_dir, tmp_path):
-    model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gpt2": gpt2_dir}[model]
-    prompts = mixed_prompts(4, 1, 150, seed=1)
-    expected = hf_greedy(model_dir, prompts, MAX_NEW)
-    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2, pp=pp)
-    assert [r["tokens"] for r in results] == [expected, expected]
-    whole = sum(r.param_bytes() for r in runners_for(model_dir, pp=pp))
-    for r in results:  # sharded: only norms, row-parallel biases (and GPT-2 positions) are replicated
-        assert sum(r["param_bytes"]) < 0.6 * whole
-
-
-@pytest.mark.slow
-def test_tensor_parallel_replicated_kv_heads_and_padded_vocab(tmp_path):
-    """One KV head for two ranks (replicated), vocab 1001 (one padding row on rank 1)."""
-    model_dir = make_odd_vocab_llama(tmp_path / "odd")
-    prompts = mixed_prompts(3, 1, 120, seed=2)
-    expected = hf_greedy(model_dir, prompts, MAX_NEW)
-    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2)
-    assert [r["tokens"] for r in results] == [expected, expected]
-
-
 @pytest.fixture(scope="module")
 def mistral_dir(tmp_path_factory):
     from transformers import MistralConfig, MistralForCausalLM

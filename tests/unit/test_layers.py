@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [
     ("core", ("asyncpp.core",)),

@@ -1,0 +1,111 @@
+"""Engine arguments, sampling parameters and parallel layouts are checked before anything
+starts, and each refusal names the field; the layer partition over pipeline stages (even
+without costs, balanced by cost by default, or explicit)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from transformers import LlamaConfig
+
+from asyncpp import LLM, SamplingParams
+from asyncpp.config import EngineArgs, check_tensor_parallel, create_engine_config
+from asyncpp.core.config import ModelShape
+from asyncpp.core.stages import layer_ranges, partition_layers
+from helpers.driver import engine_config
+from helpers.models import make_llama
+
+
+def test_sampling_params_name_the_field():
+    for kwargs, field in [({"max_tokens": -1}, "max_tokens"), ({"top_p": 0}, "top_p"),
+                          ({"top_p": 1.5}, "top_p"), ({"temperature": -1}, "temperature"),
+                          ({"n": 0}, "n"), ({"min_p": 2}, "min_p"), ({"top_k": -3}, "top_k")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+
+
+def test_bad_engine_args_raise(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        EngineArgs(dtype="float8")
+    with pytest.raises(ValueError, match="not found|config.json"):
+        create_engine_config(EngineArgs(model=str(tmp_path / "missing")))
+
+
+def test_bad_transport_choice_is_refused():
+    with pytest.raises(ValueError, match="pp_comm must be one of auto, shm, gloo"):
+        EngineArgs(pp_comm="tcp")
+
+
+# -- parallel layouts ------------------------------------------------------------------
+def test_t_not_dividing_heads_fails_at_start(llama_dir):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide num_attention_heads \(4\)"):
+        LLM(str(llama_dir), skip_tokenizer_init=True, tensor_parallel_size=3)
+
+
+def test_layout_constraints_name_the_field(llama_dir):
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(4\)"):
+        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=6, num_key_value_heads=4,
+                                                         hidden_size=48)), 3)
+    with pytest.raises(ValueError, match=r"intermediate size \(130\)"):
+        check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                         intermediate_size=130)), 4)
+    check_tensor_parallel(ModelShape.of(LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                     intermediate_size=128)), 4)
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(5\) is larger than the model's layer count \(4\)"):
+        engine_config(llama_dir, pipeline_parallel_size=5)
+
+
+def test_more_ranks_than_cores_warns_with_thread_count(llama_dir, monkeypatch, caplog):
+    monkeypatch.setattr("asyncpp.config.available_cores", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="asyncpp"):
+        config = engine_config(llama_dir, pipeline_parallel_size=2, tensor_parallel_size=2, num_threads=None)
+    assert config.threads_per_rank == 1
+    assert "4 ranks x 1 thread(s) on 2 cores" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asyncpp"):
+        assert engine_config(llama_dir, tensor_parallel_size=2, num_threads=None).threads_per_rank == 1
+    assert caplog.text == ""
+
+
+def test_ranks_are_numbered_stage_major(llama_dir):
+    config = engine_config(llama_dir, pp=2, tensor_parallel_size=2)
+    assert [(s.pp_rank, s.tp_rank, s.rank) for s in config.stages] == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
+    ranges = layer_ranges(config.layer_partition)
+    assert [(s.layer_start, s.layer_end) for s in config.stages] == [ranges[0], ranges[0], ranges[1], ranges[1]]
+
+
+# -- the layer partition ---------------------------------------------------------------
+@pytest.mark.parametrize("layers, stages", [(4, 1), (4, 2), (4, 3), (4, 4), (30, 4), (5, 2)])
+def test_without_costs_the_partition_is_even(layers, stages):
+    parts = partition_layers(layers, stages)
+    assert len(parts) == stages and sum(parts) == layers and max(parts) - min(parts) <= 1
+
+
+def test_explicit_partition_and_layer_ranges():
+    assert partition_layers(4, 3, "2, 1,1") == [2, 1, 1]
+    assert partition_layers(4, 2, [3, 1]) == [3, 1]
+    assert layer_ranges([2, 1, 1]) == [(0, 2), (2, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("explicit, message", [
+    ("2,2", "has 2 entries but pipeline_parallel_size is 3"),
+    ("2,1,2", "sums to 5 but the model has 4 layers"),
+    ("3,1,0", "every stage needs at least one layer"),
+    ("2,x,1", "comma-separated integers"),
+])
+def test_bad_explicit_partition_is_named(explicit, message):
+    with pytest.raises(ValueError, match=message):
+        partition_layers(4, 3, explicit)
+
+
+def test_default_partition_weighs_a_large_vocabulary(tmp_path):
+    """With a 32,000-row head on 64-wide layers the last stage's head outweighs layers."""
+    big_vocab = make_llama(tmp_path / "big-vocab", vocab=32000)
+    config = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2,
+                                             skip_tokenizer_init=True, device="cpu"))
+    assert config.layer_partition == [3, 1]
+    costs = config.shape.stage_costs(4).of(config.layer_partition)
+    assert max(costs) < max(config.shape.stage_costs(4).of([2, 2]))
+    explicit = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2, device="cpu",
+                                               skip_tokenizer_init=True, pp_layer_partition="2,2"))
+    assert explicit.layer_partition == [2, 2]
