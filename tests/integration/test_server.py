@@ -11,7 +11,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncpp.server.metrics import ServerMetrics
 from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, MODEL_NAME
 from helpers.parity import hf_greedy, mixed_prompts
 
@@ -267,13 +266,6 @@ async def test_metrics(server1):
     assert 'asyncpp:stage_busy_fraction{model_name="tiny-llama",stage="0"}' in text
     assert 'asyncpp:stage_layers{model_name="tiny-llama",stage="0"}' in text
     assert samples["asyncpp:microbatches_in_flight_max"] >= 1
-
-
-def test_metrics_registries_are_per_app():
-    first, second = ServerMetrics(lambda: None, "a"), ServerMetrics(lambda: None, "b")
-    first.ttft.observe(0.5)
-    assert first.registry is not second.registry
-    assert second.ttft._sum.get() == 0
 
 
 @pytest.mark.anyio
