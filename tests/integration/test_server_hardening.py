@@ -18,17 +18,6 @@ import anyio
 import httpx
 import pytest
 import schemathesis
-from http_fixtures import (  # noqa: F401
-    API_KEY,
-    CHAT_MESSAGES,
-    COMPLETION_PROMPT,
-    MAX_MODEL_LEN,
-    MODEL_NAME,
-    RunningServer,
-    engine_args,
-    server_pool,
-    tok_dir,
-)
 
 from asyncpp.async_llm import EngineStats
 from asyncpp.config import EngineArgs
@@ -43,8 +32,9 @@ from asyncpp.server.serving import ServerState
 from asyncpp.server.settings import PROMPT_CHARS_PER_TOKEN, ServerSettings, default_allowed_hosts
 from asyncpp.server.stats_log import log_stats_every, stats_line
 from asyncpp.server.threaded import serve_in_thread
+from helpers.http_server import API_KEY, CHAT_MESSAGES, MAX_MODEL_LEN, RunningServer, engine_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BODY_LIMIT = 64 * 1024
 LIMITS = {"max_num_seqs": 4, "max_waiting_requests": 8, "max_logprobs": 5}
 TRUSTING = ServerSettings(api_key=API_KEY, trust_request_chat_template=True, chat_template_timeout_s=1,

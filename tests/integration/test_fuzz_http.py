@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from http_fixtures import API_KEY, MODEL_NAME, RunningServer, server_pool, tok_dir  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncpp.server.protocol import ROLES
+from helpers.http_server import API_KEY, MODEL_NAME, RunningServer
 
 FUZZ_SERVER = {"max_model_len": 64, "max_num_seqs": 4, "max_waiting_requests": 16}
 EXAMPLES = {"/v1/completions": 80, "/v1/chat/completions": 80, "/tokenize": 40, "/detokenize": 40}
