@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints built with transformers, and the HF oracle."""
+"""Shared fixtures: tiny random checkpoints (built by asyncpp.testing.tiny_model), and the HF oracle."""
 from __future__ import annotations
 
 import os
@@ -8,38 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from asyncpp.testing.tiny_model import VOCAB, make_gpt2, make_llama
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-VOCAB = 1000
-
-
-def _save(model, path: Path) -> Path:
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  rope_theta=10000.0, tie_word_embeddings=tie, initializer_range=0.2,
-                  bos_token_id=1, eos_token_id=2)
-    if qkv_bias:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    return _save(model.eval(), path)
-
-
-def make_gpt2(path: Path, *, layers: int = 4) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
-                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    return _save(GPT2LMHeadModel(cfg).eval(), path)
 
 
 @pytest.fixture(scope="session")

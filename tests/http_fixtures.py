@@ -19,7 +19,7 @@ from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
-from tokenizer_fixture import make_tokenizer
+from asyncpp.testing.tiny_tokenizer import make_tokenizer
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"

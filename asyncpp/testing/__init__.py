@@ -1,0 +1,1 @@
+"""Testing apps against a real asyncpp engine: the tiny random model and its tokenizer."""
