@@ -1,11 +1,12 @@
 """Progress of long work: a bar on a terminal, log lines otherwise, silence when quick; weight
-loading counts every parameter's bytes."""
+loading counts every parameter's bytes; `asyncpp bench` says which run of how many it is on."""
 from __future__ import annotations
 
 import io
 import logging
 from contextlib import contextmanager
 
+from asyncpp.bench import BenchConfig, Layout, run_benchmark
 from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.model import loader, progress
 from asyncpp.model.progress import Progress
@@ -66,3 +67,14 @@ def test_loading_counts_every_parameter_byte(llama_dir, monkeypatch):
     (tracker,) = shown
     assert tracker.desc == "loading weights (stage 2/2)"
     assert tracker.done == tracker.total == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_bench_says_which_run_it_is_on(llama_dir):
+    cfg = BenchConfig(model=str(llama_dir), num_requests=2, min_prompt_len=4, max_prompt_len=8, output_len=2,
+                      layouts=[Layout(pp=1)], repeats=2)
+    lines: list[str] = []
+    run_benchmark(cfg, log=lines.append)
+    assert lines[0].startswith("[bench] 2 requests on ") and lines[0].endswith("1 layout(s) x 2 timed run(s)")
+    assert lines[1] == "[bench] run 1/2: asyncpp P=1, round 1/2 ..."
+    assert lines[2].startswith("[bench] P=1: ") and "tok/s, 4 tokens in" in lines[2]
+    assert lines[3] == "[bench] run 2/2: asyncpp P=1, round 2/2 ..."
