@@ -4,6 +4,7 @@ Qwen2, the same layers with q/k/v biases) and a GPT-2, 4 layers of width 64, voc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,14 +18,11 @@ def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  rope_theta=10000.0, tie_word_embeddings=tie, initializer_range=0.2,
-                  bos_token_id=1, eos_token_id=2)
-    if qkv_bias:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=tie,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    model: Any = Qwen2ForCausalLM(Qwen2Config(**common)) if qkv_bias else LlamaForCausalLM(LlamaConfig(**common))
     return _save(model.eval(), path)
 
 
@@ -43,6 +41,6 @@ def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
     return make_tokenizer(Path(path))
 
 
-def _save(model: torch.nn.Module, path: Path) -> Path:
+def _save(model: Any, path: Path) -> Path:  # a transformers PreTrainedModel
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
