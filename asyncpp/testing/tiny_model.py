@@ -13,13 +13,13 @@ from asyncpp.testing.tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 VOCAB = VOCAB_SIZE
 
 
-def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False) -> Path:
+def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False, vocab: int = VOCAB) -> Path:
     # transformers' model classes take seconds to import; only a build needs them.
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     common: dict[str, Any] = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=tie,
         initializer_range=0.2, bos_token_id=1, eos_token_id=2)
     model: Any = Qwen2ForCausalLM(Qwen2Config(**common)) if qkv_bias else LlamaForCausalLM(LlamaConfig(**common))
