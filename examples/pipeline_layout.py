@@ -52,7 +52,7 @@ if __name__ == "__main__":  # stage processes are spawned: they import this file
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the bundled SmolLM2)")
     parser.add_argument("--pipeline-parallel-size", type=int, default=2)
-    parser.add_argument("--partition", default=None, help="layers per stage, e.g. 17,13 (default: even)")
+    parser.add_argument("--partition", default=None, help="layers per stage, e.g. 17,13 (default: the engine's split)")
     parser.add_argument("--virtual-engines", type=int, nargs="+", default=[1, 2], help="one run per value")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--copies", type=int, default=2, help="each prompt this many times")
