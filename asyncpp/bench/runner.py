@@ -63,6 +63,8 @@ class BenchReport:
 def run_benchmark(cfg: BenchConfig, log: Log = print, peers: Sequence[Peer] = ()) -> BenchReport:
     load_start = load_average()
     workload = _workload(cfg)
+    log(f"[bench] {len(workload.prompts)} requests on {workload.model}: {len(cfg.layouts)} layout(s) x "
+        f"{cfg.repeats} timed run(s)" + (", then the peers" if peers else ""))
     notes = _load_notes(load_start, workload.cores)
     results = run_layouts(cfg, workload, notes, log)
     results += [peer(workload, notes, log) for peer in peers]
@@ -97,14 +99,23 @@ def run_layouts(cfg: BenchConfig, workload: Workload, notes: list[str], log: Log
     """Every layout, `repeats` rounds interleaved (so a slow spell of the machine hits all of
     them alike); each layout's row is its median run by tokens/s."""
     runs: dict[Layout, list[SystemResult]] = {layout: [] for layout in cfg.layouts}
+    total, count = cfg.repeats * len(cfg.layouts), 0
     for round_index in range(cfg.repeats):
         for layout in cfg.layouts:
+            count += 1
             if runs[layout] and not runs[layout][-1].ok:
                 continue  # rejected once, rejected again
-            suffix = f" (round {round_index + 1}/{cfg.repeats})" if cfg.repeats > 1 else ""
-            log(f"[bench] asyncpp {layout.name}{suffix} ...")
+            suffix = f", round {round_index + 1}/{cfg.repeats}" if cfg.repeats > 1 else ""
+            log(f"[bench] run {count}/{total}: asyncpp {layout.name}{suffix} ...")
             runs[layout].append(_run_layout(layout, workload, cfg.engine_kwargs, notes))
+            log(f"[bench] {_outcome(runs[layout][-1])}")
     return [median_run(r) for r in runs.values()]
+
+
+def _outcome(result: SystemResult) -> str:
+    if not result.ok:
+        return f"{result.name}: skipped ({result.error})"
+    return f"{result.name}: {result.tokens_per_s:.1f} tok/s, {result.output_tokens} tokens in {result.total_s:.1f} s"
 
 
 def _run_layout(layout: Layout, workload: Workload, engine_kwargs: dict[str, Any], notes: list[str]

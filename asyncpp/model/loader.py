@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from asyncpp.model.progress import progress
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSlice:
@@ -67,13 +69,16 @@ class Checkpoint:
         return name in self.files
 
 
-def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan) -> None:
-    """Fill every parameter of `model` from `plan`; each file is opened once, lazily."""
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan, *,
+                 desc: str = "loading weights", position: int = 0) -> None:
+    """Fill every parameter of `model` from `plan`; each file is opened once, lazily.
+    A slow load shows its progress in bytes (`desc`, `position`: see model/progress.py)."""
     params = dict(model.named_parameters())
     missing = set(params) - set(plan)
     if missing:
         raise ValueError(f"no checkpoint source for parameters {sorted(missing)}")
-    with ExitStack() as stack, torch.no_grad():
+    total = sum(_nbytes(params[name]) for name in plan)
+    with ExitStack() as stack, torch.no_grad(), progress(desc, total, unit="B", position=position) as shown:
         handles: dict[Path, object] = {}
 
         def read(sl: TensorSlice) -> torch.Tensor:
@@ -93,6 +98,11 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan) -> 
 
         for name, source in plan.items():
             _fill(name, params[name], [read(sl) for sl in source.slices], source.pad_rows)
+            shown.update(_nbytes(params[name]))
+
+
+def _nbytes(param: torch.Tensor) -> int:
+    return param.numel() * param.element_size()
 
 
 def _fill(name: str, param: torch.Tensor, parts: list[torch.Tensor], pad_rows: bool) -> None:

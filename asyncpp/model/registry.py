@@ -52,10 +52,18 @@ def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None
     with _default_dtype(config.dtype), torch.device(config.device):
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
     ckpt = Checkpoint.open(config.model_path)
-    load_weights(model, ckpt, model.weight_plan(ckpt))
+    load_weights(model, ckpt, model.weight_plan(ckpt), desc=_loading_desc(stage),
+                 position=stage.rank)
     if config.onednn and onednn_available(config.device, config.dtype):
         prepack_model(model)
     return model.eval()
+
+
+def _loading_desc(stage: StageSpec) -> str:
+    if stage.pp_size * stage.tp_size == 1:
+        return "loading weights"
+    tp = f", TP rank {stage.tp_rank + 1}/{stage.tp_size}" if stage.tp_size > 1 else ""
+    return f"loading weights (stage {stage.pp_rank + 1}/{stage.pp_size}{tp})"
 
 
 def _check_no_sliding_window(hf_config: Any, max_model_len: int) -> None:

@@ -7,5 +7,5 @@
 - fake_runner: a model-free Runner whose next token is predictable
 - processes: this process's children, for leak checks
 - http_server: the HTTP test server harness (constants, engine args, RunningServer, ServerPool)
-- tokenizer: the tiny byte-level BPE tokenizer trained in-process
+- the tiny tokenizer and checkpoints themselves: asyncpp.testing (tiny_tokenizer, tiny_model), shared with the plugin
 """

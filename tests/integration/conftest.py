@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from asyncpp import LLM, SamplingParams
+from asyncpp.testing.tiny_tokenizer import make_tokenizer
 from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, ServerPool
-from helpers.tokenizer import make_tokenizer
 
 
 @pytest.fixture(scope="session")

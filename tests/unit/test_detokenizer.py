@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from asyncpp.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from asyncpp.model import default_model
-from helpers.tokenizer import CORPUS, make_tokenizer
+from asyncpp.testing.tiny_tokenizer import CORPUS, make_tokenizer
 
 TEXTS = [
     "The capital of France is Paris — café, naïve, déjà vu, 你好 🎉!\n  Two  spaces\tand a tab.",

@@ -16,7 +16,7 @@ LAYERS = [
     ("api", ("asyncpp.prompts", "asyncpp.config", "asyncpp.async_llm", "asyncpp.llm", "asyncpp.client",
              "asyncpp")),
     ("server", ("asyncpp.server",)),
-    ("cli", ("asyncpp.cli", "asyncpp.__main__", "asyncpp.bench")),
+    ("cli", ("asyncpp.cli", "asyncpp.__main__", "asyncpp.bench", "asyncpp.testing")),
 ]
 
 

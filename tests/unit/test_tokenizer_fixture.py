@@ -6,7 +6,7 @@ import shutil
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from helpers.tokenizer import VOCAB_SIZE, build_tokenizer, make_tokenizer
+from asyncpp.testing.tiny_tokenizer import VOCAB_SIZE, build_tokenizer, make_tokenizer
 
 TEXTS = ["San Francisco is a", "The capital of France is Paris.",
          "  spaces,\ttabs\nand lines; café naïve 你好 🎉 {\"k\": [1, 2]}", ""]

@@ -10,15 +10,28 @@ from pathlib import Path
 
 import pytest
 
-from asyncpp.bench import (BenchConfig, Layout, RequestTrace, SystemResult, add_arguments,
-                           bench_config_from_args, check_parity, default_workload_dir, format_report,
-                           format_table, make_workload_model, median_run, parse_layout, parse_layouts,
-                           run_benchmark)
+from asyncpp.bench import (
+    BenchConfig,
+    Layout,
+    RequestTrace,
+    SystemResult,
+    add_arguments,
+    bench_config_from_args,
+    check_parity,
+    default_workload_dir,
+    format_report,
+    format_table,
+    make_workload_model,
+    median_run,
+    parse_layout,
+    parse_layouts,
+    run_benchmark,
+)
 from asyncpp.bench.workload import publish_folder
 from benchmarks.peer_hf import HFPeer
 from benchmarks.throughput import add_peer_arguments, build_peers, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HARNESS_MODULES = ("matplotlib", "vllm", "benchmarks", "benchmarks.throughput", "benchmarks.peer_hf",
                    "benchmarks.peer_vllm", "benchmarks.peer_vllm_child", "benchmarks.throughput_plot")
 
@@ -77,7 +90,8 @@ def test_parse_layout_rejects(text):
 
 
 def test_layout_names():
-    assert [l.name for l in parse_layouts("p1 p2v2 p2v1 t2 p2t2")] == ["P=1", "P=2,V=2", "P=2,V=1", "P=1,T=2", "P=2,T=2"]
+    names = [layout.name for layout in parse_layouts("p1 p2v2 p2v1 t2 p2t2")]
+    assert names == ["P=1", "P=2,V=2", "P=2,V=1", "P=1,T=2", "P=2,T=2"]
     assert parse_layout("p2v2@5,3").name == "P=2,V=2 [5,3]"
     assert parse_layout("p2v2@5,3").engine_kwargs()["pp_layer_partition"] == "5,3"
 

@@ -38,7 +38,8 @@ def _fake_vllm(tmp_path, monkeypatch):
     pkg = tmp_path / "vllm"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(FAKE_VLLM)
-    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
+    (pkg / "inputs.py").write_text(
+        "def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
 
 

@@ -1,7 +1,7 @@
-"""A tiny byte-level BPE tokenizer (ChatML, SmolLM2-like) for the tiny test checkpoints.
+"""A tiny byte-level BPE tokenizer (ChatML, SmolLM2-like) for the tiny random checkpoints.
 
 Trained in-process on the text below, so tests need no downloads. Its vocabulary is exactly
-`VOCAB_SIZE` ids, matching the tiny models in helpers/models.py (bos id 1, eos id 2).
+`VOCAB_SIZE` ids, matching the tiny models of tiny_model.py (bos id 1, eos id 2).
 """
 from __future__ import annotations
 

@@ -1,0 +1,46 @@
+"""Tiny random checkpoints built with transformers (seconds, no download): a Llama (or a
+Qwen2, the same layers with q/k/v biases) and a GPT-2, 4 layers of width 64, vocabulary
+`VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts the Llama and the tiny tokenizer in one folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyncpp.testing.tiny_tokenizer import VOCAB_SIZE, make_tokenizer
+
+VOCAB = VOCAB_SIZE
+
+
+def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False, vocab: int = VOCAB) -> Path:
+    # transformers' model classes take seconds to import; only a build needs them.
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=tie,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    model: Any = Qwen2ForCausalLM(Qwen2Config(**common)) if qkv_bias else LlamaForCausalLM(LlamaConfig(**common))
+    return _save(model.eval(), path)
+
+
+def make_gpt2(path: Path, *, layers: int = 4) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
+                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return _save(GPT2LMHeadModel(cfg).eval(), path)
+
+
+def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
+    """A folder any asyncpp entry point loads as a model: the tiny Llama and its tokenizer."""
+    make_llama(Path(path), layers=layers)
+    return make_tokenizer(Path(path))
+
+
+def _save(model: Any, path: Path) -> Path:  # a transformers PreTrainedModel
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
