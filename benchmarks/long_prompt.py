@@ -8,6 +8,7 @@ row is the median round.
 
     python benchmarks/long_prompt.py
     python benchmarks/long_prompt.py --prompt-len 2000 --rounds 5 --json ttft.json
+    python benchmarks/long_prompt.py --partitions 4,4     # and P=2 with an even split
 """
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ class System:
     stats: str = ""
 
 
-def systems(prompt_len: int) -> list[System]:
+def systems(prompt_len: int, partitions: list[str]) -> list[System]:
     one_chunk = prompt_len + 16
-    return [System("P=1", {"pipeline_parallel_size": 1}),
+    rows = [System("P=1", {"pipeline_parallel_size": 1}),
             System("P=2, one chunk", {"pipeline_parallel_size": 2, "max_num_batched_tokens": one_chunk}),
             System("P=2, default", {"pipeline_parallel_size": 2})]
+    return rows + [System(f"P=2, layers {p}", {"pipeline_parallel_size": 2, "pp_layer_partition": p})
+                   for p in partitions]
 
 
 async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
@@ -55,7 +58,7 @@ async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
 async def run(args: argparse.Namespace) -> list[System]:
     model = str(make_workload_model())
     prompt = make_prompts(1, args.prompt_len, args.prompt_len, 32000, seed=args.seed)[0]
-    rows = systems(args.prompt_len)
+    rows = systems(args.prompt_len, args.partitions)
     async with AsyncExitStack() as stack:
         engines = []
         for row in rows:
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partitions", nargs="*", default=[], help="also P=2 with these layer splits, e.g. 4,4")
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
     rows = anyio.run(run, args)
