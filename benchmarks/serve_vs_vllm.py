@@ -54,7 +54,7 @@ def free_port() -> int:
 
 
 def vllm_env(vllm_python: str, pp: int) -> dict[str, str]:
-    venv = Path(vllm_python).resolve().parents[1]
+    venv = Path(vllm_python).absolute().parents[1]  # not resolve(): the venv's python links out of it
     gomp = next(venv.glob("lib/python3*/site-packages/torch/lib/libgomp.so.1"))
     cores = os.cpu_count() or 1
     bind = "|".join(str(c) for c in range(cores)) if pp > 1 else f"0-{cores - 1}"

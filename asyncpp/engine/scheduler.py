@@ -59,8 +59,13 @@ class Scheduler:
     def num_decoding(self) -> int:
         return sum(1 for s in self.running if s.decoding)
 
-    def schedule(self) -> list[ScheduledSeq]:
-        """The next microbatch, possibly empty (everything runnable is in flight)."""
+    def schedule(self, in_flight: int = 0) -> list[ScheduledSeq]:
+        """The next microbatch, possibly empty: everything runnable is in flight, or only
+        a few decodes are ready while `in_flight` microbatches of this VE are out (they
+        wait to go with the rest of their share: small microbatches re-read the weights
+        for little work)."""
+        if in_flight and self._only_a_few_decodes_ready():
+            return []
         batch = _Batch(self.limits.max_num_batched_tokens, self._prefill_budget())
         preempted = self._schedule_running(batch)
         if not preempted:
@@ -69,6 +74,17 @@ class Scheduler:
             item.seq.num_scheduled += item.num_new
             item.seq.awaiting_sample = item.samples
         return batch.items
+
+    def _only_a_few_decodes_ready(self) -> bool:
+        if any(s.schedulable and not s.decoding for s in self.running):
+            return False  # prompt chunks to send
+        if self.waiting and len(self.running) < self.limits.max_num_seqs:
+            return False  # prompts to admit
+        decoding = [s for s in self.running if s.decoding]
+        return sum(1 for s in decoding if s.schedulable) < self._decode_share(len(decoding))
+
+    def _decode_share(self, num_decoding: int) -> int:
+        return -(-num_decoding // self.limits.decode_groups)
 
     def _prefill_budget(self) -> int:
         cap = self.limits.prefill_while_decoding
@@ -80,8 +96,7 @@ class Scheduler:
         """Decodes first (a fair share of them per microbatch), then prompt chunks.
         Returns whether a sequence had to be preempted."""
         decoding = [s for s in self.running if s.decoding]
-        share = -(-len(decoding) // self.limits.decode_groups)
-        ready = [s for s in decoding if s.schedulable][:share]
+        ready = [s for s in decoding if s.schedulable][:self._decode_share(len(decoding))]
         ready += [s for s in self.running if not s.decoding and s.schedulable]
         for seq in ready:
             if seq.status is not SeqStatus.RUNNING:

@@ -54,8 +54,9 @@ class Sequence:
 
     @property
     def decoding(self) -> bool:
-        """Past its prompt: one token at a time, each waiting on the previous sample."""
-        return bool(self.output_token_ids) and self.num_pending <= 1
+        """Past its prompt (all of it scheduled): one token at a time, each waiting on the
+        previous sample."""
+        return self.num_scheduled >= len(self.prompt_token_ids) and self.num_pending <= 1
 
     @property
     def schedulable(self) -> bool:

@@ -118,7 +118,7 @@ class VirtualEngine:
         self._error = self._failed = None
         async with anyio.create_task_group() as tg:
             while self._error is None:
-                batch = self.scheduler.schedule() if self._in_flight < self.max_in_flight else []
+                batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight else []
                 if batch:
                     self._in_flight += 1
                     tg.start_soon(self._run_microbatch, batch, self._microbatch(batch))

@@ -139,3 +139,15 @@ def test_prompt_chunks_shrink_while_streams_decode():
     d = make_seq(100)
     other.add(d)
     assert [i.num_new for i in other.schedule()] == [8]  # another VE's streams wait behind it too
+
+
+def test_a_few_ready_decodes_wait_for_their_share_while_others_are_in_flight():
+    sched = Scheduler(SchedulerLimits(8, 64, True, decode_groups=1), BlockManager(64, 16))
+    seqs = [make_seq(4) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()  # four prompts, each sampling
+    for item in first[:1]:
+        complete(item)  # one returns early
+    assert sched.schedule(in_flight=1) == []  # one decode alone would re-read every weight
+    assert [i.seq for i in sched.schedule(in_flight=0)] == seqs[:1]  # nothing out: go anyway
