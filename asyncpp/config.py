@@ -67,7 +67,7 @@ class EngineArgs:
                                               "prefill; at least max_model_len without)")
     max_prefill_tokens_while_decoding: int | None = _arg(
         None, "prompt tokens in one microbatch while any sequence is decoding, so the streams behind it are "
-        "not held up long (default: 64 on CPU, 512 on GPU; at most --max-num-batched-tokens)")
+        "not held up long (default: 32 on CPU, 512 on GPU; at most --max-num-batched-tokens)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     kv_cache_memory: str = _arg("2GiB", "KV-cache memory on CPU, for the whole model (e.g. 512MiB, 4GiB)")
     gpu_memory_utilization: float = _arg(0.9, "fraction of GPU memory for weights and KV cache")
@@ -254,7 +254,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
 # seconds; with no stream waiting, larger chunks keep prefill efficient and still pipeline a
 # long prompt over the stages. Measured per device (README, "Latency-bounded microbatches").
 DEFAULT_BUDGET = {"cpu": 512, "cuda": 2048}
-DEFAULT_PREFILL_WHILE_DECODING = {"cpu": 64, "cuda": 512}
+DEFAULT_PREFILL_WHILE_DECODING = {"cpu": 32, "cuda": 512}
 
 
 def _default_budget(device: str, chunked_prefill: bool, max_model_len: int) -> int:

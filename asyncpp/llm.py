@@ -23,6 +23,10 @@ from asyncpp.prompts import PromptInput
 class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any):
         engine_kwargs.setdefault("max_waiting_requests", 1 << 30)  # offline batches queue it all
+        # Nobody watches tokens stream offline: prompts may take the whole microbatch budget
+        # while others decode (faster batches), instead of the serving default that keeps
+        # each stream's inter-token latency down.
+        engine_kwargs.setdefault("max_prefill_tokens_while_decoding", 1 << 30)
         self._portal_cm = start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         try:

@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, bundled_model_path  # noqa: E402
+from benchmarks.serve_load import free_port, wait_healthy  # noqa: E402
 
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
 
@@ -45,12 +42,6 @@ class System:
     @property
     def name(self) -> str:
         return f"{'asyncpp' if self.kind == 'asyncpp' else 'vLLM 0.32'} P={self.pp}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def vllm_env(vllm_python: str, pp: int) -> dict[str, str]:
@@ -71,23 +62,9 @@ def start(system: System, model: Path, port: int, args: argparse.Namespace) -> s
     cmd = [args.vllm_python, str(REPO / "benchmarks" / "vllm_cli.py"), "serve", str(model),
            "--served-model-name", DEFAULT_MODEL_NAME, "--port", str(port), "--dtype", "float32",
            "--pipeline-parallel-size", str(system.pp), "--max-model-len", "2048",
-           "--no-enable-prefix-caching", "--disable-log-requests"]
+           "--no-enable-prefix-caching", "--no-enable-log-requests"]
     return subprocess.Popen(cmd, env=vllm_env(args.vllm_python, system.pp), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"no healthy server at {url} after {timeout_s:.0f} s")
 
 
 def load(url: str, model: Path, args: argparse.Namespace, num_prompts: int, out: Path) -> dict:
@@ -109,7 +86,7 @@ def run_one(system: System, model: Path, args: argparse.Namespace, workdir: Path
     url = f"http://127.0.0.1:{port}"
     server = start(system, model, port, args)
     try:
-        wait_healthy(url, server)
+        wait_healthy(url, server, timeout_s=600)  # vLLM compiles its graphs first
         load(url, model, args, args.concurrency // 4 or 1, workdir / f"warmup-{tag}.json")
         result = load(url, model, args, args.num_prompts, workdir / f"{tag}.json")
         system.runs.append({k: result[k] for k in METRICS})
