@@ -72,8 +72,8 @@ def error_of(response: httpx.Response, status: int, param: str | None) -> dict:
 
 
 # -- 2: a 5xx carries an error id, never a traceback or a path ------------------------------
-STAGE_TRACEBACK = ('pipeline stage 1 (rank 1) raised RuntimeError: boom in /home/someone/asyncpp/worker/x.py\n'
-                   'Traceback (most recent call last):\n  File "/home/someone/asyncpp/worker/x.py", line 42')
+STAGE_TRACEBACK = ('pipeline stage 1 (rank 1) raised RuntimeError: boom in /srv/someone/asyncpp/worker/x.py\n'
+                   'Traceback (most recent call last):\n  File "/srv/someone/asyncpp/worker/x.py", line 42')
 
 
 class DeadEngine:
@@ -108,7 +108,7 @@ async def test_503_tells_the_first_line_and_an_error_id_the_log_has_in_full(meth
         response = await client.request(method, path, json={"prompt": "x"})
     error = response.json()["error"]
     assert response.status_code == 503 and error["error_id"] in error["message"]
-    assert "Traceback" not in response.text and "/home/someone" not in response.text
+    assert "Traceback" not in response.text and "/srv/someone" not in response.text
     assert "pipeline stage 1 (rank 1) raised RuntimeError" in error["message"]
     logged = [r.getMessage() for r in caplog.records if error["error_id"] in r.getMessage()]
     assert logged and STAGE_TRACEBACK in logged[0]
@@ -116,7 +116,7 @@ async def test_503_tells_the_first_line_and_an_error_id_the_log_has_in_full(meth
 
 @pytest.mark.anyio
 async def test_500_error_id_is_in_the_log_with_the_traceback(caplog):
-    async with stub_client(RuntimeError("secret /home/someone/x.py")) as client:
+    async with stub_client(RuntimeError("secret /srv/someone/x.py")) as client:
         response = await client.post("/v1/completions", json={"prompt": "x"})
     error = response.json()["error"]
     assert response.status_code == 500 and error["type"] == "InternalServerError"

@@ -20,7 +20,7 @@ from asyncpp.server.errors import to_server_error
 from asyncpp.server.metrics import ServerMetrics
 from asyncpp.server.serving import ServerState
 
-SECRET = 'File "/home/someone/asyncpp/engine/secret_internals.py", line 42'
+SECRET = 'File "/srv/someone/asyncpp/engine/secret_internals.py", line 42'
 VOCAB = 100
 
 BAD_SAMPLING = [("n", {"n": 0}), ("temperature", {"temperature": -1}), ("top_p", {"top_p": 0}),
