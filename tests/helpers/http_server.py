@@ -3,19 +3,17 @@ in a background thread on a free loopback port, one per engine setting, for the 
 (the fixtures that hold them are in integration/conftest.py)."""
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
 
-from asyncpp.async_llm import AsyncLLM
 from asyncpp.config import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
+from asyncpp.testing.live_server import LiveServer
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"
@@ -31,13 +29,8 @@ def engine_args(model_dir: Path, tok_dir: Path, **overrides: Any) -> EngineArgs:
 
 
 @dataclass(slots=True)
-class RunningServer:
-    url: str
-    app: Starlette
-
-    @property
-    def engine(self) -> AsyncLLM:
-        return self.app.state.server.engine
+class RunningServer(LiveServer):
+    """The plugin's live server (engine, wait_idle), with the clients these tests use."""
 
     def http(self, api_key: str | None = API_KEY, **kwargs: Any) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -47,17 +40,6 @@ class RunningServer:
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-    def wait_idle(self, timeout_s: float = 30) -> Any:
-        """Engine stats once nothing runs and no KV block is held (fails after `timeout_s`)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = self.engine.stats()
-            if stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"engine still busy after {timeout_s} s: {stats}")
-            time.sleep(0.05)
 
 
 class ServerPool:
