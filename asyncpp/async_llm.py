@@ -17,6 +17,7 @@ from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import SchedulerLimits
@@ -24,7 +25,7 @@ from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.supervisor import Supervisor
 from asyncpp.engine.virtual_engine import VirtualEngine
 from asyncpp.executor.stats import PipelineStats
-from asyncpp.prompts import PromptInput, resolve_prompt
+from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
 log = logging.getLogger("asyncpp")
@@ -34,11 +35,14 @@ log = logging.getLogger("asyncpp")
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_blocks_used: int
+    kv_blocks_used: int  # held by some sequence
+    kv_blocks_cached: int  # cached prefixes no sequence holds (freed when blocks are needed)
     kv_blocks_total: int
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found there (not computed)
     pipeline: PipelineStats
     layer_partition: list[int]
 
@@ -94,8 +98,9 @@ class AsyncLLM:
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                  config.decode_groups, config.max_prefill_tokens_while_decoding)
-        self._ves = [VirtualEngine(i, limits, per_ve, config.block_size, config.max_in_flight_per_ve, self._supervisor,
-                                   processor, self._mark_dead, self._forget, partial(self._decoding_besides, i))
+        self._ves = [VirtualEngine(i, limits, BlockManager(per_ve, config.block_size, config.enable_prefix_caching),
+                                   config.max_in_flight_per_ve, self._supervisor, processor, self._mark_dead,
+                                   self._forget, partial(self._decoding_besides, i))
                      for i in range(config.num_virtual_engines)]
         for ve in self._ves:
             self._task_group.start_soon(ve.run, name=f"virtual-engine-{ve.ve_id}")
@@ -174,10 +179,13 @@ class AsyncLLM:
             num_running=sum(len(ve.scheduler.running) for ve in ves),
             num_waiting=sum(len(ve.scheduler.waiting) for ve in ves),
             kv_blocks_used=sum(ve.blocks.num_used for ve in ves),
+            kv_blocks_cached=sum(ve.blocks.num_cached_free for ve in ves),
             kv_blocks_total=sum(ve.blocks.num_blocks for ve in ves),
             prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
             generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
             num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
+            prefix_cache_queries=sum(ve.blocks.counters.queries for ve in ves),
+            prefix_cache_hits=sum(ve.blocks.counters.hits for ve in ves),
             pipeline=executor.stats() if executor else PipelineStats([], 0.0),
             layer_partition=list(self.config.layer_partition) if self.config else [])
 
@@ -203,13 +211,35 @@ class AsyncLLM:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} "
                                  "requests); retry later")
         request = Request(request_id, text, token_ids, params, max_tokens,
-                          RequestMetrics(arrival_time=time.monotonic()))
+                          RequestMetrics(arrival_time=time.monotonic()), cache_salt(prompt))
         request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
-        ve = min(self._ves, key=lambda v: v.num_unfinished_seqs)
+        ve = self._place(request.seqs[0])
         stream = RequestStream(request_id, self._abort)
         self._where[request_id] = ve
         ve.add(request, stream)
         return stream
+
+    def _place(self, seq: Sequence) -> VirtualEngine:
+        """The VE holding the longest cached prefix of the prompt, among those not
+        overloaded: at most `placement_slack` more unfinished sequences than the least
+        loaded one (so a popular prefix spreads once a VE is busy, and then is cached
+        in each). Least loaded first among equals, and when nothing is cached."""
+        least = min(ve.num_unfinished_seqs for ve in self._ves)
+        bound = least + self.placement_slack
+        candidates = [ve for ve in self._ves if ve.num_unfinished_seqs <= bound]
+        if len(candidates) == 1 or not (self.config.enable_prefix_caching and self.config.cache_aware_placement):
+            return min(candidates, key=lambda ve: ve.num_unfinished_seqs)
+        keys = candidates[0].blocks.keys(seq, (seq.num_tokens - 1) // self.config.block_size)
+        return max(candidates, key=lambda ve: (len(ve.blocks.match(keys)), -ve.num_unfinished_seqs))
+
+    @property
+    def placement_slack(self) -> int:
+        return max(1, self.config.max_num_seqs // 4)
+
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many
+        cached, unused blocks that freed. Running requests keep the blocks they hold."""
+        return sum(ve.reset_prefix_cache() for ve in self._ves)
 
     def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         limit = self.config.max_model_len

@@ -30,6 +30,15 @@ def resolve_prompt(prompt: PromptInput, tokenizer: Any, vocab_size: int) -> tupl
                          param="prompt")
 
 
+def cache_salt(prompt: PromptInput) -> str | None:
+    """A dict prompt's `cache_salt` (vLLM's field): only prompts with the same salt share
+    cached KV, so one tenant cannot probe another's prompts through cache timing."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidRequest("cache_salt must be a non-empty string", param="cache_salt")
+    return salt
+
+
 def _check_ids(ids: Any, vocab_size: int, text: str | None) -> tuple[str | None, list[int]]:
     ids = list(ids)
     if not ids:

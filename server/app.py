@@ -95,6 +95,8 @@ def endpoints() -> list[tuple[Endpoint, Handler]]:
         (Endpoint("/detokenize", "POST", "Turn token ids into text", DetokenizeRequest, errors=(404,)),
          _with_body(DetokenizeRequest, detokenize)),
         (Endpoint("/metrics", "GET", "Prometheus metrics", ok_media=(CONTENT_TYPE_LATEST,), open=True), metrics),
+        (Endpoint("/reset_prefix_cache", "POST", "Forget every cached prefix (running requests keep theirs)"),
+         reset_prefix_cache),
     ]
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -165,6 +167,11 @@ async def detokenize(state: ServerState, body: DetokenizeRequest, request: Reque
 
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def reset_prefix_cache(request: Request) -> Response:
+    freed = await _state(request).engine.reset_prefix_cache()
+    return JSONResponse({"freed_blocks": freed})
 
 
 async def _server_error(request: Request, exc: ServerError) -> Response:

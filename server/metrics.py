@@ -40,8 +40,12 @@ class EngineStatsCollector(Collector):
 
         yield gauge("num_requests_running", "Requests being generated.", s.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_usage)
-        yield gauge("kv_cache_blocks_used", "KV-cache blocks in use.", s.kv_blocks_used)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0..1).", s.kv_usage)
+        yield gauge("kv_cache_blocks_used", "KV-cache blocks held by requests.", s.kv_blocks_used)
+        yield gauge("kv_cache_blocks_cached", "KV-cache blocks holding cached prefixes no request holds "
+                    "(free for reuse).", s.kv_blocks_cached)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield gauge("pipeline_bubble_fraction", "Share of pipeline time stages sit idle (0..1).",

@@ -94,6 +94,7 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its (new) token ids
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # shares cached KV only within a salt
 
     @property
     def include_usage(self) -> bool:

@@ -76,6 +76,10 @@ async def open_streams(engine: AsyncLLM, prompts: list[Prompt | dict], params: S
     return streams
 
 
+def _prompt_dict(prompt: Prompt) -> dict:
+    return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+
+
 async def close_streams(streams: list[RequestStream]) -> None:
     with anyio.CancelScope(shield=True):  # abort even when the caller is being cancelled
         for stream in streams:
@@ -188,6 +192,9 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
         params = body.sampling_params()
     except InvalidRequest as exc:
         raise to_server_error(exc) from exc
+    if body.cache_salt is not None:
+        prompts = [{**(p if isinstance(p, dict) else _prompt_dict(p)), "cache_salt": body.cache_salt}
+                   for p in prompts]
     streams = await open_streams(state.engine, prompts, params, shape.request_id)
     if body.stream:
         return EventStreamResponse(lambda emit: _stream(state, streams, body, shape, emit))

@@ -18,7 +18,13 @@ def stats_line(before: EngineStats, now: EngineStats, elapsed_s: float) -> str:
     generation = (now.generation_tokens_total - before.generation_tokens_total) / elapsed_s
     return (f"Avg prompt throughput: {prompt:.1f} tokens/s, Avg generation throughput: {generation:.1f} tokens/s, "
             f"Running: {now.num_running} reqs, Waiting: {now.num_waiting} reqs, "
-            f"KV cache usage: {100 * now.kv_usage:.1f}%, Pipeline bubble: {100 * now.pipeline.bubble_fraction:.1f}%")
+            f"KV cache usage: {100 * now.kv_usage:.1f}%, Prefix cache hit rate: {100 * _hit_rate(before, now):.1f}%, "
+            f"Pipeline bubble: {100 * now.pipeline.bubble_fraction:.1f}%")
+
+
+def _hit_rate(before: EngineStats, now: EngineStats) -> float:
+    queries = now.prefix_cache_queries - before.prefix_cache_queries
+    return (now.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
 
 
 def _idle(before: EngineStats, now: EngineStats) -> bool:

@@ -69,6 +69,8 @@ class EngineConfig:
     max_num_batched_tokens: int
     max_prefill_tokens_while_decoding: int  # prompt tokens in a microbatch while any sequence decodes
     enable_chunked_prefill: bool
+    enable_prefix_caching: bool
+    cache_aware_placement: bool  # requests go to the VE caching their prefix (else least loaded)
     max_waiting_requests: int
     kv_cache_bytes: int  # CPU: the KV budget of the whole model
     gpu_memory_utilization: float

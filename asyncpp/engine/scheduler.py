@@ -73,6 +73,7 @@ class Scheduler:
         for item in batch.items:
             item.seq.num_scheduled += item.num_new
             item.seq.awaiting_sample = item.samples
+            self.blocks.cache_full_blocks(item.seq, item.seq.num_scheduled)  # after preemptions: all will run
         return batch.items
 
     def _only_a_few_decodes_ready(self) -> bool:
@@ -116,14 +117,29 @@ class Scheduler:
     def _schedule_waiting(self, batch: _Batch) -> None:
         while self.waiting and batch.room(self.waiting[0]) > 0 and len(self.running) < self.limits.max_num_seqs:
             seq = self.waiting[0]
-            room = batch.room(seq)
-            num_new = min(seq.num_pending, room) if self.limits.chunked_prefill else seq.num_pending
-            if num_new > room or not self.blocks.allocate(seq, seq.num_scheduled + num_new):
+            if not self._admit(seq, batch):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.add(seq, num_new)
+
+    def _admit(self, seq: Sequence, batch: _Batch) -> bool:
+        """Start seq after its longest cached prefix and add its first chunk to the batch;
+        False (and nothing taken) if the chunk or its blocks do not fit."""
+        hit = self.blocks.take_cached_prefix(seq) if self.blocks.enable_caching else 0
+        seq.num_computed = seq.num_scheduled = hit
+        room = batch.room(seq)
+        num_new = min(seq.num_pending, room) if self.limits.chunked_prefill else seq.num_pending
+        if num_new > room or not self.blocks.allocate(seq, hit + num_new):
+            self.blocks.free(seq)
+            seq.num_computed = seq.num_scheduled = 0
+            return False
+        self.blocks.count_lookup(seq, hit)
+        # Keyed now, so a prompt admitted after it in this microbatch shares it: each layer
+        # writes the whole microbatch's KV before any sequence attends to it.
+        self.blocks.cache_full_blocks(seq, hit + num_new)
+        batch.add(seq, num_new)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its KV, keep its tokens, put it back at the queue's head."""

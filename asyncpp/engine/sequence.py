@@ -31,6 +31,7 @@ class Sequence:
     awaiting_sample: bool = False  # a microbatch in flight samples this sequence's next token
     epoch: int = 0  # bumped by preemption: results of older microbatches are stale
     block_table: list[int] = field(default_factory=list)
+    block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks (BlockManager.keys)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -92,6 +93,7 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens, capped by max_model_len
     metrics: RequestMetrics
+    cache_salt: str | None = None  # only requests with the same salt share cached KV
     seqs: list[Sequence] = field(default_factory=list)
 
     @property

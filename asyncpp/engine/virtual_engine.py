@@ -28,12 +28,12 @@ class TokenCounters:
 
 
 class VirtualEngine:
-    def __init__(self, ve_id: int, limits: SchedulerLimits, num_blocks: int, block_size: int,
+    def __init__(self, ve_id: int, limits: SchedulerLimits, blocks: BlockManager,
                  max_in_flight: int, supervisor: Supervisor, processor: OutputProcessor,
                  on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None],
                  decoding_elsewhere: Callable[[], bool] = lambda: False):
         self.ve_id = ve_id
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = blocks
         self.scheduler = Scheduler(limits, self.blocks, decoding_elsewhere)
         self.max_in_flight = max_in_flight
         self.supervisor = supervisor
@@ -45,6 +45,7 @@ class VirtualEngine:
         self._in_flight = 0
         self._error: BaseException | None = None
         self._failed: Executor | None = None  # the executor that raised self._error
+        self._kv_owner: Executor | None = None  # the executor whose KV the cached blocks hold
         self._wake = anyio.Event()
 
     # -- called by AsyncLLM --------------------------------------------------------
@@ -76,6 +77,10 @@ class VirtualEngine:
         stream.put(self.processor.request_output(request))
         self._wake.set()
         return True
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many cached, unused blocks that freed."""
+        return self.blocks.reset_cache()
 
     def fail_all(self, error: BaseException) -> None:
         self._fail_requests([request for request, _ in self._requests.values()], error)
@@ -118,6 +123,7 @@ class VirtualEngine:
         self._error = self._failed = None
         async with anyio.create_task_group() as tg:
             while self._error is None:
+                self._forget_lost_kv()
                 batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight else []
                 if batch:
                     self._in_flight += 1
@@ -136,13 +142,29 @@ class VirtualEngine:
             output = await executor.submit(mb)
             self._apply(batch, output)
         except MicrobatchError as e:
-            self._fail_requests({item.seq.request for item in batch}, e)
+            self._fail_requests({item.seq.request for item in batch} | self._sharing(mb), e)
         except Exception as e:
             if self._error is None:
                 self._error, self._failed = e, executor
         finally:
             self._in_flight -= 1
             self._wake.set()
+
+    def _forget_lost_kv(self) -> None:
+        """Restarted stages start with empty KV caches: no cached prefix survives them."""
+        executor = self.supervisor.executor
+        if executor is not self._kv_owner:
+            self.blocks.reset_cache()
+            self._kv_owner = executor
+
+    def _sharing(self, mb: MicroBatch) -> set[Request]:
+        """After `mb` failed, the KV it was writing may be wrong: its blocks are un-keyed,
+        and the requests of other sequences already sharing them fail too."""
+        size = self.blocks.block_size
+        written = {block for work in mb.seqs
+                   for block in work.block_table[work.start_pos // size:-(-(work.start_pos + work.num_tokens) // size)]}
+        self.blocks.uncache(written)
+        return {seq.request for seq in self.scheduler.running if written.intersection(seq.block_table)}
 
     def _microbatch(self, batch: list[ScheduledSeq]) -> MicroBatch:
         seqs = []

@@ -115,7 +115,7 @@ class Executor:
         if not self._pending:
             self._last_progress = time.monotonic()
         self._pending.append(waiter)
-        self._clock.started()
+        self._clock.started(sum(s.num_tokens for s in mb.seqs))
         try:
             self.transport.send(Run(mb))
             await waiter.event.wait()
@@ -223,5 +223,5 @@ class Executor:
     def stats(self) -> PipelineStats:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]
         clock = self._clock
-        return PipelineStats(stage_busy_s=busy, active_s=clock.total(), microbatches=clock.count,
+        return PipelineStats(stage_busy_s=busy, active_s=clock.total(), microbatches=clock.count, tokens=clock.tokens,
                              in_flight_mean=clock.mean(), in_flight_max=clock.most)

@@ -10,6 +10,7 @@ class PipelineStats:
     stage_busy_s: list[float]  # compute seconds per stage since start
     active_s: float  # seconds with at least one microbatch in flight
     microbatches: int = 0
+    tokens: int = 0  # tokens computed (prompt chunks and decodes), over all microbatches
     in_flight_mean: float = 0.0  # microbatches in the pipeline, averaged over active time
     in_flight_max: int = 0
 
@@ -37,7 +38,10 @@ class InFlightClock:
     changed: float = 0.0  # last change of in_flight
     count: int = 0
 
-    def started(self) -> None:
+    tokens: int = 0
+
+    def started(self, tokens: int) -> None:
+        self.tokens += tokens
         now = self._advance()
         if self.in_flight == 0:
             self.since = now

@@ -375,16 +375,17 @@ def test_401_names_the_scheme_and_the_scheme_is_case_insensitive(hardened):
 
 
 # -- the periodic stats line ------------------------------------------------------------------
-def _stats(prompt: int, generation: int, running: int = 0) -> EngineStats:
-    return EngineStats(num_running=running, num_waiting=0, kv_blocks_used=5, kv_blocks_total=10,
+def _stats(prompt: int, generation: int, running: int = 0, hits: int = 0) -> EngineStats:
+    return EngineStats(num_running=running, num_waiting=0, kv_blocks_used=5, kv_blocks_cached=2, kv_blocks_total=10,
                        prompt_tokens_total=prompt, generation_tokens_total=generation, num_preemptions=0,
+                       prefix_cache_queries=prompt, prefix_cache_hits=hits,
                        pipeline=PipelineStats([2.0, 1.0], 4.0), layer_partition=[2, 2])
 
 
 def test_stats_line_reads_like_vllm():
-    line = stats_line(_stats(0, 0), _stats(100, 50, running=2), 10.0)
+    line = stats_line(_stats(0, 0), _stats(100, 50, running=2, hits=25), 10.0)
     assert line == ("Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 tokens/s, Running: 2 reqs, "
-                    "Waiting: 0 reqs, KV cache usage: 50.0%, Pipeline bubble: 62.5%")
+                    "Waiting: 0 reqs, KV cache usage: 50.0%, Prefix cache hit rate: 25.0%, Pipeline bubble: 62.5%")
 
 
 @pytest.mark.anyio
