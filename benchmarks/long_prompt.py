@@ -9,6 +9,7 @@ row is the median round.
     python benchmarks/long_prompt.py
     python benchmarks/long_prompt.py --prompt-len 2000 --rounds 5 --json ttft.json
     python benchmarks/long_prompt.py --partitions 4,4     # and P=2 with an even split
+    python benchmarks/long_prompt.py --partitions 4,4 --budgets 256   # and smaller chunks
 """
 from __future__ import annotations
 
@@ -38,13 +39,17 @@ class System:
     stats: str = ""
 
 
-def systems(prompt_len: int, partitions: list[str]) -> list[System]:
+def systems(prompt_len: int, partitions: list[str], budgets: list[int]) -> list[System]:
     one_chunk = prompt_len + 16
     rows = [System("P=1", {"pipeline_parallel_size": 1}),
             System("P=2, one chunk", {"pipeline_parallel_size": 2, "max_num_batched_tokens": one_chunk}),
             System("P=2, default", {"pipeline_parallel_size": 2})]
-    return rows + [System(f"P=2, layers {p}", {"pipeline_parallel_size": 2, "pp_layer_partition": p})
-                   for p in partitions]
+    rows += [System(f"P=2, layers {p}", {"pipeline_parallel_size": 2, "pp_layer_partition": p})
+             for p in partitions]
+    return rows + [System(f"P=2, {b}-token chunks{f', layers {p}' if p else ''}",
+                          {"pipeline_parallel_size": 2, "max_num_batched_tokens": b,
+                           **({"pp_layer_partition": p} if p else {})})
+                   for b in budgets for p in [None, *partitions]]
 
 
 async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
@@ -58,7 +63,7 @@ async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
 async def run(args: argparse.Namespace) -> list[System]:
     model = str(make_workload_model())
     prompt = make_prompts(1, args.prompt_len, args.prompt_len, 32000, seed=args.seed)[0]
-    rows = systems(args.prompt_len, args.partitions)
+    rows = systems(args.prompt_len, args.partitions, args.budgets)
     async with AsyncExitStack() as stack:
         engines = []
         for row in rows:
@@ -96,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partitions", nargs="*", default=[], help="also P=2 with these layer splits, e.g. 4,4")
+    parser.add_argument("--budgets", nargs="*", type=int, default=[],
+                        help="also P=2 with these chunk budgets (--max-num-batched-tokens), each partition too")
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
     rows = anyio.run(run, args)

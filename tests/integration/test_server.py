@@ -192,6 +192,7 @@ BAD_REQUESTS = [
      {"messages": CHAT_MESSAGES, "presence_penalty": 9}, 400, "presence_penalty"),
     ("chat unknown model", "/v1/chat/completions", {"messages": CHAT_MESSAGES, "model": "nope"}, 404, "model"),
     ("detokenize out of vocab", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("empty cache_salt", "/v1/completions", {"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
 ]
 
 
@@ -266,6 +267,30 @@ async def test_metrics(server1):
     assert 'asyncpp:stage_busy_fraction{model_name="tiny-llama",stage="0"}' in text
     assert 'asyncpp:stage_layers{model_name="tiny-llama",stage="0"}' in text
     assert samples["asyncpp:microbatches_in_flight_max"] >= 1
+
+
+@pytest.mark.anyio
+async def test_prefix_cache_metrics_salt_and_reset(server1):
+    prompt = mixed_prompts(1, lo=80, hi=80, seed=11)[0]
+
+    async def complete(http: httpx.AsyncClient, **extra) -> dict[str, float]:
+        out = (await http.post("/v1/completions", json={"prompt": prompt, **GREEDY, **EXTRAS, **extra})).json()
+        assert out["choices"][0]["finish_reason"] == "length"
+        text = (await http.get("/metrics")).text
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name.startswith("asyncpp:prefix_cache") or s.name.startswith("asyncpp:kv_cache_blocks")}
+
+    async with server1.http() as http:
+        await complete(http)
+        before = await complete(http, cache_salt="tenant-a")  # another salt: a miss
+        after = await complete(http, cache_salt="tenant-a")  # the same salt: 64 tokens cached (4 blocks)
+        assert after["asyncpp:prefix_cache_queries_total"] - before["asyncpp:prefix_cache_queries_total"] == 80
+        assert after["asyncpp:prefix_cache_hits_total"] - before["asyncpp:prefix_cache_hits_total"] == 64
+        assert after["asyncpp:kv_cache_blocks_used"] == 0 and after["asyncpp:kv_cache_blocks_cached"] >= 4
+        reset = await http.post("/reset_prefix_cache")
+        assert reset.status_code == 200 and reset.json()["freed_blocks"] == after["asyncpp:kv_cache_blocks_cached"]
+        emptied = await complete(http, cache_salt="tenant-a")
+        assert emptied["asyncpp:prefix_cache_hits_total"] == after["asyncpp:prefix_cache_hits_total"]
 
 
 @pytest.mark.anyio

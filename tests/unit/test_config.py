@@ -3,6 +3,7 @@ starts, and each refusal names the field; the layer partition over pipeline stag
 without costs, balanced by cost by default, or explicit)."""
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
@@ -34,6 +35,14 @@ def test_bad_engine_args_raise(tmp_path):
 def test_bad_transport_choice_is_refused():
     with pytest.raises(ValueError, match="pp_comm must be one of auto, shm, gloo"):
         EngineArgs(pp_comm="tcp")
+
+
+def test_prefix_caching_is_on_by_default_and_the_flags_turn_it_off():
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli_args(parser.parse_args([])).enable_prefix_caching
+    off = EngineArgs.from_cli_args(parser.parse_args(["--no-enable-prefix-caching", "--no-cache-aware-placement"]))
+    assert not off.enable_prefix_caching and not off.cache_aware_placement
 
 
 # -- parallel layouts ------------------------------------------------------------------
