@@ -7,6 +7,7 @@ import traceback
 from dataclasses import dataclass
 
 from asyncpp.core.microbatch import MicroBatch, StepOutput
+from asyncpp.core.placement import RankPlacement
 
 
 # -- engine -> every rank ------------------------------------------------------------
@@ -38,6 +39,7 @@ class Ready:
     rank: int
     param_bytes: int
     num_blocks: int  # KV blocks this rank can hold (all VEs together)
+    placement: RankPlacement | None = None
 
 
 @dataclass(frozen=True, slots=True)
