@@ -16,6 +16,7 @@ import torch
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run, Stop, ToRank
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
+from asyncpp.core.placement import Node, RankPlacement
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.parallel import TPGroup
 from asyncpp.worker.model_runner import ModelRunner
@@ -52,11 +53,14 @@ class WorkerArgs:
     rank: int
     init_method: str  # where the world meets; unused when the world is one rank
     runner_factory: RunnerFactory = default_runner_factory
+    node: Node | None = None  # this rank's machine (None: this host, outside Ray)
+    interface: str = ""  # the network interface its collectives are bound to, if set
 
 
 class StageWorker:
     def __init__(self, args: WorkerArgs):
         config, self.rank = args.config, args.rank
+        self.node, self.interface = args.node or Node.local(), args.interface
         self.stage = config.stage(args.rank)
         self.distributed = config.world_size > 1
         if self.distributed:
@@ -68,7 +72,8 @@ class StageWorker:
         tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
         self.runner = args.runner_factory(config, self.stage, tp)
         self.link = connect_stage_links(self.stage, device, self._message_bytes(config),
-                                        num_slots=config.max_in_flight + 1, choice=config.pp_comm)
+                                        num_slots=config.max_in_flight + 1, choice=config.pp_comm,
+                                        node=self.node.node_id)
         self.samples = self.stage.is_last and self.stage.tp_rank == 0
         self.busy_s = 0.0
 
@@ -78,7 +83,9 @@ class StageWorker:
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in spec.values())
 
     def ready(self) -> Ready:
-        return Ready(self.rank, self.runner.param_bytes(), self.runner.num_available_blocks())
+        where = RankPlacement(self.rank, self.stage.pp_rank, self.stage.tp_rank, self.node, self.link.kind_in,
+                              self.interface)
+        return Ready(self.rank, self.runner.param_bytes(), self.runner.num_available_blocks(), where)
 
     def handle(self, msg: ToRank) -> FromRank:
         match msg:
