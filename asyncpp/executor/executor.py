@@ -20,6 +20,7 @@ from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageHungError
 from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run
 from asyncpp.core.microbatch import MicroBatch, StepOutput
+from asyncpp.core.placement import RankPlacement
 from asyncpp.executor.failures import RootCause
 from asyncpp.executor.stats import InFlightClock, PipelineStats
 from asyncpp.executor.transport import Transport
@@ -211,6 +212,10 @@ class Executor:
     def param_bytes(self) -> list[int]:
         """Parameter bytes each rank loaded, by rank."""
         return [r.param_bytes for r in self._ready]
+
+    def placement(self) -> list[RankPlacement]:
+        """Where each rank runs and how its stage's input arrives, by rank."""
+        return [r.placement for r in self._ready if r.placement is not None]
 
     def rank_pids(self) -> list[int]:
         """Each rank's process id, by rank (the engine's own for `uni`)."""
