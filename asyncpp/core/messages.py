@@ -48,6 +48,15 @@ class KvReady:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkTimes:
+    """Wall-clock times (time.time()) around one microbatch's stage link on one rank;
+    0.0 where the rank has no such side (no previous stage, no next one)."""
+    recv_start: float = 0.0  # began waiting for the previous stage's tensors
+    recv_done: float = 0.0  # had them
+    send_start: float = 0.0  # began sending its own to the next stage
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     """One microbatch done on this rank; `output` only from the rank that samples.
     `error`: the microbatch raised here (the rank lives on and stays in step)."""
@@ -56,6 +65,7 @@ class Result:
     output: StepOutput | None
     busy_s: float  # this rank's compute seconds since start (waits excluded)
     error: Failure | None = None
+    link: LinkTimes | None = None
 
 
 @dataclass(frozen=True, slots=True)
