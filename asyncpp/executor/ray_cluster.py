@@ -2,9 +2,10 @@
 local one), placing the stages with a placement group, and watching their nodes.
 
 Placement as vLLM does it: one bundle per stage holding its T ranks (a bundle never spans
-nodes, so a stage's TP group shares a machine), packed onto as few nodes as fit, and
-stages numbered from the driver's node onwards, so consecutive stages share a node
-whenever they can and their link stays in shared memory.
+nodes, so a stage's TP group shares a machine), the first on the driver's node when that
+node can hold a stage at all, packed onto as few nodes as fit, and stages numbered from
+the driver's node onwards, so consecutive stages share a node whenever they can and their
+link stays in shared memory.
 """
 from __future__ import annotations
 
@@ -62,7 +63,12 @@ class StagePlacement:
 def place_stages(ray: Any, config: EngineConfig, timeout_s: float = PLACEMENT_TIMEOUT_S) -> StagePlacement:
     pp, tp = config.stages[-1].pp_size, config.stages[-1].tp_size
     bundle = {"CPU": float(tp), **({"GPU": float(tp)} if config.device == "cuda" else {})}
-    group = ray.util.placement_group([dict(bundle) for _ in range(pp)], strategy="PACK")
+    bundles = [dict(bundle) for _ in range(pp)]
+    driver = ray.get_runtime_context().get_node_id()
+    here = next((n for n in ray.nodes() if n["NodeID"] == driver), None)
+    if here is not None and all(here["Resources"].get(k, 0.0) >= v for k, v in bundle.items()):
+        bundles[0][f"node:{here['NodeManagerAddress']}"] = 0.001  # Ray's resource naming one node
+    group = ray.util.placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(group)
@@ -70,9 +76,9 @@ def place_stages(ray: Any, config: EngineConfig, timeout_s: float = PLACEMENT_TI
                            f"(a stage's {tp} rank(s) need one node; the cluster has {ray.cluster_resources()}): "
                            "add nodes, or lower --pipeline-parallel-size / --tensor-parallel-size")
     on_node = ray.util.placement_group_table(group)["bundles_to_node_id"]
-    bundles = _stage_order(on_node, ray.get_runtime_context().get_node_id())
+    order = _stage_order(on_node, driver)
     nodes = _ray_nodes(ray)
-    return StagePlacement(group, bundles, [nodes[on_node[b]] for b in bundles])
+    return StagePlacement(group, order, [nodes[on_node[b]] for b in order])
 
 
 def _stage_order(on_node: dict[int, str], driver_node: str) -> list[int]:
