@@ -109,10 +109,11 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
 
 @dataclass(slots=True)
 class RayCluster:
-    """A Ray head on `head` and a worker on `worker`, one CPU each (so a two-stage placement
-    needs both), with token authentication."""
+    """A Ray head on `head` and a worker on `worker`, `cpus` each (one: a two-stage placement
+    needs both nodes), with token authentication."""
     head: Host
     worker: Host
+    cpus: int = 1
     env: dict[str, str] = field(default_factory=dict)
     _temp_dirs: list[str] = field(default_factory=list)
 
@@ -131,7 +132,7 @@ class RayCluster:
         temp = tempfile.mkdtemp(prefix="apray", dir="/tmp")  # short: Ray's socket paths have a length limit
         self._temp_dirs.append(temp)
         ray = str(Path(sys.executable).with_name("ray"))
-        subprocess.run(host.cmd(ray, "start", *args, "--node-ip-address", host.ip, "--num-cpus", "1",
+        subprocess.run(host.cmd(ray, "start", *args, "--node-ip-address", host.ip, "--num-cpus", str(self.cpus),
                                 "--num-gpus", "0", "--object-store-memory", str(100 << 20),
                                 "--disable-usage-stats", "--temp-dir", temp),
                        env=self.env, check=True, capture_output=True, text=True, timeout=120)
@@ -144,9 +145,9 @@ class RayCluster:
 
 
 @contextmanager
-def ray_on_two_hosts() -> Iterator[RayCluster]:
+def ray_on_two_hosts(cpus: int = 1) -> Iterator[RayCluster]:
     with two_hosts() as (a, b):
-        cluster = RayCluster(a, b)
+        cluster = RayCluster(a, b, cpus)
         try:
             cluster.start()
             yield cluster
