@@ -129,7 +129,7 @@ class RayCluster:
         self._node(self.worker, "--address", self.address)
 
     def _node(self, host: Host, *args: str) -> None:
-        temp = tempfile.mkdtemp(prefix="apray", dir="/tmp")  # short: Ray's socket paths have a length limit
+        temp = tempfile.mkdtemp(prefix="apray")  # short: Ray's socket paths have a length limit
         self._temp_dirs.append(temp)
         ray = str(Path(sys.executable).with_name("ray"))
         subprocess.run(host.cmd(ray, "start", *args, "--node-ip-address", host.ip, "--num-cpus", str(self.cpus),
