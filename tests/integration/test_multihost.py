@@ -5,8 +5,10 @@ processes killed while requests stream. Needs root; CI runs as root."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 DRIVER = Path(__file__).resolve().parents[1] / "helpers" / "multihost_driver.py"
 MAX_TOKENS = 8
 FAIL_WITHIN_S = 10.0
+DRIVER_LIMIT_S = 240.0  # the driver bounds its own waits; this bounds the driver
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +42,21 @@ def run_driver(cluster: RayCluster, model: Path, prompts: list[list[int]], tmp: 
     cmd = cluster.head.cmd(sys.executable, str(DRIVER), "--model", str(model), "--ray-address", cluster.address,
                            "--prompts", str(tmp / "prompts.json"), "--out", str(tmp / "report.json"),
                            "--max-tokens", str(MAX_TOKENS))
-    driver = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=open(tmp / "driver.log", "w"),
-                              text=True)
     killed_at = 0.0
-    try:
-        for line in driver.stdout:  # bounded by the driver's own limits and the wait below
-            if line.strip() == "KILL":
-                cluster.worker.signal_all(9)
-                killed_at = time.time()
-        driver.wait(timeout=180)
-    finally:
-        driver.kill()
-        driver.wait()
+    with open(tmp / "driver.log", "w") as log:
+        driver = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=log, text=True)
+        watchdog = threading.Timer(DRIVER_LIMIT_S, driver.kill)  # ends the read loop below if it hangs
+        watchdog.start()
+        try:
+            for line in driver.stdout:
+                if line.strip() == "KILL":
+                    cluster.worker.signal_all(signal.SIGKILL)
+                    killed_at = time.time()
+            driver.wait()
+        finally:
+            watchdog.cancel()
+            driver.kill()
+            driver.wait()
     assert driver.returncode == 0, (tmp / "driver.log").read_text()[-4000:]
     return json.loads((tmp / "report.json").read_text()), killed_at
 
