@@ -49,13 +49,14 @@ def quantile_ms(samples: list[float], q: float) -> float:
     return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def format_rows(rows: dict[str, dict]) -> str:
-    lines = ["| placement | link | stage hosts | out tok/s | ITL p50 ms | hop median ms | hop p99 ms | "
+def format_rows(rows: dict[str, dict], runs: dict[str, list[dict]]) -> str:
+    lines = ["| placement | link | stage hosts | out tok/s (median; runs) | ITL p50 ms | hop median ms | hop p99 ms | "
              "hops | B/token/hop | wire B/token (A->B) |", "|" + " --- |" * 10]
     for name, r in rows.items():
         hop, stage1 = r["hop_s"], r["placement"][1]
         hosts = " / ".join(p["node"]["ip"] for p in r["placement"])
-        lines.append(f"| {name} | {stage1['link_in']} | {hosts} | {r['tok_s']:.1f} | "
+        every = ", ".join(f"{run['tok_s']:.1f}" for run in runs[name])
+        lines.append(f"| {name} | {stage1['link_in']} | {hosts} | {r['tok_s']:.1f} ({every}) | "
                      f"{r['itl_p50_ms']:.1f} | {1e3 * statistics.median(hop):.3f} | {quantile_ms(hop, 0.99):.3f} | "
                      f"{len(hop)} | {r['hidden_size'] * r['elem_bytes'] * 2} | {r['wire_bytes_per_token']:.0f} |")
     return "\n".join(lines)
@@ -78,7 +79,7 @@ def main() -> int:
                 runs[name].append(run_row(cluster, model, split, ns))
     rows = {name: sorted(rs, key=lambda r: r["tok_s"])[(len(rs) - 1) // 2] for name, rs in runs.items()}
     same = len({json.dumps(r["token_ids"]) for r in rows.values()}) == 1
-    print(format_rows(rows))
+    print(format_rows(rows, runs))
     print(f"\ngreedy token ids identical across rows: {same}")
     return 0 if same else 1
 
