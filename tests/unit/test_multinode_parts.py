@@ -14,6 +14,7 @@ from asyncpp.engine.supervisor import Supervisor
 from asyncpp.executor.failures import Death, RootCause
 from asyncpp.executor.ray_cluster import NodeWatch, RayNode, _stage_order
 from asyncpp.executor.stats import HopClock
+from asyncpp.testing import two_hosts
 from asyncpp.worker.net import bind_collectives_to, interface_of
 from helpers.driver import engine_config
 
@@ -81,3 +82,8 @@ def test_hop_time_is_the_wait_once_both_ends_are_at_the_link():
     clock.record({0: LinkTimes(send_start=10.0), 1: LinkTimes(recv_start=9.0, recv_done=10.5)})  # receiver early
     clock.record({0: LinkTimes(send_start=20.0), 1: LinkTimes(recv_start=21.0, recv_done=21.25)})  # receiver late
     assert clock.snapshot() == [[0.5, 0.25]]
+
+
+def test_namespace_hosts_are_skipped_with_a_reason_without_root(monkeypatch):
+    monkeypatch.setattr(two_hosts.os, "geteuid", lambda: 1000)
+    assert "needs root" in two_hosts.unavailable_reason()
