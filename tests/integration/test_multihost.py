@@ -50,8 +50,8 @@ def run_driver(cluster: RayCluster, model: Path, prompts: list[list[int]], tmp: 
         try:
             for line in driver.stdout:
                 if line.strip() == "KILL":
+                    killed_at = time.time()  # before the signals: the 10 s count from the first
                     cluster.worker.signal_all(signal.SIGKILL)
-                    killed_at = time.time()
             driver.wait()
         finally:
             watchdog.cancel()
