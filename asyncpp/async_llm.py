@@ -16,6 +16,7 @@ from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
+from asyncpp.core.placement import RankPlacement
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor
@@ -24,6 +25,7 @@ from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.supervisor import Supervisor
 from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.executor.executor import Executor
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
@@ -162,15 +164,22 @@ class AsyncLLM:
 
     def param_bytes_per_rank(self) -> list[int]:
         """Parameter bytes each rank loaded, by global rank (rank = pp_rank * T + tp_rank)."""
-        if self._supervisor is None or self._supervisor.executor is None:
-            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
-        return self._supervisor.executor.param_bytes()
+        return self._executor().param_bytes()
 
     def rank_pids(self) -> list[int]:
         """Each rank's process id, by global rank (the engine's own with the uni backend)."""
+        return self._executor().rank_pids()
+
+    def placement(self) -> list[RankPlacement]:
+        """Each rank's node (Ray node id and address; this host outside Ray), its network
+        interface, and how its stage receives the previous stage's tensors (shm, gloo,
+        nccl), by global rank."""
+        return self._executor().placement()
+
+    def _executor(self) -> Executor:
         if self._supervisor is None or self._supervisor.executor is None:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
-        return self._supervisor.executor.rank_pids()
+        return self._supervisor.executor
 
     def stats(self) -> EngineStats:
         ves = self._ves

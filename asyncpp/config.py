@@ -79,6 +79,9 @@ class EngineArgs:
     tensor_parallel_size: int = _arg(1, "tensor-parallel ranks inside a stage (T)")
     distributed_executor_backend: str | None = _arg(None, "uni | mp | ray (default: uni for one rank, else mp)",
                                                     choices=[None, *_BACKENDS])
+    ray_address: str | None = _arg(None, "with --distributed-executor-backend ray: the Ray cluster to join "
+                                   "(host:port of its head, or 'auto'; default $RAY_ADDRESS); without either, "
+                                   "a private local Ray is started, without a dashboard")
     num_virtual_engines: int | None = _arg(None, "virtual engines (V), each with its own scheduler (default P)")
     max_microbatches_in_flight: int | None = _arg(None, "microbatches one virtual engine keeps in the pipeline "
                                                   "at once (default P)")
@@ -125,6 +128,9 @@ class EngineArgs:
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ValueError("distributed_executor_backend='uni' runs one rank; use 'mp' or 'ray' "
                              f"for pipeline_parallel_size * tensor_parallel_size = {self.world_size}")
+        if self.ray_address and self.distributed_executor_backend != "ray":
+            raise ValueError("ray_address joins a Ray cluster: it needs distributed_executor_backend='ray', "
+                             f"got {self.distributed_executor_backend!r}")
         for name in ("stage_timeout", "stage_restart_window", "max_stage_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -251,7 +257,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
-        stages=stages, max_logprobs=args.max_logprobs)
+        stages=stages, max_logprobs=args.max_logprobs,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
 
 
 # A microbatch's token budget bounds how long it holds up the decodes behind it: while any

@@ -11,6 +11,10 @@ the shareable ones (the system prompt's full blocks, every request).
 
     python benchmarks/prefix_cache.py --vllm-python VLLM_VENV/bin/python
     python benchmarks/prefix_cache.py --models w --prefixes 4 --rounds 3
+    python benchmarks/prefix_cache.py --models w --zero-hit --rounds 3   # the cost of caching at 0% hits
+
+--zero-hit: workload W instead (32 requests at once, random prompts of 64-256 tokens, 128
+out), where nothing can hit: caching off vs on at P=1 and P=2,V=2.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncpp import AsyncLLM, SamplingParams  # noqa: E402
-from asyncpp.bench import make_workload_model  # noqa: E402
+from asyncpp.bench import make_prompts, make_workload_model  # noqa: E402
 from asyncpp.bench.machine import usable_cores  # noqa: E402
 from asyncpp.bench.trace import percentile_ms  # noqa: E402
 from asyncpp.model.default_model import bundled_model_path  # noqa: E402
@@ -84,6 +88,18 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     shareable = args.requests * (args.prefix_len // BLOCK) * BLOCK
     return Workload(prompts, [i * step for i in range(args.requests)], args.output_len, shareable,
                     [tokens(32) for _ in range(2)])
+
+
+def make_zero_hit_workload(args: argparse.Namespace, vocab: int) -> Workload:
+    prompts = make_prompts(32, 64, 256, vocab, seed=args.seed)
+    return Workload(prompts, [0.0] * len(prompts), 128, 0, make_prompts(2, 32, 32, vocab, seed=args.seed + 1))
+
+
+def zero_hit_rows(model: str) -> list[Row]:
+    p2 = {"pipeline_parallel_size": 2, "num_virtual_engines": 2}
+    return [Row(model, "P=1", "caching off", {"enable_prefix_caching": False}), Row(model, "P=1", "caching on", {}),
+            Row(model, "P=2 V=2", "caching off", {**p2, "enable_prefix_caching": False}),
+            Row(model, "P=2 V=2", "caching on", p2)]
 
 
 def rows_for(model: str, vllm: bool) -> list[Row]:
@@ -164,7 +180,7 @@ def report(rows: list[Row], w: Workload) -> str:
             lines.append(f"| {row.model} | {row.layout} | {row.name} | failed: {row.error} | | | | |")
             continue
         ttft50, ttft90, tps = _ttft(row, 50), _ttft(row, 90), _tps(row)
-        hit = row.median(lambda r: r.cached / w.shareable)
+        hit = row.median(lambda r: r.cached / w.shareable) if w.shareable else 0.0
         base = off.get((row.model, row.layout))
         vs = ("" if base is None or base is row
               else f"TTFT {_ttft(base, 50) / ttft50:.1f}x lower, tok/s {tps / _tps(base):.2f}x")
@@ -210,6 +226,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", help="an interpreter with vLLM 0.32 installed (adds its P=1 row)")
+    parser.add_argument("--zero-hit", action="store_true", help="workload W with random prompts instead (see above)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     from transformers import AutoConfig
@@ -218,9 +235,10 @@ def main() -> None:
     workload = None
     for name in args.models.split(","):
         path = model_dir(name)
-        workload = make_workload(args, AutoConfig.from_pretrained(path).vocab_size)
-        model_rows = rows_for(name, bool(args.vllm_python))
-        max_len = args.prefix_len + args.question_len + args.output_len + 16
+        vocab = AutoConfig.from_pretrained(path).vocab_size
+        workload = make_zero_hit_workload(args, vocab) if args.zero_hit else make_workload(args, vocab)
+        model_rows = zero_hit_rows(name) if args.zero_hit else rows_for(name, bool(args.vllm_python))
+        max_len = max(map(len, workload.prompts)) + workload.output_len + 16
         anyio.run(measure_asyncpp, path, [r for r in model_rows if r.engine_kwargs is not None], workload,
                   args.rounds, max_len)
         for row in model_rows:

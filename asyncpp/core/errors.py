@@ -14,6 +14,15 @@ class StageDiedError(EngineDeadError):
         super().__init__(msg + (f": {detail}" if detail else ""))
 
 
+class NodeLostError(StageDiedError):
+    """The machine a stage ran on is gone (its Ray raylet unreachable). Not restarted:
+    the cluster no longer has the resources the stage was placed on."""
+
+    def __init__(self, stage: int, rank: int, node: str):
+        self.node = node
+        super().__init__(stage, rank, None, f"node {node} was lost (its Ray raylet is unreachable)")
+
+
 class StageHungError(EngineDeadError):
     def __init__(self, stage: int, rank: int, timeout_s: float):
         self.stage, self.rank = stage, rank

@@ -7,6 +7,7 @@ import traceback
 from dataclasses import dataclass
 
 from asyncpp.core.microbatch import MicroBatch, StepOutput
+from asyncpp.core.placement import RankPlacement
 
 
 # -- engine -> every rank ------------------------------------------------------------
@@ -38,11 +39,21 @@ class Ready:
     rank: int
     param_bytes: int
     num_blocks: int  # KV blocks this rank can hold (all VEs together)
+    placement: RankPlacement | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class KvReady:
     rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTimes:
+    """Wall-clock times (time.time()) around one microbatch's stage link on one rank;
+    0.0 where the rank has no such side (no previous stage, no next one)."""
+    recv_start: float = 0.0  # began waiting for the previous stage's tensors
+    recv_done: float = 0.0  # had them
+    send_start: float = 0.0  # began sending its own to the next stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,7 @@ class Result:
     output: StepOutput | None
     busy_s: float  # this rank's compute seconds since start (waits excluded)
     error: Failure | None = None
+    link: LinkTimes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError, NodeLostError
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.factory import create_executor
 from asyncpp.worker.worker import RunnerFactory
@@ -54,6 +54,11 @@ class Supervisor:
     def _on_dead(self, executor: Executor, error: BaseException) -> None:
         """Called by the executor as it fails (every submission to it raises `error`)."""
         if executor is not self.executor or self.dead is not None or self.restarting is not None:
+            return
+        if isinstance(error, NodeLostError):  # a restart would wait for the node's resources forever
+            self.dead = EngineDeadError(f"{error} (not restarted: the stage's node is gone; start the engine "
+                                        "again once the cluster has room for every stage)")
+            log.error("engine failed: %s", self.dead)
             return
         now, window = time.monotonic(), self.config.stage_restart_window_s
         while self._restarts and now - self._restarts[0] > window:

@@ -18,10 +18,11 @@ from anyio.abc import TaskGroup
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageHungError
-from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run
+from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, LinkTimes, Ready, Result, Run
 from asyncpp.core.microbatch import MicroBatch, StepOutput
+from asyncpp.core.placement import RankPlacement
 from asyncpp.executor.failures import RootCause
-from asyncpp.executor.stats import InFlightClock, PipelineStats
+from asyncpp.executor.stats import HopClock, InFlightClock, PipelineStats
 from asyncpp.executor.transport import Transport
 
 _STOP_GRACE_S = 10.0
@@ -36,6 +37,7 @@ class _Waiter:
     error: BaseException | None = None
     reported: set[int] = field(default_factory=set)  # ranks whose Result came
     failure: Failure | None = None  # the first rank on which this microbatch raised
+    links: dict[int, LinkTimes] = field(default_factory=dict)  # rank -> its stage link's times
 
 
 @dataclass(slots=True)
@@ -63,6 +65,7 @@ class Executor:
         self._ready: list[Ready] = []
         self._busy = [0.0] * self._world
         self._clock = InFlightClock()
+        self._hops = HopClock([s.rank for s in config.stages if s.tp_rank == 0])
         self._next_mb_id = 0
         self._blame = RootCause(config.stages)
         self._gone: set[int] = set()  # ranks seen dead
@@ -174,8 +177,11 @@ class Executor:
             waiter.failure = result.error
         if result.rank == self._sampling_rank:
             waiter.output = result.output
+        if result.link is not None:
+            waiter.links[result.rank] = result.link
         if len(waiter.reported) == self._world:  # the oldest: every rank answers in order
             assert self._pending.popleft() is waiter
+            self._hops.record(waiter.links)
             if waiter.failure is not None:
                 f = waiter.failure
                 waiter.error = MicrobatchError(self.config.stage(f.rank).pp_rank, f.rank, f.summary, f.text)
@@ -212,6 +218,10 @@ class Executor:
         """Parameter bytes each rank loaded, by rank."""
         return [r.param_bytes for r in self._ready]
 
+    def placement(self) -> list[RankPlacement]:
+        """Where each rank runs and how its stage's input arrives, by rank."""
+        return [r.placement for r in self._ready if r.placement is not None]
+
     def rank_pids(self) -> list[int]:
         """Each rank's process id, by rank (the engine's own for `uni`)."""
         return self.transport.pids()
@@ -224,4 +234,4 @@ class Executor:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]
         clock = self._clock
         return PipelineStats(stage_busy_s=busy, active_s=clock.total(), microbatches=clock.count, tokens=clock.tokens,
-                             in_flight_mean=clock.mean(), in_flight_max=clock.most)
+                             in_flight_mean=clock.mean(), in_flight_max=clock.most, hop_s=self._hops.snapshot())

@@ -9,16 +9,25 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from asyncpp.core.errors import EngineDeadError, StageDiedError
+from asyncpp.core.errors import EngineDeadError, NodeLostError, StageDiedError
 from asyncpp.core.messages import Failure
 from asyncpp.core.stages import StageSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Death:
-    """A rank seen gone: its process exited (with `exitcode` when known) or its actor died."""
+    """A rank seen gone: its process exited (with `exitcode` when known) or its actor died;
+    `node` where it ran (Ray), `node_lost` when that whole machine is unreachable."""
     rank: int
     exitcode: int | None = None
+    node: str = ""
+    node_lost: bool = False
+
+    def error(self, stage: int) -> StageDiedError:
+        if self.node_lost:
+            return NodeLostError(stage, self.rank, self.node)
+        return StageDiedError(stage, self.rank, self.exitcode, f"its Ray actor on node {self.node} died"
+                              if self.node else "")
 
 
 @dataclass(slots=True)
@@ -42,7 +51,7 @@ class RootCause:
         `final`: no more evidence can come (every rank is gone)."""
         for death in died:
             if death.rank not in self.reports:
-                return StageDiedError(self.stages[death.rank].pp_rank, death.rank, death.exitcode)
+                return death.error(self.stages[death.rank].pp_rank)
         if self.settle_until is None or (not final and time.monotonic() < self.settle_until):
             return None
         first = min(self.reports.values(), key=lambda f: f.at)

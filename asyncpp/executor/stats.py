@@ -1,8 +1,13 @@
-"""Pipeline accounting: how busy each stage was while microbatches were in flight."""
+"""Pipeline accounting: how busy each stage was while microbatches were in flight, and
+how long tensors took from one stage to the next."""
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+
+from asyncpp.core.messages import LinkTimes
 
 
 @dataclass(slots=True)
@@ -13,6 +18,12 @@ class PipelineStats:
     tokens: int = 0  # tokens computed (prompt chunks and decodes), over all microbatches
     in_flight_mean: float = 0.0  # microbatches in the pipeline, averaged over active time
     in_flight_max: int = 0
+    hop_s: list[list[float]] = field(default_factory=list)  # per hop p -> p+1: recent stage-to-stage times
+
+    @property
+    def hop_ms(self) -> list[tuple[float, float]]:
+        """(median, p99) milliseconds of each hop's recent stage-to-stage times."""
+        return [(1e3 * statistics.median(s), 1e3 * _quantile(s, 0.99)) if s else (0.0, 0.0) for s in self.hop_s]
 
     @property
     def busy_fractions(self) -> list[float]:
@@ -69,3 +80,33 @@ class InFlightClock:
         active = self.total()
         pending = self.in_flight * (time.perf_counter() - self.changed)
         return (self.weighted_s + pending) / active if active > 0 else 0.0
+
+
+def _quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass(slots=True)
+class HopClock:
+    """Stage-to-stage times of each hop p -> p+1 (between the TP rank 0s): how long the
+    receiver still waited for the tensors once both sides were at the link, i.e. from
+    the later of the send's start and the receive's start to the receive's end. The two
+    ends' wall clocks are compared, so across machines the figure includes their clock
+    offset; on one machine (or network namespaces of one) it is exact."""
+    senders: list[int]  # rank of stage p's TP rank 0, by stage
+    keep: int = 4096
+    samples: list[deque[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.samples = [deque(maxlen=self.keep) for _ in self.senders[1:]]
+
+    def record(self, links: dict[int, LinkTimes]) -> None:
+        """One microbatch's link times, by rank."""
+        for hop, (src, dst) in enumerate(zip(self.senders, self.senders[1:])):
+            sent, got = links.get(src), links.get(dst)
+            if sent is not None and got is not None and sent.send_start and got.recv_done:
+                self.samples[hop].append(max(0.0, got.recv_done - max(sent.send_start, got.recv_start)))
+
+    def snapshot(self) -> list[list[float]]:
+        return [list(s) for s in self.samples]

@@ -1,6 +1,6 @@
 """Stage-to-stage tensors, point to point: from a stage's rank to the next stage's rank at
 the same tp position. Through a shared-memory ring (asyncpp.worker.shm_channel) between
-CPU processes of one machine, else gloo on CPU, NCCL on GPUs. Every stage handles
+CPU processes of one machine (the same node), else gloo on CPU, NCCL on GPUs. Every stage handles
 microbatches in submission order, so the n-th message between two ranks always belongs to
 the n-th microbatch.
 """
@@ -28,6 +28,15 @@ class StageLink:
     from_prev: ShmReceiver | None = None
     to_next: ShmSender | None = None
     _pending_sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def kind_in(self) -> str:
+        """How tensors from the previous stage arrive: "shm", "gloo" or "nccl" ("" on the first stage)."""
+        if self.stage.is_first:
+            return ""
+        if self.from_prev is not None:
+            return "shm"
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     @property
     def prev_rank(self) -> int:
@@ -76,11 +85,15 @@ class StageLink:
 
 
 def connect_stage_links(stage: StageSpec, device: torch.device, message_bytes: int, num_slots: int,
-                        choice: str, max_slot_bytes: int = 64 << 20, timeout_s: float = 600.0) -> StageLink:
+                        choice: str, node: str = "", max_slot_bytes: int = 64 << 20,
+                        timeout_s: float = 600.0) -> StageLink:
     """Collective over the world (every rank calls it): this rank's StageLink, with a
     shared-memory ring to each neighbour that is a CPU process of this machine (unless
-    `choice`, EngineConfig.pp_comm, is gloo). `message_bytes`: one microbatch's tensors at the most tokens;
-    `num_slots`: more than the microbatches in flight, so a sender never waits."""
+    `choice`, EngineConfig.pp_comm, is gloo). `node` names this rank's machine: a ring is
+    offered only to a neighbour on the same node, since two hosts may share a file system
+    (containers, network namespaces) and still be different machines. `message_bytes`: one
+    microbatch's tensors at the most tokens; `num_slots`: more than the microbatches in flight,
+    so a sender never waits."""
     link = StageLink(stage, device)
     if stage.pp_size == 1:
         return link
@@ -92,8 +105,9 @@ def connect_stage_links(stage: StageSpec, device: torch.device, message_bytes: i
     slot_bytes = max(1, min(message_bytes, max_slot_bytes))
     region = _create_ring(num_slots, slot_bytes) if want and not stage.is_last else None
     offers: list = [None] * dist.get_world_size()  # (path, token) of each rank's ring to its next stage
-    dist.all_gather_object(offers, (region.path, region.token) if region else None)
+    dist.all_gather_object(offers, (region.path, region.token, node) if region else None)
     offer = offers[link.prev_rank] if not stage.is_first else None
+    offer = offer if offer is not None and offer[2] == node else None
     mapped = _attach_ring(offer, num_slots, slot_bytes) if want and offer else None
     accepted: list = [None] * dist.get_world_size()
     dist.all_gather_object(accepted, mapped is not None)
@@ -108,7 +122,7 @@ def connect_stage_links(stage: StageSpec, device: torch.device, message_bytes: i
     missing = (not stage.is_first and link.from_prev is None) or (not stage.is_last and link.to_next is None)
     if choice == "shm" and missing:
         raise RuntimeError("--pp-comm shm: adjacent stages could not share memory "
-                           "(they need CPU devices, x86-64 and one machine)")
+                           "(they need CPU devices, x86-64 and one machine: the same Ray node)")
     return link
 
 
@@ -119,9 +133,9 @@ def _create_ring(num_slots: int, slot_bytes: int) -> RingRegion | None:
         return None
 
 
-def _attach_ring(offer: tuple[str, bytes], num_slots: int, slot_bytes: int) -> RingRegion | None:
+def _attach_ring(offer: tuple[str, bytes, str], num_slots: int, slot_bytes: int) -> RingRegion | None:
     """The previous stage's ring, or None when this rank cannot see that very file."""
-    path, token = offer
+    path, token, _ = offer
     try:
         region = RingRegion.attach(path, num_slots, slot_bytes)
     except (OSError, ValueError):  # not there: another machine or IPC namespace

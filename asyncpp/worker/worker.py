@@ -14,8 +14,9 @@ from typing import Protocol
 import torch
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, Ready, Result, Run, Stop, ToRank
+from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, LinkTimes, Ready, Result, Run, Stop, ToRank
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
+from asyncpp.core.placement import Node, RankPlacement
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.parallel import TPGroup
 from asyncpp.worker.model_runner import ModelRunner
@@ -52,11 +53,14 @@ class WorkerArgs:
     rank: int
     init_method: str  # where the world meets; unused when the world is one rank
     runner_factory: RunnerFactory = default_runner_factory
+    node: Node | None = None  # this rank's machine (None: this host, outside Ray)
+    interface: str = ""  # the network interface its collectives are bound to, if set
 
 
 class StageWorker:
     def __init__(self, args: WorkerArgs):
         config, self.rank = args.config, args.rank
+        self.node, self.interface = args.node or Node.local(), args.interface
         self.stage = config.stage(args.rank)
         self.distributed = config.world_size > 1
         if self.distributed:
@@ -68,7 +72,8 @@ class StageWorker:
         tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
         self.runner = args.runner_factory(config, self.stage, tp)
         self.link = connect_stage_links(self.stage, device, self._message_bytes(config),
-                                        num_slots=config.max_in_flight + 1, choice=config.pp_comm)
+                                        num_slots=config.max_in_flight + 1, choice=config.pp_comm,
+                                        node=self.node.node_id)
         self.samples = self.stage.is_last and self.stage.tp_rank == 0
         self.busy_s = 0.0
 
@@ -78,21 +83,23 @@ class StageWorker:
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in spec.values())
 
     def ready(self) -> Ready:
-        return Ready(self.rank, self.runner.param_bytes(), self.runner.num_available_blocks())
+        where = RankPlacement(self.rank, self.stage.pp_rank, self.stage.tp_rank, self.node, self.link.kind_in,
+                              self.interface)
+        return Ready(self.rank, self.runner.param_bytes(), self.runner.num_available_blocks(), where)
 
     def handle(self, msg: ToRank) -> FromRank:
         match msg:
             case Run(mb):
-                output, error = self.run(mb)
-                return Result(self.rank, mb.mb_id, output, self.busy_s, error)
+                output, error, link = self.run(mb)
+                return Result(self.rank, mb.mb_id, output, self.busy_s, error, link)
             case InitKv(num_virtual_engines, blocks_per_ve):
                 self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
                 return KvReady(self.rank)
         raise ValueError(f"unexpected message {msg!r}")
 
-    def run(self, mb: MicroBatch) -> tuple[StepOutput | None, Failure | None]:
+    def run(self, mb: MicroBatch) -> tuple[StepOutput | None, Failure | None, LinkTimes | None]:
         """Run one microbatch: (the sampled tokens on the rank that reports them, else None;
-        the microbatch's own failure, if it raised here).
+        the microbatch's own failure, if it raised here; when its stage link was used).
 
         An exception from this microbatch's forward or sampling fails the microbatch, not
         the rank: it came from the microbatch's inputs, and the weights and the other
@@ -100,8 +107,11 @@ class StageWorker:
         so every stage stays in step. Link and device errors are not caught: after them
         the pipeline's state cannot be trusted, and the rank dies."""
         intermediate = None
+        recv_start = recv_done = 0.0
         if not self.stage.is_first:
+            recv_start = time.time()
             intermediate = self.link.recv(self.runner.intermediate_spec(mb.num_tokens))
+            recv_done = time.time()
         started = time.perf_counter()
         error = None
         try:
@@ -115,9 +125,11 @@ class StageWorker:
             torch.cuda.current_stream().synchronize()
         self.busy_s += time.perf_counter() - started  # compute only, not waits
         if not self.stage.is_last:
+            send_start = time.time()
             self.link.send(out)
-            return None, error
-        return (out if self.samples else None), error
+            return None, error, LinkTimes(recv_start, recv_done, send_start)
+        link = LinkTimes(recv_start, recv_done) if self.distributed else None
+        return (out if self.samples else None), error, link
 
     def _placeholder(self, num_tokens: int) -> IntermediateTensors:
         spec = self.runner.intermediate_spec(num_tokens)
