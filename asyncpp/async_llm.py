@@ -82,8 +82,7 @@ class AsyncLLM:
         try:
             await self._start_executor()
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._close(None, None, None)
+            await self._close(None, None, None)  # shields the stages' shutdown itself
             raise
         self._started = True
         return self

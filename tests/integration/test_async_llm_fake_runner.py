@@ -134,3 +134,16 @@ async def test_runner_exception_fails_its_request_naming_it_and_the_engine_serve
         assert_idle(llm)
         after = (await stream(llm, [10], counting(3)))[-1].outputs[0]
     assert after.token_ids == [11, 12, 13]
+
+
+def _failing_runner_factory(config, stage, tp_group):
+    raise RuntimeError("this stage cannot load its weights")
+
+
+async def test_a_failed_start_raises_its_cause_and_leaves_nothing_running(llama_dir):
+    engine = AsyncLLM(str(llama_dir), runner_factory=_failing_runner_factory, skip_tokenizer_init=True,
+                      dtype="float32", device="cpu")
+    with pytest.raises(Exception, match="cannot load its weights"):
+        async with engine:
+            pass
+    assert not engine.is_healthy()
