@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpp
+from asyncpp.worker.net import SOCKET_IFNAME_VARS
 
 SUBNET = "10.231.0"
 RAY_PORT = 6379  # free in a fresh namespace
@@ -123,7 +124,9 @@ class RayCluster:
 
     def start(self) -> None:
         repo_root = str(Path(asyncpp.__file__).resolve().parent.parent)  # the asyncpp under test, on every node
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # The hosts' interfaces are the veth ends: an interface the caller's environment names is not there.
+        inherited = {k: v for k, v in os.environ.items() if k not in SOCKET_IFNAME_VARS}
+        self.env = {**inherited, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "PYTHONPATH": repo_root, "RAY_USAGE_STATS_ENABLED": "0"}
         self._node(self.head, "--head", "--port", str(RAY_PORT), "--include-dashboard=false")
         self._node(self.worker, "--address", self.address)

@@ -44,7 +44,8 @@ def test_interface_of_an_address(monkeypatch):
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("203.0.113.77") is None  # TEST-NET-3: owned by no interface here
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so the teardown restores what was there (bind sets both)
+        monkeypatch.delenv(var)
     assert bind_collectives_to("127.0.0.1") == "lo"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth-user")  # the user's choice wins
     assert bind_collectives_to("127.0.0.1") == "eth-user"
