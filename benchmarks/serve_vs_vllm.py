@@ -4,7 +4,8 @@ drives `asyncpp serve` and `vllm serve` alike with the same random prompts.
 The bundled SmolLM2-135M-Instruct (fp32), 256 random prompt tokens, 128 output tokens,
 `ignore_eos`, 96 requests, 32 at a time, streamed over /v1/completions. Each system gets
 a fresh server, one short warm-up run of the load client, then the timed run; systems
-take turns for --rounds rounds, and each row is the median round by output tok/s.
+take turns for --rounds rounds, and each row is the median round by output tok/s. Prefix
+caching is off in both (benchmarks/prefix_cache.py compares it).
 
 vLLM runs in its own venv (it pins its own torch): see benchmarks/README.md.
 
@@ -57,7 +58,8 @@ def start(system: System, model: Path, port: int, args: argparse.Namespace) -> s
     if system.kind == "asyncpp":
         cmd = [sys.executable, "-m", "asyncpp", "serve", str(model), "--served-model-name", DEFAULT_MODEL_NAME,
                "--port", str(port), "--dtype", "float32", "--pipeline-parallel-size", str(system.pp),
-               "--log-level", "warning", "--no-access-log", *args.asyncpp_args]
+               "--log-level", "warning", "--no-access-log", "--no-enable-prefix-caching",  # as vLLM's below
+               *args.asyncpp_args]
         return subprocess.Popen(cmd, cwd=REPO)
     cmd = [args.vllm_python, str(REPO / "benchmarks" / "vllm_cli.py"), "serve", str(model),
            "--served-model-name", DEFAULT_MODEL_NAME, "--port", str(port), "--dtype", "float32",
