@@ -53,6 +53,7 @@ def systems(prompt_len: int, partitions: list[str], budgets: list[int]) -> list[
 
 
 async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
+    await engine.reset_prefix_cache()  # every round computes the whole prompt
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     start = time.perf_counter()
     async for _ in engine.generate({"prompt_token_ids": prompt}, params, request_id=request_id):

@@ -10,6 +10,7 @@ The gap between the two rows is what HTTP, JSON and SSE cost.
     python benchmarks/serve_load.py --num-requests 16 --pipeline-parallel-size 2
 
 Engine flags (those of `asyncpp serve`) apply to both the server and the in-process engine.
+Prefix caching is off unless `--enable-prefix-caching` is given: every round repeats the prompts.
 On one machine the load generator shares the cores with the server, which is part of the
 HTTP row's cost. On a small or busy machine pass `--num-threads 1`: torch's OpenMP threads
 spin-wait, and when the HTTP client or anything else takes one of their cores every step
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="a running `asyncpp serve` on the same model (default: start one)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
     ns, engine_argv = parser.parse_known_args(argv)
+    engine_argv = ["--no-enable-prefix-caching", *engine_argv]  # rounds repeat the prompts; a later flag wins
     args = engine_args(engine_argv)
     model = str(args.model or make_workload_model())
     args = replace(args, model=model, skip_tokenizer_init=True)

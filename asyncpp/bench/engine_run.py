@@ -55,6 +55,7 @@ async def _warm_up(engine: AsyncLLM, prompt: list[int]) -> None:
     async for _ in engine.generate({"prompt_token_ids": prompt[:WARMUP_PROMPT_LEN]}, params,
                                    request_id="bench-warmup"):
         pass
+    await engine.reset_prefix_cache()  # the timed prompts start with the warm-up's tokens
 
 
 async def run_asyncpp(layout: Layout, model: str, prompts: list[list[int]], output_len: int,
