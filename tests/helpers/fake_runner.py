@@ -1,10 +1,12 @@
 """A Runner without a model, for engine tests: each sampling sequence's next token is its
 last token + 1 (mod the vocabulary), so every output is known in advance.
 
-It keeps a KV cache of labels, (sequence id, position) per slot, writes the labels of the
-tokens it is given, and refuses to read a slot that does not hold its own sequence's
-label: a wrong block table, start position or stale block (after a preemption, say) fails
-the engine loudly instead of passing unseen. Pass `fake_runner_factory` as AsyncLLM's
+It keeps a KV cache of labels, (digest, token) per slot, where a position's digest chains
+the digest of the position before it with its own token, as real KV depends on every token
+before it. It writes the labels of the tokens it is given and refuses to read a context
+whose chain is broken or unwritten: a wrong block table, start position or stale block
+(after a preemption, say) fails the engine loudly instead of passing unseen, while a block
+shared by sequences with the same prefix (prefix caching) reads as it should. Pass `fake_runner_factory` as AsyncLLM's
 `runner_factory`; it is a module-level function, so the mp backend can pickle it."""
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from asyncpp.core.stages import StageSpec
 from asyncpp.model.parallel import TPGroup
 
 POISON = 500  # a prompt starting with it makes the runner raise (generated tokens never do)
-Label = tuple[int, int]  # (seq_id, position)
+Label = tuple[int, int]  # (digest of the tokens up to this position, this position's token)
 
 
 def next_tokens(last: int, count: int, vocab: int) -> list[int]:
@@ -68,13 +70,22 @@ class FakeRunner:
     def _attend(self, cache: list[Label | None], work: SeqWork) -> None:
         """Write this step's labels, then read every position up to the last, as attention does."""
         end = work.start_pos + work.num_tokens
-        for pos in range(work.start_pos, end):
-            cache[self._slot(work, pos)] = (work.seq_id, pos)
+        for pos, token in zip(range(work.start_pos, end), work.token_ids):
+            cache[self._slot(work, pos)] = (hash((self._digest(cache, work, pos - 1), token)), token)
         for pos in range(end):
             found = cache[self._slot(work, pos)]
-            if found != (work.seq_id, pos):
-                raise AssertionError(f"sequence {work.seq_id} position {pos} reads {found} (start_pos "
-                                     f"{work.start_pos}, block table {work.block_table})")
+            if found is None or found[0] != hash((self._digest(cache, work, pos - 1), found[1])):
+                raise AssertionError(f"sequence {work.seq_id} position {pos} reads {found}, not the chain of "
+                                     f"its context (start_pos {work.start_pos}, block table {work.block_table})")
+
+    def _digest(self, cache: list[Label | None], work: SeqWork, pos: int) -> int:
+        if pos < 0:
+            return 0
+        found = cache[self._slot(work, pos)]
+        if found is None:
+            raise AssertionError(f"sequence {work.seq_id} position {pos} was never written "
+                                 f"(start_pos {work.start_pos}, block table {work.block_table})")
+        return found[0]
 
     def _slot(self, work: SeqWork, pos: int) -> int:
         size = self.config.block_size

@@ -147,3 +147,37 @@ async def test_a_failed_start_raises_its_cause_and_leaves_nothing_running(llama_
         async with engine:
             pass
     assert not engine.is_healthy()
+
+
+async def test_shared_prefixes_with_n_aborts_and_preemption_read_the_right_kv(llama_dir, layout):
+    """Prefix caching under every hazard at once; the fake runner checks each KV read, so a
+    block shared while wrong (or freed while shared) fails a request."""
+    rng = random.Random(1)
+    system = [rng.randrange(3, 800) for _ in range(40)]  # 2.5 blocks
+    prompts = [system[:rng.choice([8, 16, 32, 40])] + [rng.randrange(3, 800) for _ in range(rng.randint(1, 20))]
+               for _ in range(12)]
+    ves = layout.get("pipeline_parallel_size", 1)
+    memory = str(ves * 14 * TINY_LLAMA_BLOCK_BYTES)
+    async with fake_engine(llama_dir, max_model_len=128, kv_cache_memory=memory, max_num_batched_tokens=32,
+                           **layout) as llm:
+        finals: dict[int, RequestOutput] = {}
+
+        async def run(i: int) -> None:
+            async for out in llm.generate({"prompt_token_ids": prompts[i]}, counting(30, n=2), f"r{i}"):
+                finals[i] = out
+                if i % 4 == 3 and len(out.outputs[0].token_ids) >= 5:
+                    await llm.abort(f"r{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(run, i)
+        stats = llm.stats()
+        assert_idle(llm)
+    assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
+    for i, final in finals.items():
+        for completion in final.outputs:
+            want = next_tokens(prompts[i][-1], 30, VOCAB)
+            if i % 4 == 3:
+                assert completion.token_ids == want[:len(completion.token_ids)]
+            else:
+                assert completion.token_ids == want
