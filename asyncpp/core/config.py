@@ -61,6 +61,8 @@ class EngineConfig:
     hf_config: Any  # transformers.PretrainedConfig: the model classes read their own fields
     shape: ModelShape
     dtype: torch.dtype
+    kv_cache_dtype: torch.dtype  # the model's dtype, or an 8-bit float stored with a scale
+    quantization: str | None  # None | "int8": weights quantized while loading
     device: str  # "cpu" | "cuda"
     seed: int
     max_model_len: int
@@ -92,7 +94,7 @@ class EngineConfig:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default: all)."""
         layers = self.shape.num_layers if num_layers is None else num_layers
         heads = self.shape.num_kv_heads if num_kv_heads is None else num_kv_heads
-        elem = torch.finfo(self.dtype).bits // 8
+        elem = torch.finfo(self.kv_cache_dtype).bits // 8
         return 2 * layers * self.block_size * heads * self.shape.head_dim * elem
 
     def stage(self, rank: int) -> StageSpec:
