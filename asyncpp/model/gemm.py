@@ -38,16 +38,20 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def linear(x: torch.Tensor, weight: GemmWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: GemmWeight, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, in `out_dtype` (default x's): the LM head asks for float32
+    logits, which a widened bf16 GEMM has already computed."""
+    out_dtype = out_dtype or x.dtype
     if isinstance(weight, Int8Weight):
-        return weight.matmul(x, bias)
+        return weight.matmul(x, bias, out_dtype)
     if not weight.is_mkldnn:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias).to(out_dtype)
     if x.shape[0] == 0:
-        return x.new_empty(0, weight.shape[0])
-    if x.dtype == weight.dtype:
+        return x.new_empty(0, weight.shape[0], dtype=out_dtype)
+    if x.dtype == weight.dtype == out_dtype:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    y = torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, None, "none", [], "").to(x.dtype)
+    y = torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, None, "none", [], "").to(out_dtype)
     return y if bias is None else y.add_(bias)
 
 

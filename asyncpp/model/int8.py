@@ -41,13 +41,15 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.out_features * (self.in_features + 8)  # int8 values, fp64 scales
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+        out_dtype = out_dtype or x.dtype
         if x.shape[0] == 0:
-            return x.new_empty(0, self.out_features)
+            return x.new_empty(0, self.out_features, dtype=out_dtype)
         xf = x.float()
         scale = xf.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY)
         rows = torch.cat([xf / scale, self.range_row])
         y = torch.ops.quantized.linear_dynamic(rows, self.packed, True)[:-1].mul_(scale)
         if bias is not None:
             y.add_(bias)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
