@@ -29,6 +29,7 @@ from asyncpp.bench import (  # noqa: E402
 from benchmarks.ceilings import ceiling_report, measure_ceilings  # noqa: E402
 from benchmarks.peer_hf import HFPeer, add_speedup_vs_hf  # noqa: E402
 from benchmarks.peer_vllm import VLLMPeer  # noqa: E402
+from benchmarks.precision_quality import agreement_lines  # noqa: E402
 from benchmarks.throughput_plot import write_plot  # noqa: E402
 
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config_from_args(ns)
     ceilings = measure_ceilings() if ns.ceilings else None
     report = run(cfg, build_peers(ns))
+    report.notes += agreement_lines(report.results)
     if ceilings is not None:
         report.notes.append(ceiling_report(ceilings, report, cfg))
     status = emit_report(report, ns.json_out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 _E4M3_UNIT = 256.0  # e4m3 bits read as fp16 are the value / 2**8 (exponent bias 7 vs 15)
+_CLEAR_BIT_14 = ~0x4000  # as an int16
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +41,16 @@ class Fp8Format:
         return (x.float() / scale).clamp_(-limit, limit).to(self.dtype).view(torch.uint8)
 
     def widen(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 bytes -> `dtype`, each element value / unit (see k_unit, v_unit)."""
-        bits = stored.to(torch.int16)
+        """uint8 bytes -> `dtype`, each element value / unit (see k_unit, v_unit).
+
+        Read as int8 and sign-extended, the byte's sign lands in bit 15 either way: e5m2
+        shifted by 8 is its fp16; e4m3 shifted by 7 also copies the sign into bit 14,
+        which the mask clears. Each step is one in-place pass over int16s."""
+        bits = stored.view(torch.int8).to(torch.int16)
         if self.dtype == torch.float8_e4m3fn:
-            bits = ((bits & 0x7F) << 7) | ((bits & 0x80) << 8)
+            bits.bitwise_left_shift_(7).bitwise_and_(_CLEAR_BIT_14)
         else:
-            bits = bits << 8
+            bits.bitwise_left_shift_(8)
         return bits.view(torch.float16).to(dtype)
 
 
