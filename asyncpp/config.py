@@ -100,7 +100,7 @@ class EngineArgs:
     max_stage_restarts: int = _arg(3, "stage restarts allowed within --stage-restart-window; past that the engine "
                                    "stays down (0: a failed stage ends the engine)")
     stage_restart_window: float = _arg(600.0, "seconds over which --max-stage-restarts counts")
-    onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU in float32 (--no-onednn: F.linear)")
+    onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU for float32 and bfloat16 models (--no-onednn: F.linear)")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -82,7 +82,7 @@ class EngineConfig:
     threads_per_rank: int
     tp_comm: str  # "auto" | "shm" | "gloo"
     pp_comm: str  # "auto" | "shm" | "gloo"
-    onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32)
+    onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32, bf16)
     stage_timeout_s: float  # the watchdog: a stage silent this long with work pending is hung (0: off)
     max_stage_restarts: int  # within stage_restart_window_s
     stage_restart_window_s: float
