@@ -6,7 +6,8 @@ and memory bandwidth (summing a 256 MB tensor). A row's ceiling: its prompt FLOP
 compute-bound rate, then every decode step (all sequences in lockstep) at
 max(FLOPs / rate, bytes read / bandwidth), where a step reads every weight once and each
 sequence's KV; weight and KV bytes per element follow the row's precision. A bf16 row gets
-the better of the fp32 and bf16 rates: an engine may run bf16 weights through either kernel.
+the better of the fp32 and bf16 rates (an engine may run bf16 weights through either
+kernel), an int8-weight row the better of that and the int8 rate.
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ class RowPrecision:
     def of(cls, label: str, c: Ceilings) -> "RowPrecision":
         bf16 = label.startswith("bf16")
         rate = max(c.gflops["fp32"]["prefill"], c.gflops["bf16"]["prefill"]) if bf16 else c.gflops["fp32"]["prefill"]
+        if "w=int8" in label:  # fbgemm's int8 GEMM, when it beats the activations' dtype
+            rate = max(rate, c.gflops["int8"]["prefill"])
         weight = 1.0 if "w=int8" in label else 2.0 if bf16 else 4.0
         kv = 1.0 if "kv=fp8" in label else 2.0 if bf16 else 4.0
         return cls(weight, kv, rate)
