@@ -53,7 +53,8 @@ def run(job: dict) -> dict:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - start)
         ids = [list(o.outputs[0].token_ids) for o in outputs]
-        if token_ids is not None and ids != token_ids:
+        # Only fp32 greedy decoding is expected to repeat exactly; vLLM's bf16 kernels do not.
+        if token_ids is not None and ids != token_ids and job.get("dtype", "float32") == "float32":
             raise RuntimeError("vLLM gave different greedy token ids in two runs of the same prompts")
         token_ids = ids
     return {"version": vllm.__version__, "total_s": times, "token_ids": token_ids}

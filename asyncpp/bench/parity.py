@@ -1,6 +1,7 @@
 """The greedy sanity check: every system must give the token ids of the first asyncpp
-layout that runs in the same precision (other precisions legitimately differ). Below
-fp32 only asyncpp's own layouts must agree: another engine's bf16 kernels round differently.
+layout in fp32. Below fp32 no two systems need agree: a stage's thread count changes the
+order its GEMMs sum in, and bf16 or int8 rounding can turn that into another token (how far
+such rows follow fp32 is a quality figure, benchmarks/precision_quality.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def check_parity(results: list[SystemResult], output_len: int) -> list[str]:
     ok = [r for r in results if r.ok]
     problems: list[str] = []
     for precision in dict.fromkeys(r.precision for r in ok):
-        group = [r for r in ok if r.precision == precision and (r.kind == "asyncpp" or precision in _EXACT)]
+        if precision not in _EXACT:
+            continue
+        group = [r for r in ok if r.precision == precision]
         reference = next((r for r in group if r.kind == "asyncpp"), None)
         if reference is None:
             continue
