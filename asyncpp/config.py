@@ -60,8 +60,8 @@ class EngineArgs:
     tokenizer: str | None = _arg(None, "tokenizer folder (default: the model folder)")
     skip_tokenizer_init: bool = _arg(False, "no tokenizer: token ids in, token ids out")
     served_model_name: str | None = _arg(None, "model name the server answers to (default: the model path)")
-    dtype: str = _arg("auto", "float32 | float16 | bfloat16 | auto (the checkpoint's; float16 becomes bfloat16 "
-                      "on CPU, as vLLM does)")
+    dtype: str = _arg("auto", "float32 | float16 | bfloat16 | auto (the checkpoint's, as vLLM: float16 runs as "
+                      "bfloat16 on CPU, float32 as bfloat16 on GPU)")
     kv_cache_dtype: str = _arg("auto", "KV-cache element type: auto (the model's dtype) | fp8 (= fp8_e4m3) | "
                                "fp8_e5m2: 8-bit, scaled per tensor, dequantized in attention",
                                choices=list(KV_CACHE_DTYPES))
@@ -193,14 +193,17 @@ def _resolve_device(args: EngineArgs) -> str:
 
 def _resolve_dtype(args: EngineArgs, hf_config: Any, device: str) -> torch.dtype:
     """vLLM's "auto": the checkpoint's dtype (float32 when it names none), except float16 on
-    CPU, which runs as bfloat16 (CPU kernels for float16 are slow or missing)."""
+    CPU, which runs as bfloat16 (CPU kernels for float16 are slow or missing), and float32
+    on GPU, which runs as bfloat16 (as vLLM downcasts it there)."""
     if args.dtype != "auto":
         return _DTYPES[args.dtype]
     ckpt = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
     if ckpt not in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.float32
-    return torch.bfloat16 if ckpt == torch.float16 and device == "cpu" else ckpt
+        ckpt = torch.float32
+    if device == "cpu":
+        return torch.bfloat16 if ckpt == torch.float16 else ckpt
+    return torch.bfloat16 if ckpt == torch.float32 else ckpt
 
 
 def _resolve_quantization(args: EngineArgs, device: str) -> str | None:
