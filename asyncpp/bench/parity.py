@@ -8,7 +8,7 @@ from __future__ import annotations
 from asyncpp.bench.results import SystemResult
 
 _SHOWN = 5  # differing requests listed per system
-_EXACT = ("", "fp32")  # precisions in which every system must give the same greedy tokens
+EXACT_PRECISIONS = ("", "fp32")  # precisions in which every system must give the same greedy tokens
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -20,7 +20,7 @@ def check_parity(results: list[SystemResult], output_len: int) -> list[str]:
     ok = [r for r in results if r.ok]
     problems: list[str] = []
     for precision in dict.fromkeys(r.precision for r in ok):
-        if precision not in _EXACT:
+        if precision not in EXACT_PRECISIONS:
             continue
         group = [r for r in ok if r.precision == precision]
         reference = next((r for r in group if r.kind == "asyncpp"), None)
