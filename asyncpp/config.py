@@ -27,6 +27,10 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
 log = logging.getLogger("asyncpp")
 
 _BACKENDS = ("uni", "mp", "ray")
+# vLLM's names: "fp8" is e4m3, the format with the mantissa bits KV values need.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                   "fp8_e5m2": torch.float8_e5m2}
+QUANTIZATIONS = ("int8",)
 _COMM = ("auto", "shm", "gloo")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
                "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}
@@ -56,7 +60,13 @@ class EngineArgs:
     tokenizer: str | None = _arg(None, "tokenizer folder (default: the model folder)")
     skip_tokenizer_init: bool = _arg(False, "no tokenizer: token ids in, token ids out")
     served_model_name: str | None = _arg(None, "model name the server answers to (default: the model path)")
-    dtype: str = _arg("auto", "float32 | float16 | bfloat16 | auto (float32 on CPU, the checkpoint's on GPU)")
+    dtype: str = _arg("auto", "float32 | float16 | bfloat16 | auto (the checkpoint's, as vLLM: float16 runs as "
+                      "bfloat16 on CPU, float32 as bfloat16 on GPU)")
+    kv_cache_dtype: str = _arg("auto", "KV-cache element type: auto (the model's dtype) | fp8 (= fp8_e4m3) | "
+                               "fp8_e5m2: 8-bit, scaled per tensor, dequantized in attention",
+                               choices=list(KV_CACHE_DTYPES))
+    quantization: str | None = _arg(None, "weight quantization at load time from an ordinary checkpoint: int8 "
+                                    "(per-output-channel int8 weights; CPU)", choices=[None, *QUANTIZATIONS])
     device: str = _arg("auto", "cpu | cuda | auto (cuda when every rank can have its own GPU)")
     seed: int = _arg(0, "base seed for unseeded sampling")
     max_model_len: int | None = _arg(None, "longest prompt + output (default: the model's context length)")
@@ -97,7 +107,7 @@ class EngineArgs:
     max_stage_restarts: int = _arg(3, "stage restarts allowed within --stage-restart-window; past that the engine "
                                    "stays down (0: a failed stage ends the engine)")
     stage_restart_window: float = _arg(600.0, "seconds over which --max-stage-restarts counts")
-    onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU in float32 (--no-onednn: F.linear)")
+    onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU for float32 and bfloat16 models (--no-onednn: F.linear)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +127,11 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or none); "
+                             f"got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("tp_comm", "pp_comm"):
@@ -187,13 +202,24 @@ def _resolve_device(args: EngineArgs) -> str:
 
 
 def _resolve_dtype(args: EngineArgs, hf_config: Any, device: str) -> torch.dtype:
+    """vLLM's "auto": the checkpoint's dtype (float32 when it names none), except float16 on
+    CPU, which runs as bfloat16 (CPU kernels for float16 are slow or missing), and float32
+    on GPU, which runs as bfloat16 (as vLLM downcasts it there)."""
     if args.dtype != "auto":
         return _DTYPES[args.dtype]
-    if device == "cpu":
-        return torch.float32
     ckpt = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
-    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if ckpt not in (torch.float32, torch.float16, torch.bfloat16):
+        ckpt = torch.float32
+    if device == "cpu":
+        return torch.bfloat16 if ckpt == torch.float16 else ckpt
+    return torch.bfloat16 if ckpt == torch.float32 else ckpt
+
+
+def _resolve_quantization(args: EngineArgs, device: str) -> str | None:
+    if args.quantization is not None and device != "cpu":
+        raise ValueError(f"--quantization {args.quantization} runs on CPU only (its GEMM is fbgemm's int8)")
+    return args.quantization
 
 
 def _eos_ids(model_path: Path, hf_config: Any) -> list[int]:
@@ -234,6 +260,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     ves = args.num_virtual_engines or pp
     check_tensor_parallel(shape, tp)
     dtype = _resolve_dtype(args, hf_config, device)
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
     costs = shape.stage_costs(torch.finfo(dtype).bits // 8)
     parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition, costs)
     if pp > 1:
@@ -245,7 +272,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     return EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
-        hf_config=hf_config, shape=shape, dtype=dtype, device=device,
+        hf_config=hf_config, shape=shape, dtype=dtype, kv_cache_dtype=kv_dtype,
+        quantization=_resolve_quantization(args, device), device=device,
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched, max_prefill_tokens_while_decoding=while_decoding,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,

@@ -23,10 +23,13 @@ from asyncpp.bench import (  # noqa: E402
     add_arguments,
     bench_config_from_args,
     emit_report,
+    parse_layouts,
     run_benchmark,
 )
+from benchmarks.ceilings import ceiling_report, measure_ceilings  # noqa: E402
 from benchmarks.peer_hf import HFPeer, add_speedup_vs_hf  # noqa: E402
 from benchmarks.peer_vllm import VLLMPeer  # noqa: E402
+from benchmarks.precision_quality import agreement_lines  # noqa: E402
 from benchmarks.throughput_plot import write_plot  # noqa: E402
 
 
@@ -38,12 +41,19 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     peers.add_argument("--vllm-python", default=None,
                        help="also run vLLM on the same prompts, with this interpreter (a venv where vllm is "
                             "installed; vLLM pins its own torch and transformers); --repeats timed runs on one engine")
+    peers.add_argument("--vllm-layouts", default="p1",
+                       help="vLLM's rows: layouts as --layouts, only stages and dtype used, e.g. "
+                            "'p1/fp32 p1/bf16 p2/fp32 p2/bf16'")
+    peers.add_argument("--ceilings", action="store_true",
+                       help="measure the machine's GEMM and memory ceilings in this run and show each row "
+                            "as a fraction of its ceiling (benchmarks/ceilings.py)")
     peers.add_argument("--plot", dest="plot_out", default=None, help="write a PNG plot here (needs matplotlib)")
 
 
 def build_peers(ns: argparse.Namespace) -> list[Peer]:
     """vLLM first, then HF: the order of the table's rows after the asyncpp layouts."""
-    peers: list[Peer] = [VLLMPeer(ns.vllm_python)] if ns.vllm_python else []
+    vllm = parse_layouts(ns.vllm_layouts) if ns.vllm_python else []
+    peers: list[Peer] = [VLLMPeer(ns.vllm_python, layout) for layout in vllm]
     if ns.hf_requests != 0:
         peers.append(HFPeer(ns.hf_requests, ns.hf_threads))
     return peers
@@ -64,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     add_peer_arguments(parser)
     ns = parser.parse_args(argv)
-    report = run(bench_config_from_args(ns), build_peers(ns))
+    cfg = bench_config_from_args(ns)
+    ceilings = measure_ceilings() if ns.ceilings else None
+    report = run(cfg, build_peers(ns))
+    report.notes += agreement_lines(report.results)
+    if ceilings is not None:
+        report.notes.append(ceiling_report(ceilings, report, cfg))
     status = emit_report(report, ns.json_out)
     if ns.plot_out:
         print(write_plot(report, ns.plot_out))

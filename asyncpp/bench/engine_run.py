@@ -75,6 +75,7 @@ async def run_asyncpp(layout: Layout, model: str, prompts: list[list[int]], outp
         pipeline = engine.stats().pipeline
         partition = engine.config.layer_partition
     result = summarize(layout.name, "asyncpp", traces, total)
+    result.precision = layout.precision.label
     if window is not None:
         result.busy_fractions, result.bubble_fraction = window
     result.in_flight = (pipeline.in_flight_mean, pipeline.in_flight_max)

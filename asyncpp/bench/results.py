@@ -11,6 +11,7 @@ from asyncpp.bench.trace import RequestTrace, percentile_ms
 class SystemResult:
     name: str
     kind: str  # "asyncpp", or a peer's kind ("hf", "vllm" in benchmarks/throughput.py)
+    precision: str = ""  # Precision.label: rows are compared (parity, vs P=1) within one precision
     requests: int = 0
     output_tokens: int = 0
     total_s: float = 0.0
@@ -66,9 +67,9 @@ def median_run(runs: list[SystemResult]) -> SystemResult:
 
 
 def add_ratio_vs_p1(results: list[SystemResult]) -> None:
+    """Each asyncpp row against the P=1 row of its own precision."""
     ok = [r for r in results if r.ok and r.kind == "asyncpp"]
-    p1 = next((r for r in ok if r.name == "P=1"), None)
-    if p1 is None or p1.tokens_per_s <= 0:
-        return
     for r in ok:
-        r.ratio_vs_p1 = r.tokens_per_s / p1.tokens_per_s
+        p1 = next((x for x in ok if x.name == f"P=1 {r.precision}".strip()), None)
+        if p1 is not None and p1.tokens_per_s > 0:
+            r.ratio_vs_p1 = r.tokens_per_s / p1.tokens_per_s

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from asyncpp.bench.parity import EXACT_PRECISIONS
 from asyncpp.bench.results import SystemResult
 from asyncpp.bench.runner import BenchReport
 
@@ -69,7 +70,9 @@ def format_report(report: BenchReport) -> str:
 
 def _parity_lines(report: BenchReport) -> list[str]:
     if not report.parity:
-        checked = [r.name for r in report.results if r.ok]
+        checked = [r.name for r in report.results if r.ok and r.precision in EXACT_PRECISIONS]
+        if not checked:
+            return ["parity: no fp32 rows to compare"]
         return [f"parity: identical greedy token ids across {', '.join(checked)}"]
     bar = "!" * 72
     return [bar, "!!! GREEDY PARITY MISMATCH: outputs differ between systems !!!",

@@ -61,6 +61,8 @@ class EngineConfig:
     hf_config: Any  # transformers.PretrainedConfig: the model classes read their own fields
     shape: ModelShape
     dtype: torch.dtype
+    kv_cache_dtype: torch.dtype  # the model's dtype, or an 8-bit float stored with a scale
+    quantization: str | None  # None | "int8": weights quantized while loading
     device: str  # "cpu" | "cuda"
     seed: int
     max_model_len: int
@@ -82,7 +84,7 @@ class EngineConfig:
     threads_per_rank: int
     tp_comm: str  # "auto" | "shm" | "gloo"
     pp_comm: str  # "auto" | "shm" | "gloo"
-    onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32)
+    onednn: bool  # prepacked oneDNN GEMMs on CPU (fp32, bf16)
     stage_timeout_s: float  # the watchdog: a stage silent this long with work pending is hung (0: off)
     max_stage_restarts: int  # within stage_restart_window_s
     stage_restart_window_s: float
@@ -95,7 +97,7 @@ class EngineConfig:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default: all)."""
         layers = self.shape.num_layers if num_layers is None else num_layers
         heads = self.shape.num_kv_heads if num_kv_heads is None else num_kv_heads
-        elem = torch.finfo(self.dtype).bits // 8
+        elem = torch.finfo(self.kv_cache_dtype).bits // 8
         return 2 * layers * self.block_size * heads * self.shape.head_dim * elem
 
     def stage(self, rank: int) -> StageSpec:

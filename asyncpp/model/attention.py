@@ -10,6 +10,10 @@ then running SDPA reads the context three times. Instead, two `embedding_bag` ca
 cache in place: scores = sum_d q[d] * K[block, head, d, :] (a weighted sum of block_size-long
 rows, hence the transposed K), and out = sum_l p[l] * V[slot_l, head, :]. Prefill is compute
 bound and uses scaled_dot_product_attention per sequence.
+
+An 8-bit cache (kv_quant.py) holds uint8 bytes: new K/V are quantized as they are written;
+a step widens the blocks it reads into a dense copy (decode: every block of the step, in
+table order) and the scales fold into the query and the output.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillSeq
+from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -26,6 +31,7 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_head
                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
     # Uninitialised on purpose: every read is either of a written slot or masked out, and
     # zero-filling gigabytes takes seconds at start.
+    dtype = storage_dtype(dtype)
     keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
     values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     return [(keys[i], values[i]) for i in range(num_layers)]
@@ -43,21 +49,22 @@ class PagedAttention(nn.Module):
         write_kv(cache, k, v, meta)
         d = meta.decode
         if d is not None and d.token_index is None:  # decodes only
-            return self._decode(q, cache, d)
+            return self._decode(q, cache, d, meta.kv_format)
         out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)
         for p in meta.prefills:
-            out[p.token_start:p.token_end] = self._prefill(q, k, v, cache, p)
+            out[p.token_start:p.token_end] = self._prefill(q, k, v, cache, p, meta.kv_format)
         if d is not None:
-            out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d))
+            out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d,
+                                                            meta.kv_format))
         return out
 
-    def _prefill(self, q, k, v, cache: KVCache, p: PrefillSeq) -> torch.Tensor:
+    def _prefill(self, q, k, v, cache: KVCache, p: PrefillSeq, fmt: Fp8Format | None) -> torch.Tensor:
         a, b = p.token_start, p.token_end
         query = q[a:b].transpose(0, 1)
         if p.context_blocks is None:
             keys, values, mask = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), None
         else:
-            keys, values = gather_context(cache, p.context_blocks, p.context_len)
+            keys, values = gather_context(cache, p.context_blocks, p.context_len, q.dtype, fmt)
             mask = p.mask
         # 4-D inputs: with 3-D ones the CPU backend falls back to the slow math kernel.
         out = F.scaled_dot_product_attention(
@@ -65,27 +72,43 @@ class PagedAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads)
         return out[0].transpose(0, 1).reshape(b - a, -1)
 
-    def _decode(self, q: torch.Tensor, cache: KVCache, d: DecodeBatch) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, cache: KVCache, d: DecodeBatch, fmt: Fp8Format | None) -> torch.Tensor:
         key_cache, value_cache = cache
-        weights = (q * self.scale).view(-1, self.head_dim).index_select(0, d.query_rows)
+        scale = self.scale
+        if fmt is not None:
+            assert d.blocks is not None
+            key_cache = fmt.widen(key_cache.index_select(0, d.blocks), q.dtype)
+            value_cache = fmt.widen(value_cache.index_select(0, d.blocks), q.dtype)
+            scale *= fmt.k_unit
+        weights = (q * scale).view(-1, self.head_dim).index_select(0, d.query_rows)
         scores = F.embedding_bag(d.score_index, key_cache.view(-1, key_cache.shape[-1]), d.score_offsets,
                                  mode="sum", per_sample_weights=weights.view(-1))
         scores = scores.view(d.num_seqs, self.num_heads, d.padded_len)
         probs = scores.masked_fill_(d.pad_mask, float("-inf")).softmax(dim=-1)
         out = F.embedding_bag(d.value_index, value_cache.view(-1, self.head_dim), d.value_offsets,
                               mode="sum", per_sample_weights=probs.view(-1).index_select(0, d.prob_index))
+        if fmt is not None:
+            out.mul_(fmt.v_unit)
         return out.view(d.num_seqs, self.num_heads * self.head_dim)
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     key_cache, value_cache = cache
+    fmt = meta.kv_format
+    if fmt is not None:
+        k, v = fmt.quantize(k, fmt.k_scale), fmt.quantize(v, fmt.v_scale)
     key_cache[meta.slot_blocks, :, :, meta.slot_offsets] = k
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
 
 
-def gather_context(cache: KVCache, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_context(cache: KVCache, blocks: torch.Tensor, length: int, dtype: torch.dtype,
+                   fmt: Fp8Format | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of a sequence's first `length` positions, each [kv_heads, length, head_dim]."""
     key_cache, value_cache = cache
-    keys = key_cache.index_select(0, blocks).permute(1, 0, 3, 2).flatten(1, 2)[:, :length]
-    values = value_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+    keys, values = key_cache.index_select(0, blocks), value_cache.index_select(0, blocks)
+    if fmt is not None:
+        keys = fmt.widen(keys, dtype).mul_(fmt.k_unit)
+        values = fmt.widen(values, dtype).mul_(fmt.v_unit)
+    keys = keys.permute(1, 0, 3, 2).flatten(1, 2)[:, :length]
+    values = values.flatten(0, 1)[:length].transpose(0, 1)
     return keys, values

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from asyncpp.core.microbatch import SeqWork
+from asyncpp.model.kv_quant import Fp8Format
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class DecodeBatch:
     value_index: torch.Tensor  # V pass: rows of the V cache viewed [slots*kv_heads, head_dim]
     value_offsets: torch.Tensor  # one bag per (seq, head)
     prob_index: torch.Tensor  # for each V row, its probability in the flattened [seqs*heads, padded_len]
+    blocks: torch.Tensor | None = None  # 8-bit cache: the blocks the indices count in, widened per step
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [tokens] the offset inside it
     prefills: list[PrefillSeq]
     decode: DecodeBatch | None
+    kv_format: Fp8Format | None = None  # None: the cache holds the model's dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class HeadLayout:
     num_kv_heads: int  # KV heads on this rank
     head_dim: int
     block_size: int
+    kv_format: Fp8Format | None = None
 
 
 def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device | str) -> AttentionMetadata:
@@ -85,7 +89,7 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
         index = None if len(rows) == num_tokens else to(token_starts[rows])
         decode = _decode_batch([seqs[i] for i in decode_rows], index, layout, to)
     return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
-                             to(slot_blocks), to(slot_offsets), prefills, decode)
+                             to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format)
 
 
 def _flat_tables(seqs: list[SeqWork]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +119,11 @@ def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> D
     table = np.zeros((D, maxb), dtype=np.int64)
     for i, s in enumerate(seqs):
         table[i, : nblocks[i]] = s.block_table[: nblocks[i]]
+    blocks = None
+    if layout.kv_format is not None:  # index the step's blocks, widened into a dense copy, in table order
+        used = np.arange(maxb)[None, :] < nblocks[:, None]
+        blocks = to(table[used])
+        table[used] = np.arange(int(nblocks.sum()))
     kv_head = (np.arange(H) // group)[None, :, None]  # [1, H, 1]
 
     # K pass: bag (seq, head, block) = the head_dim rows of K[block, kv_head] ([head_dim, block_size]).
@@ -141,4 +150,4 @@ def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> D
     narrow = (lambda a: a.astype(np.int32)) if small else (lambda a: a)  # noqa: E731
     return DecodeBatch(token_index, D, padded, to(narrow(score_index)), to(narrow(score_offsets)),
                        to(query_rows[block_ok]), to(pad_mask), to(narrow(value_index)),
-                       to(narrow(value_offsets)), to(prob_index))
+                       to(narrow(value_offsets)), to(prob_index), blocks)

@@ -34,10 +34,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
-    """Logits for the whole vocab: local matmul, then the slices gathered across ranks."""
+    """Logits for the whole vocab, in float32 (what the sampler reads): local matmul, then
+    the slices gathered across ranks."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.gemm_weight)
+        logits = linear(hidden, self.gemm_weight, out_dtype=torch.float32)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]
         return logits

@@ -9,6 +9,8 @@ from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput,
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.attention import KVCache, allocate_kv_cache
 from asyncpp.model.attention_metadata import HeadLayout, build_metadata
+from asyncpp.model.gemm import quantized_bytes
+from asyncpp.model.kv_quant import kv_format
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
 from asyncpp.worker.sampler import Sampler
@@ -24,13 +26,15 @@ class ModelRunner:
         self.model = build_model(config, stage, self.tp)
         shape = config.shape
         heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, self.tp)
-        self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size)
+        self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size,
+                                 kv_format(config.kv_cache_dtype))
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
         self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 
     # -- sizes ------------------------------------------------------------------------
     def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return dense + quantized_bytes(self.model)
 
     def num_available_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -52,7 +56,7 @@ class ModelRunner:
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
         lay = self.layout
         self.kv_caches = [allocate_kv_cache(self.stage.num_layers, blocks_per_ve, lay.block_size,
-                                            lay.num_kv_heads, lay.head_dim, self.config.dtype, self.device)
+                                            lay.num_kv_heads, lay.head_dim, self.config.kv_cache_dtype, self.device)
                           for _ in range(num_virtual_engines)]
 
     def intermediate_spec(self, num_tokens: int) -> TensorSpec:

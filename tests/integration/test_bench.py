@@ -96,6 +96,30 @@ def test_layout_names():
     assert parse_layout("p2v2@5,3").engine_kwargs()["pp_layer_partition"] == "5,3"
 
 
+def test_layout_precision_options():
+    layout = parse_layout("p2v2/bf16/kv8/int8")
+    assert layout.name == "P=2,V=2 bf16 kv=fp8 w=int8"
+    assert layout.engine_kwargs() == {"pipeline_parallel_size": 2, "tensor_parallel_size": 1,
+                                           "num_virtual_engines": 2, "dtype": "bfloat16",
+                                           "kv_cache_dtype": "fp8", "quantization": "int8"}
+    assert parse_layout("p1/fp32").precision.label == "fp32"
+    for bad in ("p1/bf16/fp32", "p1/int4"):
+        with pytest.raises(ValueError, match="layout option"):
+            parse_layout(bad)
+
+
+def test_parity_is_exact_in_fp32_only():
+    fp32 = _result("P=1 fp32", "asyncpp", [[1, 2, 3]])
+    bf16 = _result("P=1 bf16", "asyncpp", [[1, 7, 3]])
+    bf16_p2 = _result("P=2 bf16", "asyncpp", [[1, 7, 8]])
+    vllm_bf16 = _result("vLLM P=1 bf16", "vllm", [[9, 9, 9]])
+    vllm_fp32 = _result("vLLM P=1 fp32", "vllm", [[1, 2, 4]])
+    for r, label in [(fp32, "fp32"), (bf16, "bf16"), (bf16_p2, "bf16"), (vllm_bf16, "bf16"), (vllm_fp32, "fp32")]:
+        r.precision = label
+    assert check_parity([fp32, bf16, bf16_p2, vllm_bf16, vllm_fp32], 3) == [
+        "vLLM P=1 fp32 vs P=1 fp32: request 0 differs from token 2"]
+
+
 def test_inter_token_latency_splits_a_multi_token_arrival():
     trace = RequestTrace(start=10.0)
     for now, total in [(10.5, 1), (10.6, 2), (10.6, 2), (10.9, 5)]:
