@@ -52,7 +52,7 @@ def test_vllm_peer_reports_tokens_and_time(tmp_path, monkeypatch):
     result = run_vllm(sys.executable, "/some/model", [[5, 6], [7]], output_len=3, cores=1, repeats=3)
     assert result.ok, result.error
     assert len(result.runs_tok_s) == 3
-    assert result.name == "vLLM 0.0-fake" and result.kind == "vllm"
+    assert result.name == "vLLM 0.0-fake P=1" and result.kind == "vllm"  # the layout it ran (default P=1, fp32)
     assert result.token_ids == [[7, 8, 9], [8, 9, 10]]
     assert result.output_tokens == 6 and result.requests == 2 and result.total_s > 0
 
@@ -63,7 +63,7 @@ def test_vllm_peer_adds_its_row_and_a_note(tmp_path, monkeypatch):
     workload = Workload("/some/model", [[5]], output_len=2, repeats=1, cores=1)
     result = VLLMPeer(sys.executable)(workload, notes, lambda *_: None)
     assert result.ok and result.token_ids == [[6, 7]]
-    assert notes == ["vLLM 0.0-fake: offline LLM.generate(): no per-token timestamps, so no TTFT/ITL"]
+    assert notes == ["vLLM 0.0-fake P=1: offline LLM.generate(): no per-token timestamps, so no TTFT/ITL"]
 
 
 def test_vllm_peer_without_vllm_is_reported_not_raised(tmp_path, monkeypatch):
