@@ -86,6 +86,7 @@ class BlockManager:
                 else:
                     self._evictable[block] = None
         seq.block_table = []
+        seq.num_offered_blocks = 0
 
     # -- prefix caching -----------------------------------------------------------------
     def take_cached_prefix(self, seq: Sequence) -> int:
@@ -99,6 +100,7 @@ class BlockManager:
                 del self._evictable[block]
             self._refs[block] += 1
         seq.block_table = blocks
+        seq.num_offered_blocks = len(blocks)
         return len(blocks) * self.block_size
 
     def count_lookup(self, seq: Sequence, hit_tokens: int) -> None:
@@ -119,13 +121,16 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Key seq's blocks that `num_tokens` fills (see the module docstring on when)."""
-        if not self.enable_caching:
+        full = num_tokens // self.block_size
+        if not self.enable_caching or full <= seq.num_offered_blocks:
             return
-        keys = self.keys(seq, num_tokens // self.block_size)
-        for key, block in zip(keys, seq.block_table):
+        keys = self.keys(seq, full)
+        for i in range(seq.num_offered_blocks, full):  # only the blocks filled since the last call
+            block, key = seq.block_table[i], keys[i]
             if self._key_of[block] is None and key not in self._cached:
                 self._key_of[block] = key
                 self._cached[key] = block
+        seq.num_offered_blocks = full
 
     def keys(self, seq: Sequence, num_blocks: int) -> list[BlockKey]:
         """Keys of seq's first `num_blocks` full blocks (memoized on the sequence: its
@@ -137,7 +142,7 @@ class BlockManager:
             i = len(keys)
             parent = hash(keys[-1]) if keys else 0
             keys.append((parent, tuple(seq.tokens(i * size, (i + 1) * size)), salt))
-        return keys[:num_blocks]
+        return keys if len(keys) == num_blocks else keys[:num_blocks]
 
     def uncache(self, blocks: set[int]) -> None:
         """Un-key these blocks (their KV may be wrong): no new sequence will share them."""
@@ -151,7 +156,7 @@ class BlockManager:
     def reset_cache(self) -> int:
         """Un-key every block; returns how many cached, unused blocks that freed."""
         freed = len(self._evictable)
-        self.uncache({block for block in range(self.num_blocks) if self._key_of[block] is not None})
+        self.uncache(set(self._cached.values()))
         return freed
 
     def _forget_key(self, block: int) -> None:

@@ -32,6 +32,7 @@ class Sequence:
     epoch: int = 0  # bumped by preemption: results of older microbatches are stale
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks (BlockManager.keys)
+    num_offered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
