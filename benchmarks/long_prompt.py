@@ -1,5 +1,6 @@
 """Time to first token of one long prompt: P=1, P=2 with the prompt in one chunk, P=2 with
-the engine's default (chunks in flight on every stage at once).
+the engine's default (chunks in flight on every stage at once). "stage busy" is
+each stage's compute time for the prompt (median round).
 
 Workload W's model (asyncpp/bench/workload.py), one prompt of --prompt-len random token
 ids, max_tokens=1, greedy. Each system is one engine kept for the whole run; the systems
@@ -36,6 +37,7 @@ class System:
     name: str
     engine_kwargs: dict[str, Any]
     ttft_s: list[float] = field(default_factory=list)
+    busy_s: list[list[float]] = field(default_factory=list)  # per round: each stage's compute seconds
     stats: str = ""
 
 
@@ -75,7 +77,9 @@ async def run(args: argparse.Namespace) -> list[System]:
             engines.append(engine)
         for round_ in range(args.rounds):
             for row, engine in zip(rows, engines):
+                before = engine.stats().pipeline.stage_busy_s
                 row.ttft_s.append(await ttft(engine, prompt, f"{row.name}-{round_}"))
+                row.busy_s.append([b - a for a, b in zip(before, engine.stats().pipeline.stage_busy_s)])
         for row, engine in zip(rows, engines):
             p = engine.stats().pipeline
             row.stats = (f"layers {engine.config.layer_partition}, budget {engine.config.max_num_batched_tokens}, "
@@ -86,13 +90,14 @@ async def run(args: argparse.Namespace) -> list[System]:
 def report(rows: list[System]) -> str:
     base = statistics.median(rows[0].ttft_s)
     one_chunk = statistics.median(rows[1].ttft_s)
-    lines = ["| system | TTFT median ms (rounds) | vs P=1 | vs P=2 one chunk | engine |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| system | TTFT median ms (rounds) | vs P=1 | vs P=2 one chunk | stage busy ms | engine |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         median = statistics.median(row.ttft_s)
         runs = ", ".join(f"{t * 1000:.0f}" for t in row.ttft_s)
+        busy = " / ".join(f"{statistics.median(stage) * 1000:.0f}" for stage in zip(*row.busy_s))
         lines.append(f"| {row.name} | {median * 1000:.0f} ({runs}) | {median / base:.2f} | "
-                     f"{median / one_chunk:.2f} | {row.stats} |")
+                     f"{median / one_chunk:.2f} | {busy} | {row.stats} |")
     return "\n".join(lines)
 
 

@@ -82,7 +82,9 @@ class Scheduler:
         if self.waiting and len(self.running) < self.limits.max_num_seqs:
             return False  # prompts to admit
         decoding = [s for s in self.running if s.decoding]
-        return sum(1 for s in decoding if s.schedulable) < self._decode_share(len(decoding))
+        # The smaller share: with an odd count the groups differ by one, and waiting for the
+        # larger would hold the smaller group back until the other returns, every step.
+        return sum(1 for s in decoding if s.schedulable) < len(decoding) // self.limits.decode_groups
 
     def _decode_share(self, num_decoding: int) -> int:
         return -(-num_decoding // self.limits.decode_groups)

@@ -151,3 +151,19 @@ def test_a_few_ready_decodes_wait_for_their_share_while_others_are_in_flight():
         complete(item)  # one returns early
     assert sched.schedule(in_flight=1) == []  # one decode alone would re-read every weight
     assert [i.seq for i in sched.schedule(in_flight=0)] == seqs[:1]  # nothing out: go anyway
+
+
+def test_uneven_decode_groups_both_stay_in_flight():
+    sched = Scheduler(SchedulerLimits(8, 64, True, decode_groups=2), BlockManager(64, 16))
+    seqs = [make_seq(4) for _ in range(5)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)  # five decoding: groups of three and two
+    first = sched.schedule()
+    assert len(first) == 3
+    second = sched.schedule(in_flight=1)  # the group of two goes without waiting for the three
+    assert [i.seq for i in second] == seqs[3:]
+    for item in first:
+        complete(item)
+    assert len(sched.schedule(in_flight=1)) == 3
+
