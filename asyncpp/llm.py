@@ -6,7 +6,9 @@ portal), so LLM works from plain scripts and from inside an already running loop
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -36,7 +38,9 @@ class LLM:
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
-        self._closed = False
+        # Not __del__: the portal's loop runs in a daemon thread, which is gone by the time
+        # an interpreter's last references are dropped; a finalizer also runs at exit, first.
+        self._finalizer = weakref.finalize(self, _close, self._engine_cm, self._portal_cm)
 
     @property
     def tokenizer(self):
@@ -46,7 +50,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in the order of the prompts."""
-        if self._closed:
+        if not self._finalizer.alive:
             raise RuntimeError("this LLM was shut down")
         prompt_list = [prompts] if _is_single(prompts) else list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -83,13 +87,7 @@ class LLM:
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._engine_cm.__exit__(None, None, None)
-        finally:
-            self._portal_cm.__exit__(None, None, None)
+        self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self
@@ -97,11 +95,13 @@ class LLM:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-    def __del__(self) -> None:
-        try:
-            self.shutdown()
-        except Exception:
-            pass
+
+
+def _close(engine_cm: AbstractContextManager[Any], portal_cm: AbstractContextManager[Any]) -> None:
+    try:
+        engine_cm.__exit__(None, None, None)
+    finally:
+        portal_cm.__exit__(None, None, None)
 
 
 def _is_single(prompts: Any) -> bool:
