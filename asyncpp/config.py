@@ -77,7 +77,8 @@ class EngineArgs:
                                               "CPU at P > 1, 2048 on GPU; at least max_model_len without)")
     max_prefill_tokens_while_decoding: int | None = _arg(
         None, "prompt tokens in one microbatch while any sequence is decoding, so the streams behind it are "
-        "not held up long (default: 32 on CPU, 512 on GPU; at most --max-num-batched-tokens)")
+        "not held up long (default: 128 on CPU, 32 on CPU at P > 1, 512 on GPU; at most "
+        "--max-num-batched-tokens)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     enable_prefix_caching: bool = _arg(True, "keep the KV of full blocks after their requests end and share it "
                                        "with later requests that start with the same tokens")
@@ -251,7 +252,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
     batched = args.max_num_batched_tokens or _default_budget(device, args.enable_chunked_prefill, max_model_len,
                                                              args.pipeline_parallel_size)
-    while_decoding = min(batched, args.max_prefill_tokens_while_decoding or DEFAULT_PREFILL_WHILE_DECODING[device])
+    while_decoding = min(batched, args.max_prefill_tokens_while_decoding
+                         or _default_prefill_while_decoding(device, args.pipeline_parallel_size))
     if not args.enable_chunked_prefill:
         while_decoding = batched  # whole prompts only
     if not args.enable_chunked_prefill and batched < max_model_len:
@@ -295,13 +297,22 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
 # seconds; with no stream waiting, larger chunks keep prefill efficient and still pipeline a
 # long prompt over the stages. Measured per device (README, "Latency-bounded microbatches").
 DEFAULT_BUDGET = {"cpu": 512, "cuda": 2048}
-DEFAULT_PREFILL_WHILE_DECODING = {"cpu": 32, "cuda": 512}
+DEFAULT_PREFILL_WHILE_DECODING = {"cpu": 128, "cuda": 512}
+# At P > 1 a microbatch holds up the decodes of every virtual engine on every stage it
+# crosses. Serving SmolLM2 on 2 cores (benchmarks/serve_vs_vllm.py): at P=1, 128 gave 117
+# tok/s and ITL p50/p99 169/398 ms where 32 gave 89 tok/s (prompts trickled in, the batch
+# ran half empty); at P=2, 32 kept ITL p99 at 2.5x p50 where 64 let it reach 4x.
+PIPELINED_CPU_PREFILL_WHILE_DECODING = 32
 
 
 # A long prompt's chunks fill the pipeline and drain from it one chunk at a time: smaller
 # chunks shorten the drain. Measured on W at P=2 (one 2,000-token prompt): 256-token chunks
 # 0.94x the time of 512-token ones on the default split (benchmarks/long_prompt.py).
 PIPELINED_CPU_BUDGET = 256
+
+
+def _default_prefill_while_decoding(device: str, pp: int) -> int:
+    return PIPELINED_CPU_PREFILL_WHILE_DECODING if device == "cpu" and pp > 1 else DEFAULT_PREFILL_WHILE_DECODING[device]
 
 
 def _default_budget(device: str, chunked_prefill: bool, max_model_len: int, pp: int) -> int:

@@ -83,6 +83,14 @@ def test_ranks_are_numbered_stage_major(llama_dir):
     assert [(s.layer_start, s.layer_end) for s in config.stages] == [ranges[0], ranges[0], ranges[1], ranges[1]]
 
 
+def test_cpu_microbatch_defaults_depend_on_the_pipeline(llama_dir):
+    one, two = engine_config(llama_dir, pp=1), engine_config(llama_dir, pp=2)
+    assert (one.max_num_batched_tokens, one.max_prefill_tokens_while_decoding) == (512, 128)
+    assert (two.max_num_batched_tokens, two.max_prefill_tokens_while_decoding) == (256, 32)
+    given = engine_config(llama_dir, pp=2, max_prefill_tokens_while_decoding=64)
+    assert given.max_prefill_tokens_while_decoding == 64
+
+
 # -- the layer partition ---------------------------------------------------------------
 @pytest.mark.parametrize("layers, stages", [(4, 1), (4, 2), (4, 3), (4, 4), (30, 4), (5, 2)])
 def test_without_costs_the_partition_is_even(layers, stages):
