@@ -118,10 +118,12 @@ async def run_streams(streams: list[RequestStream], tracker_of: Callable[[], Req
         await close_streams(streams)
 
 
-def usage(finals: list[RequestOutput]) -> dict[str, int]:
+def usage(finals: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(len(out.prompt_token_ids) for out in finals)
     completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(out.num_cached_tokens or 0 for out in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @dataclass(slots=True)

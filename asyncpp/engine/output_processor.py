@@ -94,4 +94,5 @@ class OutputProcessor:
             logprobs=list(s.logprobs or []) if want_logprobs else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in request.seqs]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             finished=request.finished, metrics=request.metrics)
+                             finished=request.finished, metrics=request.metrics,
+                             num_cached_tokens=request.seqs[0].num_cached_tokens)

@@ -137,6 +137,8 @@ class Scheduler:
             seq.num_computed = seq.num_scheduled = 0
             return False
         self.blocks.count_lookup(seq, hit)
+        if seq.num_cached_tokens is None:  # a preempted sequence's re-admission is not the user's hit
+            seq.num_cached_tokens = hit
         # Keyed now, so a prompt admitted after it in this microbatch shares it: each layer
         # writes the whole microbatch's KV before any sequence attends to it.
         self.blocks.cache_full_blocks(seq, hit + num_new)

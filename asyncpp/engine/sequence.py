@@ -33,6 +33,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks (BlockManager.keys)
     num_offered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -83,6 +83,10 @@ async def test_reset_frees_what_no_request_holds(llama_dir):
         async for _ in engine.generate(prompt, greedy(MAX_TOKENS)):
             pass
         assert engine.stats().prefix_cache_hits == 0  # nothing was left to hit
+        async for again in engine.generate(prompt, greedy(MAX_TOKENS)):
+            pass
+        # Every full block but the one holding the last prompt token (it needs logits).
+        assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK == engine.stats().prefix_cache_hits
 
 
 @pytest.mark.anyio

@@ -277,8 +277,9 @@ async def test_prefix_cache_metrics_salt_and_reset(server1):
         out = (await http.post("/v1/completions", json={"prompt": prompt, **GREEDY, **EXTRAS, **extra})).json()
         assert out["choices"][0]["finish_reason"] == "length"
         text = (await http.get("/metrics")).text
-        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-                if s.name.startswith("asyncpp:prefix_cache") or s.name.startswith("asyncpp:kv_cache_blocks")}
+        return {"cached_tokens": out["usage"]["prompt_tokens_details"]["cached_tokens"],
+                **{s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name.startswith("asyncpp:prefix_cache") or s.name.startswith("asyncpp:kv_cache_blocks")}}
 
     async with server1.http() as http:
         await complete(http)
@@ -286,6 +287,7 @@ async def test_prefix_cache_metrics_salt_and_reset(server1):
         after = await complete(http, cache_salt="tenant-a")  # the same salt: 64 tokens cached (4 blocks)
         assert after["asyncpp:prefix_cache_queries_total"] - before["asyncpp:prefix_cache_queries_total"] == 80
         assert after["asyncpp:prefix_cache_hits_total"] - before["asyncpp:prefix_cache_hits_total"] == 64
+        assert (before["cached_tokens"], after["cached_tokens"]) == (0, 64)
         assert after["asyncpp:kv_cache_blocks_used"] == 0 and after["asyncpp:kv_cache_blocks_cached"] >= 4
         reset = await http.post("/reset_prefix_cache")
         assert reset.status_code == 200 and reset.json()["freed_blocks"] == after["asyncpp:kv_cache_blocks_cached"]
