@@ -312,7 +312,9 @@ PIPELINED_CPU_BUDGET = 256
 
 
 def _default_prefill_while_decoding(device: str, pp: int) -> int:
-    return PIPELINED_CPU_PREFILL_WHILE_DECODING if device == "cpu" and pp > 1 else DEFAULT_PREFILL_WHILE_DECODING[device]
+    if device == "cpu" and pp > 1:
+        return PIPELINED_CPU_PREFILL_WHILE_DECODING
+    return DEFAULT_PREFILL_WHILE_DECODING[device]
 
 
 def _default_budget(device: str, chunked_prefill: bool, max_model_len: int, pp: int) -> int:
