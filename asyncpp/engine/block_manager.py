@@ -144,6 +144,18 @@ class BlockManager:
             keys.append((parent, tuple(seq.tokens(i * size, (i + 1) * size)), salt))
         return keys if len(keys) == num_blocks else keys[:num_blocks]
 
+    def written_by(self, seq: Sequence, epoch: int, block_table: list[int], start: int, end: int) -> set[int]:
+        """The blocks whose KV a microbatch computing seq's tokens [start, end) wrote, as
+        they stand now: all of them while seq still holds them (same epoch, not finished);
+        after an abort or preemption freed them, only those still keyed as seq keyed them
+        (another's block_table may hold one again, reallocated and rewritten by it)."""
+        size = self.block_size
+        written = range(start // size, -(-end // size))
+        if not seq.finished and seq.epoch == epoch:
+            return {block_table[i] for i in written}
+        return {block_table[i] for i in written
+                if i < len(seq.block_keys) and self._key_of[block_table[i]] == seq.block_keys[i]}
+
     def uncache(self, blocks: set[int]) -> None:
         """Un-key these blocks (their KV may be wrong): no new sequence will share them."""
         for block in blocks:

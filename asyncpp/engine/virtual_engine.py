@@ -142,7 +142,7 @@ class VirtualEngine:
             output = await executor.submit(mb)
             self._apply(batch, output)
         except MicrobatchError as e:
-            self._fail_requests({item.seq.request for item in batch} | self._sharing(mb), e)
+            self._fail_requests({item.seq.request for item in batch} | self._sharing(batch, mb), e)
         except Exception as e:
             if self._error is None:
                 self._error, self._failed = e, executor
@@ -157,12 +157,12 @@ class VirtualEngine:
             self.blocks.reset_cache()
             self._kv_owner = executor
 
-    def _sharing(self, mb: MicroBatch) -> set[Request]:
+    def _sharing(self, batch: list[ScheduledSeq], mb: MicroBatch) -> set[Request]:
         """After `mb` failed, the KV it was writing may be wrong: its blocks are un-keyed,
         and the requests of other sequences already sharing them fail too."""
-        size = self.blocks.block_size
-        written = {block for work in mb.seqs
-                   for block in work.block_table[work.start_pos // size:-(-(work.start_pos + work.num_tokens) // size)]}
+        written = set().union(*(self.blocks.written_by(item.seq, item.epoch, work.block_table, work.start_pos,
+                                                       work.start_pos + work.num_tokens)
+                                for item, work in zip(batch, mb.seqs)))
         self.blocks.uncache(written)
         return {seq.request for seq in self.scheduler.running if written.intersection(seq.block_table)}
 

@@ -106,3 +106,21 @@ def test_prompts_in_one_microbatch_share_what_the_first_computes():
     a, b = make_seq(SHARED + [1]), make_seq(SHARED + [2])
     sched.add(a), sched.add(b)
     assert [(item.seq, item.start) for item in sched.schedule()] == [(a, 0), (b, 32)]
+
+
+
+def test_a_failed_chunk_of_an_aborted_request_suspects_only_blocks_still_its_own():
+    """A chunk fails after its request was aborted: the blocks still keyed as the aborted
+    request keyed them are suspect (later requests could share them); blocks reallocated to
+    a newer request since are not (it rewrites them itself, after the failed chunk)."""
+    sched = caching_scheduler(num_blocks=6)
+    a = make_seq(SHARED[:12] + [1])  # three full blocks and a partial one
+    admit(sched, a)
+    table, epoch = list(a.block_table), a.epoch
+    sched.remove(a)
+    a.finish("abort")
+    b = make_seq(list(range(50, 63)))  # four blocks: the two never used, a's partial, a's last full one
+    admit(sched, b)
+    assert set(b.block_table) == {table[2], table[3]} | (set(range(6)) - set(table))
+    assert sched.blocks.written_by(a, epoch, table, 0, 13) == {table[0], table[1]}
+    assert sched.blocks.written_by(b, b.epoch, list(b.block_table), 0, 13) == set(b.block_table)
