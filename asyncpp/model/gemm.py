@@ -14,8 +14,6 @@ and packed; activations, KV cache and everything between the GEMMs stay bf16.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,13 +60,6 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, _BATCH_HINT)
 
 
-@dataclass(frozen=True, slots=True)
-class GemmPlan:
-    """How a model's linear weights are turned into GEMM operands after loading."""
-    prepack: bool  # oneDNN blocked layout (fp32, or bf16 per the note above)
-    quantization: str | None  # "int8": per-output-channel int8 through fbgemm
-
-
 class PackableLinear(nn.Module):
     """A module whose `weight` [out, in] feeds `linear()` and may be prepacked or quantized."""
     weight: nn.Parameter
@@ -78,9 +69,11 @@ class PackableLinear(nn.Module):
     def gemm_weight(self) -> GemmWeight:
         return self.weight if self.packed is None else self.packed
 
-    def prepare(self, plan: GemmPlan, shared: bool) -> None:
-        """Shared weights (a tied LM head) keep their dense parameter and get a GEMM copy."""
-        operand: GemmWeight = (Int8Weight.quantize(self.weight) if plan.quantization == "int8"
+    def prepare(self, quantization: str | None, shared: bool) -> None:
+        """Turn the weight into its GEMM operand: int8 when quantized ("int8"), else
+        prepacked for oneDNN. Shared weights (a tied LM head) keep their dense parameter
+        and get a GEMM copy."""
+        operand: GemmWeight = (Int8Weight.quantize(self.weight) if quantization == "int8"
                                else prepack(self.weight))
         if shared:
             self.packed = operand
@@ -91,14 +84,14 @@ class PackableLinear(nn.Module):
             self.weight = nn.Parameter(operand, requires_grad=False)  # same values, new layout
 
 
-def prepare_model(model: nn.Module, plan: GemmPlan) -> None:
+def prepare_model(model: nn.Module, quantization: str | None) -> None:
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     for module in model.modules():
         if isinstance(module, PackableLinear):
-            module.prepare(plan, shared=owners[id(module.weight)] > 1)
+            module.prepare(quantization, shared=owners[id(module.weight)] > 1)
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.stages import StageSpec
-from asyncpp.model.gemm import GemmPlan, onednn_available, prepare_model
+from asyncpp.model.gemm import onednn_available, prepare_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
@@ -54,10 +54,8 @@ def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None
     ckpt = Checkpoint.open(config.model_path)
     load_weights(model, ckpt, model.weight_plan(ckpt), desc=_loading_desc(stage),
                  position=stage.rank)
-    plan = GemmPlan(prepack=config.onednn and onednn_available(config.device, config.dtype),
-                    quantization=config.quantization)
-    if plan.prepack or plan.quantization:
-        prepare_model(model, plan)
+    if config.quantization or (config.onednn and onednn_available(config.device, config.dtype)):
+        prepare_model(model, config.quantization)
     return model.eval()
 
 
