@@ -46,7 +46,7 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found there (not computed)
     pipeline: PipelineStats
-    layer_partition: list[int]
+    layer_partition: list[float]
 
     @property
     def kv_usage(self) -> float:

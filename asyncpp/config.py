@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
-from asyncpp.core.stages import StageSpec, layer_ranges, partition_layers
+from asyncpp.core.stages import StageSpec, format_partition, layer_spans, partition_layers
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
 
@@ -96,7 +96,9 @@ class EngineArgs:
     num_virtual_engines: int | None = _arg(None, "virtual engines (V), each with its own scheduler (default P)")
     max_microbatches_in_flight: int | None = _arg(None, "microbatches one virtual engine keeps in the pipeline "
                                                   "at once (default P)")
-    pp_layer_partition: str | None = _arg(None, "layers per stage, e.g. 8,8,7,7 (default even)")
+    pp_layer_partition: str | None = _arg(
+        None, "layers per stage, e.g. 8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5 "
+              "(default: balanced by estimated cost)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
@@ -269,9 +271,10 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     if pp > 1:
         estimate = ", ".join(f"{c / 2**20:.1f}" for c in costs.of(parts))
         log.info("layer partition %s (%s); estimated MiB moved per decode step of %d sequences, by stage: %s",
-                 parts, "given" if args.pp_layer_partition else "balanced by cost", COST_SEQS, estimate)
-    stages = [StageSpec(p, pp, t, tp, start, end)
-              for p, (start, end) in enumerate(layer_ranges(parts)) for t in range(tp)]
+                 format_partition(parts), "given" if args.pp_layer_partition else "balanced by cost",
+                 COST_SEQS, estimate)
+    stages = [StageSpec(p, pp, t, tp, s.start, s.end, s.mlp_only_first, s.attention_only_last)
+              for p, s in enumerate(layer_spans(parts)) for t in range(tp)]
     return EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),

@@ -78,7 +78,7 @@ def parse_layout(text: str) -> Layout:
     text, *options = text.split("/")
     precision = parse_precision(options)
     text, at, partition = text.partition("@")
-    if at and not re.fullmatch(r"\d+(,\d+)*", partition):
+    if at and not re.fullmatch(r"\d+(\.5)?(,\d+(\.5)?)*", partition):
         raise ValueError(f"layout partition {partition!r}: expected layers per stage, e.g. @5,3")
     spec = text.lower().replace("=", "").replace(",", "").replace(" ", "")
     pairs = re.findall(r"([ptv])(\d+)", spec)

@@ -22,7 +22,7 @@ class SystemResult:
     busy_fractions: list[float] | None = None
     bubble_fraction: float | None = None
     in_flight: tuple[float, int] | None = None  # microbatches in the pipeline: mean, max
-    layer_partition: list[int] | None = None
+    layer_partition: list[float] | None = None
     speedup_vs_hf: float | None = None  # set by benchmarks/throughput.py when HF ran
     ratio_vs_p1: float | None = None
     note: str = ""

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from asyncpp.bench.parity import EXACT_PRECISIONS
 from asyncpp.bench.results import SystemResult
 from asyncpp.bench.runner import BenchReport
+from asyncpp.core.stages import format_partition
 
 Column = tuple[str, Callable[[SystemResult], str]]
 
@@ -30,7 +31,7 @@ _COLUMNS: list[Column] = [
     ("ITL p99 ms", lambda r: _fmt(r.itl_p99_ms, ".2f")),
     ("vs HF", lambda r: _fmt(r.speedup_vs_hf, ".2f", "x")),
     ("vs P=1", lambda r: _fmt(r.ratio_vs_p1, ".2f")),
-    ("layers", lambda r: ",".join(map(str, r.layer_partition)) if r.layer_partition else "-"),
+    ("layers", lambda r: format_partition(r.layer_partition) if r.layer_partition else "-"),
     ("stage busy", _busy),
     ("bubble", lambda r: _fmt(r.bubble_fraction, ".2f")),
     ("in flight mean/max", lambda r: f"{r.in_flight[0]:.2f}/{r.in_flight[1]}" if r.in_flight else "-"),

@@ -47,8 +47,8 @@ class ModelShape:
         mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
         kv = COST_SEQS * COST_CONTEXT * 2 * self.num_kv_heads * d
         head = self.vocab_size * h + COST_SEQS * self.vocab_size  # weights, then the logits
-        return StageCosts(layer=(attention + mlp + kv) * elem_bytes, first=COST_SEQS * h * elem_bytes,
-                          last=head * elem_bytes)
+        return StageCosts(attention=(attention + kv) * elem_bytes, mlp=mlp * elem_bytes,
+                          first=COST_SEQS * h * elem_bytes, last=head * elem_bytes)
 
 
 @dataclass(slots=True)
@@ -79,7 +79,7 @@ class EngineConfig:
     num_virtual_engines: int
     max_in_flight_per_ve: int  # microbatches one VE keeps in the pipeline
     decode_groups: int  # a VE spreads its decoding sequences over this many microbatches (ceil(P / V))
-    layer_partition: list[int]
+    layer_partition: list[float]  # layers per stage; x.5: split after a layer's attention
     backend: str  # "uni" | "mp" | "ray"
     threads_per_rank: int
     tp_comm: str  # "auto" | "shm" | "gloo"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncpp.core.stages import StageSpec
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillSeq
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
@@ -35,6 +36,11 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_head
     keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
     values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     return [(keys[i], values[i]) for i in range(num_layers)]
+
+
+def layer_caches(stage: StageSpec, caches: list[KVCache]) -> list[KVCache | None]:
+    """One entry per local layer: None for a split layer whose attention ran on the stage before."""
+    return [None, *caches] if stage.mlp_only_first else list(caches)
 
 
 class PagedAttention(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from asyncpp.core.config import ModelShape
 from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.core.stages import StageSpec
-from asyncpp.model.attention import KVCache, PagedAttention
+from asyncpp.model.attention import KVCache, PagedAttention, layer_caches
 from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncpp.model.layers import ACTIVATIONS
@@ -69,21 +69,33 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: Any, tp: TPGroup, layer_idx: int):
-        super().__init__()
-        self.ln_1 = _layer_norm(cfg)
-        self.attn = GPT2Attention(cfg, tp, layer_idx)
-        self.ln_2 = _layer_norm(cfg)
-        self.mlp = GPT2MLP(cfg, tp)
+    """A block, or one half of it where a stage boundary splits it (stages.py)."""
 
-    def forward(self, hidden: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), cache, meta)
-        return hidden + self.mlp(self.ln_2(hidden))
+    def __init__(self, cfg: Any, tp: TPGroup, layer_idx: int, parts: tuple[bool, bool] = (True, True)):
+        super().__init__()
+        attention, mlp = parts
+        self.ln_1 = _layer_norm(cfg) if attention else None
+        self.attn = GPT2Attention(cfg, tp, layer_idx) if attention else None
+        self.ln_2 = _layer_norm(cfg) if mlp else None
+        self.mlp = GPT2MLP(cfg, tp) if mlp else None
+
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None, meta: AttentionMetadata) -> torch.Tensor:
+        if self.attn is not None:
+            assert cache is not None
+            hidden = hidden + self.attn(self.ln_1(hidden), cache, meta)
+        if self.mlp is not None:
+            hidden = hidden + self.mlp(self.ln_2(hidden))
+        return hidden
 
     def plan(self, prefix: str, name: str) -> WeightPlan:
-        return {**_norm_plan(f"{prefix}ln_1.", f"{name}ln_1."), **_norm_plan(f"{prefix}ln_2.", f"{name}ln_2."),
-                **self.attn.plan(f"{prefix}attn.", f"{name}attn."),
-                **self.mlp.plan(f"{prefix}mlp.", f"{name}mlp.")}
+        plan: WeightPlan = {}
+        if self.attn is not None:
+            plan.update({**_norm_plan(f"{prefix}ln_1.", f"{name}ln_1."),
+                         **self.attn.plan(f"{prefix}attn.", f"{name}attn.")})
+        if self.mlp is not None:
+            plan.update({**_norm_plan(f"{prefix}ln_2.", f"{name}ln_2."),
+                         **self.mlp.plan(f"{prefix}mlp.", f"{name}mlp.")})
+        return plan
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -95,7 +107,8 @@ class GPT2LMHeadModel(nn.Module):
         first, last = stage.is_first, stage.is_last
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, tp) if first else None
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd).requires_grad_(False) if first else None
-        self.h = nn.ModuleList(GPT2Block(cfg, tp, stage.layer_start + i) for i in range(stage.num_layers))
+        self.h = nn.ModuleList(GPT2Block(cfg, tp, stage.layer_start + i, stage.parts(i))
+                               for i in range(stage.num_layers))
         self.ln_f = _layer_norm(cfg) if last else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.n_embd, tp) if last else None
         self.tie = bool(getattr(cfg, "tie_word_embeddings", True))
@@ -108,7 +121,7 @@ class GPT2LMHeadModel(nn.Module):
             hidden = self.wte(input_ids) + self.wpe(meta.positions)
         else:
             hidden = intermediate["hidden_states"]
-        for block, cache in zip(self.h, caches):
+        for block, cache in zip(self.h, layer_caches(self.stage, caches)):
             hidden = block(hidden, cache, meta)
         return {"hidden_states": hidden}
 

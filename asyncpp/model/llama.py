@@ -13,7 +13,7 @@ from torch import nn
 from asyncpp.core.config import ModelShape
 from asyncpp.core.microbatch import IntermediateTensors
 from asyncpp.core.stages import StageSpec
-from asyncpp.model.attention import KVCache, PagedAttention
+from asyncpp.model.attention import KVCache, PagedAttention, layer_caches
 from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncpp.model.layers import RMSNorm, silu_and_mul
@@ -60,25 +60,38 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+    """A decoder layer, or one half of it where a stage boundary splits it (stages.py)."""
+
+    def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
+                 parts: tuple[bool, bool] = (True, True)):
         super().__init__()
-        self.input_layernorm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))
+        attention, mlp = parts
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
+        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias) if attention else None
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
+        self.mlp = LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False))) if mlp else None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
-                cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+                cache: KVCache | None, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.self_attn is not None:
+            assert cache is not None
+            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = self.self_attn(hidden, rope, cache, meta)
+        if self.mlp is not None:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            hidden = self.mlp(hidden)
+        return hidden, residual
 
     def plan(self, prefix: str, name: str) -> WeightPlan:
-        return {f"{prefix}input_layernorm.weight": whole(f"{name}input_layernorm.weight"),
-                f"{prefix}post_attention_layernorm.weight": whole(f"{name}post_attention_layernorm.weight"),
-                **self.self_attn.plan(f"{prefix}self_attn.", f"{name}self_attn."),
-                **self.mlp.plan(f"{prefix}mlp.", f"{name}mlp.")}
+        plan: WeightPlan = {}
+        if self.self_attn is not None:
+            plan[f"{prefix}input_layernorm.weight"] = whole(f"{name}input_layernorm.weight")
+            plan.update(self.self_attn.plan(f"{prefix}self_attn.", f"{name}self_attn."))
+        if self.mlp is not None:
+            plan[f"{prefix}post_attention_layernorm.weight"] = whole(f"{name}post_attention_layernorm.weight")
+            plan.update(self.mlp.plan(f"{prefix}mlp.", f"{name}mlp."))
+        return plan
 
 
 class LlamaForCausalLM(nn.Module):
@@ -91,8 +104,8 @@ class LlamaForCausalLM(nn.Module):
         shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias)
-                                    for _ in range(stage.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i))
+                                    for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
         self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp) if stage.is_last else None
@@ -113,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             hidden, residual = intermediate["hidden_states"], intermediate["residual"]
         rope = self.rotary.at(meta.positions)
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, layer_caches(self.stage, caches)):
             hidden, residual = layer(hidden, residual, rope, cache, meta)
         return {"hidden_states": hidden, "residual": residual}
 

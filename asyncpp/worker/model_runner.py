@@ -43,7 +43,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - self._activation_bytes()
-        local_block = self.config.kv_bytes_per_block(self.stage.num_layers, self.layout.num_kv_heads)
+        local_block = self.config.kv_bytes_per_block(self.stage.kv_layers, self.layout.num_kv_heads)
         return max(0, int(budget) // local_block)
 
     def _activation_bytes(self) -> int:
@@ -55,7 +55,7 @@ class ModelRunner:
 
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
         lay = self.layout
-        self.kv_caches = [allocate_kv_cache(self.stage.num_layers, blocks_per_ve, lay.block_size,
+        self.kv_caches = [allocate_kv_cache(self.stage.kv_layers, blocks_per_ve, lay.block_size,
                                             lay.num_kv_heads, lay.head_dim, self.config.kv_cache_dtype, self.device)
                           for _ in range(num_virtual_engines)]
 

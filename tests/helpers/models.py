@@ -18,6 +18,7 @@ TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 _FIRST = ("embed_tokens", "wte", "wpe")
 _LAST = ("model.norm", "ln_f", "lm_head")
+_ATTENTION_HALF = ("self_attn.", "input_layernorm", ".attn.", ".ln_1.")
 
 
 def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool) -> int:
@@ -31,13 +32,22 @@ def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool) -> int:
                 size = _nbytes(t.get_shape(), t.get_dtype())
                 m = _LAYER.search(name)
                 if m:
-                    total += size if stage.layer_start <= int(m.group(1)) < stage.layer_end else 0
+                    total += size if _held(stage, int(m.group(1)), name) else 0
                 elif any(k in name for k in _FIRST):
                     owners = stage.is_first or (tied and stage.is_last and "wpe" not in name)
                     total += size if owners else 0
                 elif any(k in name for k in _LAST):
                     total += size if stage.is_last else 0
     return total
+
+
+def _held(stage: StageSpec, layer: int, name: str) -> bool:
+    """Whether a layer's weight is on the stage: a split layer's attention half (and its
+    norm) stays on the earlier stage, its MLP half goes to the later one."""
+    if not stage.layer_start <= layer < stage.layer_end:
+        return False
+    attention, mlp = stage.parts(layer - stage.layer_start)
+    return attention if any(k in name for k in _ATTENTION_HALF) else mlp
 
 
 def _nbytes(shape: list[int], dtype: str) -> int:

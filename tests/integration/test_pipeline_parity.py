@@ -10,10 +10,12 @@ MAX_TOKENS = 10
 @pytest.mark.parametrize("arch,pp,partition,ves", [
     ("llama", 2, None, 2),     # even split, V = P
     ("llama", 2, None, 1),     # V = 1
-    ("llama", 3, None, 3),     # uneven: 1,2,1
+    ("llama", 3, None, 3),     # by cost: 1,1.5,1.5
     ("llama", 4, None, 4),
     ("gpt2", 2, None, 2),
     ("gpt2", 3, "2,1,1", 2),   # explicit partition, V < P
+    ("llama", 2, "2.5,1.5", 1),  # a layer split after its attention
+    ("gpt2", 3, "1.5,1,1.5", 3),  # the middle stage starts and ends mid-layer
 ])
 def test_pipeline_matches_hf(llama_dir, gpt2_dir, arch, pp, partition, ves):
     model_dir = llama_dir if arch == "llama" else gpt2_dir

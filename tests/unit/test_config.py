@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from asyncpp import LLM, SamplingParams
 from asyncpp.config import EngineArgs, check_tensor_parallel, create_engine_config
 from asyncpp.core.config import ModelShape
-from asyncpp.core.stages import layer_ranges, partition_layers
+from asyncpp.core.stages import StageCosts, format_partition, layer_spans, partition_layers
 from helpers.driver import engine_config
 from helpers.models import make_llama
 
@@ -79,7 +79,7 @@ def test_more_ranks_than_cores_warns_with_thread_count(llama_dir, monkeypatch, c
 def test_ranks_are_numbered_stage_major(llama_dir):
     config = engine_config(llama_dir, pp=2, tensor_parallel_size=2)
     assert [(s.pp_rank, s.tp_rank, s.rank) for s in config.stages] == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
-    ranges = layer_ranges(config.layer_partition)
+    ranges = [(s.start, s.end) for s in layer_spans(config.layer_partition)]
     assert [(s.layer_start, s.layer_end) for s in config.stages] == [ranges[0], ranges[0], ranges[1], ranges[1]]
 
 
@@ -98,17 +98,32 @@ def test_without_costs_the_partition_is_even(layers, stages):
     assert len(parts) == stages and sum(parts) == layers and max(parts) - min(parts) <= 1
 
 
-def test_explicit_partition_and_layer_ranges():
+def test_explicit_partition_and_layer_spans():
     assert partition_layers(4, 3, "2, 1,1") == [2, 1, 1]
     assert partition_layers(4, 2, [3, 1]) == [3, 1]
-    assert layer_ranges([2, 1, 1]) == [(0, 2), (2, 3), (3, 4)]
+    assert [(s.start, s.end) for s in layer_spans([2, 1, 1])] == [(0, 2), (2, 3), (3, 4)]
+    split = partition_layers(4, 3, "1.5,1,1.5")
+    assert split == [1.5, 1, 1.5] and format_partition(split) == "1.5,1,1.5"
+    assert [(s.start, s.end, s.mlp_only_first, s.attention_only_last) for s in layer_spans(split)] == [
+        (0, 2, False, True), (1, 3, True, True), (2, 4, True, False)]
+
+
+def test_split_layers_are_chosen_only_when_they_balance_clearly_better():
+    """Attention halves cost 3, MLP halves 1, the last stage's head 4: whole layers give
+    5,3 (costs 20, 16); splitting layer 5 after its attention gives 19, 17."""
+    costs = StageCosts(attention=3.0, mlp=1.0, first=0.0, last=4.0)
+    assert partition_layers(8, 2, costs=costs) == [4.5, 3.5]
+    assert costs.of([4.5, 3.5]) == [19.0, 17.0] and costs.of([5, 3]) == [20.0, 16.0]
+    even = StageCosts(attention=3.0, mlp=1.0, first=0.0, last=0.0)
+    assert partition_layers(8, 2, costs=even) == [4, 4]  # whole layers already balance
 
 
 @pytest.mark.parametrize("explicit, message", [
     ("2,2", "has 2 entries but pipeline_parallel_size is 3"),
     ("2,1,2", "sums to 5 but the model has 4 layers"),
     ("3,1,0", "every stage needs at least one layer"),
-    ("2,x,1", "comma-separated integers"),
+    ("2,x,1", "comma-separated layer counts"),
+    ("1.7,1.3,1", "halfway through one"),
 ])
 def test_bad_explicit_partition_is_named(explicit, message):
     with pytest.raises(ValueError, match=message):

@@ -46,6 +46,19 @@ def test_uneven_stages_second_virtual_engine_and_sampler(llama_dir, prompts):
     assert got == expected
 
 
+def test_stages_split_inside_layers(any_model_dir, prompts):
+    """x.5 partitions: a layer's attention on one stage and its MLP on the next, and a
+    middle stage that starts and ends halfway through layers."""
+    torch.set_num_threads(1)
+    expected = hf_greedy(any_model_dir, prompts, MAX_NEW)
+    runners = runners_for(any_model_dir, pp=3, pp_layer_partition="1.5,1,1.5")
+    assert [(r.stage.layer_start, r.stage.layer_end) for r in runners] == [(0, 2), (1, 3), (2, 4)]
+    assert [r.stage.kv_layers for r in runners] == [2, 1, 1]
+    assert [len(caches) for r in runners for caches in r.kv_caches[:1]] == [2, 1, 1]
+    got = generate(runners, prompts, MAX_NEW, chunk=48, admit_per_step=3)
+    assert got == expected
+
+
 def test_unchunked_prompts_and_pure_decode_batches(llama_dir, prompts):
     torch.set_num_threads(1)
     expected = hf_greedy(llama_dir, prompts, MAX_NEW)
@@ -57,8 +70,9 @@ def test_unchunked_prompts_and_pure_decode_batches(llama_dir, prompts):
 def test_param_bytes_per_stage(model, llama_dir, qwen2_dir):
     model_dir = {"llama": llama_dir, "qwen2": qwen2_dir}[model]
     tied = model == "qwen2"  # the last stage loads the embedding for its head
-    runners = runners_for(model_dir, pp=2)
-    assert [r.param_bytes() for r in runners] == [checkpoint_share(model_dir, r.stage, tied) for r in runners]
+    for partition in [None, "2.5,1.5"]:
+        runners = runners_for(model_dir, pp=2, pp_layer_partition=partition)
+        assert [r.param_bytes() for r in runners] == [checkpoint_share(model_dir, r.stage, tied) for r in runners]
     single = runners_for(model_dir)[0]
     assert single.param_bytes() == checkpoint_share(model_dir, single.stage, tied)  # tied: held once
 
