@@ -138,6 +138,7 @@ def partition_layers(num_layers: int, pp_size: int, explicit: str | Sequence[flo
     split = split_partition(num_layers, pp_size, costs)
     return split if max(costs.of(split)) < (1 - SPLIT_GAIN) * max(costs.of(whole)) else whole
 
+
 def _checked(parts: list[float], num_layers: int, pp_size: int) -> list[float]:
     if len(parts) != pp_size:
         raise ValueError(f"pp_layer_partition {parts} has {len(parts)} entries but "
@@ -193,5 +194,3 @@ def split_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list[fl
     found = fill(high)
     assert found is not None
     return from_halves(found)
-
-

@@ -5,6 +5,7 @@ microbatches) and shuffles each microbatch's order. It drives ModelRunners direc
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -193,8 +194,12 @@ def tp_worker(rank: int, world: int, model_dir: str, pp: int, prompts: list[list
         sizes = [r.param_bytes() for r in runners]
         Path(f"{result_file}.{rank}").write_text(json.dumps({"tokens": tokens, "param_bytes": sizes}))
         torch.distributed.barrier()  # a peer tearing gloo down mid-collective aborts the other
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    # The work is done and written: skip gloo's teardown, which now and then aborts the
+    # process ("terminate called without an active exception") as its threads are destroyed.
+    os._exit(0)
 
 
 # -- through an Executor ------------------------------------------------------------------
