@@ -15,14 +15,14 @@ from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
 MAX_TOKENS = 8
 
 
-def expected_rank_bytes(model_dir, pp: int, tp: int) -> list[int]:
+def expected_rank_bytes(model_dir, pp: int, tp: int, partition: str | None = None) -> list[int]:
     """Per global rank: what a T = 1 stage holds, with the TP-split tensors divided by T
     (norms, position embeddings and row-parallel biases stay whole on every rank)."""
     from asyncpp.model.embedding import VocabParallelEmbedding
     from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
     from asyncpp.worker.model_runner import ModelRunner
 
-    config = engine_config(model_dir, pipeline_parallel_size=pp)
+    config = engine_config(model_dir, pipeline_parallel_size=pp, pp_layer_partition=partition)
     expected = []
     for stage in config.stages:
         model, seen = ModelRunner(config, stage).model, set()
@@ -41,16 +41,16 @@ def expected_rank_bytes(model_dir, pp: int, tp: int) -> list[int]:
     return expected
 
 
-def tp_run(model_dir, pp: int, tp: int, seed: int):
+def tp_run(model_dir, pp: int, tp: int, seed: int, partition: str | None = None):
     from asyncpp import LLM
 
     prompts = mixed_prompts(6, seed=seed)
     with LLM(str(model_dir), skip_tokenizer_init=True, pipeline_parallel_size=pp, tensor_parallel_size=tp,
-             max_num_batched_tokens=96) as llm:
+             pp_layer_partition=partition, max_num_batched_tokens=96) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(MAX_TOKENS))
         per_rank = llm.engine.param_bytes_per_rank()
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts, MAX_TOKENS)
-    assert per_rank == expected_rank_bytes(model_dir, pp, tp)
+    assert per_rank == expected_rank_bytes(model_dir, pp, tp, partition)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -62,6 +62,12 @@ def test_tp2_matches_hf_and_loads_slices(arch, llama_dir, gpt2_dir):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_pp2_tp2_matches_hf_and_loads_slices(arch, llama_dir, gpt2_dir):
     tp_run(llama_dir if arch == "llama" else gpt2_dir, pp=2, tp=2, seed=22)
+
+
+@pytest.mark.slow
+def test_pp2_tp2_with_a_split_layer(llama_dir):
+    """Layer 2's attention heads sharded on stage 0's two ranks, its MLP on stage 1's."""
+    tp_run(llama_dir, pp=2, tp=2, seed=24, partition="1.5,2.5")
 
 
 def test_tp2_over_gloo_matches_hf(llama_dir):
