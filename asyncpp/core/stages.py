@@ -187,7 +187,7 @@ def split_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list[fl
             start = end
         return halves if start == n else None
 
-    low, high = 0.0, sum(costs.of([num_layers] + [0] * (pp_size - 1))) + costs.last
+    low, high = 0.0, costs.span(0, n, True, True)  # no stage costs more than everything
     for _ in range(100):
         mid = (low + high) / 2
         low, high = (low, mid) if fill(mid) else (mid, high)
