@@ -55,7 +55,8 @@ def main() -> None:
             n: {k: torch.randn(n, r.config.shape.hidden_size) for k in r.model.intermediate_keys} for n in (16, 32)}
         one = best_ms(lambda: r.execute(whole, hidden.get(32)), args.rounds)
         two = best_ms(lambda: [r.execute(h, hidden.get(16)) for h in halves], args.rounds)
-        print(f"{r.stage.pp_rank:<8d}{r.stage.num_layers:>8d}{one:10.1f}{two:10.1f}{two / one:14.2f}")
+        layers = r.config.layer_partition[r.stage.pp_rank]
+        print(f"{r.stage.pp_rank:<8d}{layers:>8g}{one:10.1f}{two:10.1f}{two / one:14.2f}")
 
 
 if __name__ == "__main__":
