@@ -96,7 +96,6 @@ class LLM:
         self.shutdown()
 
 
-
 def _close(engine_cm: AbstractContextManager[Any], portal_cm: AbstractContextManager[Any]) -> None:
     try:
         engine_cm.__exit__(None, None, None)
