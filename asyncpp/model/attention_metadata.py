@@ -1,8 +1,9 @@
 """Per-step index tensors for paged attention, built once per microbatch and shared by all layers.
 
-Decode sequences (one new token) are handled together by two `embedding_bag` passes that read
-the paged cache directly (see attention.py); the index arrays for those passes are built here
-with numpy, which is much cheaper than many small torch ops.
+Decode sequences (one new token) are handled together: by the compiled kernel (kernels.py), which
+needs only their block tables and lengths, or else by two `embedding_bag` passes that read the
+paged cache directly (see attention.py), whose index arrays are built here with numpy, much
+cheaper than many small torch ops.
 """
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ class PrefillSeq:
     context_len: int  # tokens it attends to: cached ones + its own
     context_blocks: torch.Tensor | None  # blocks holding the context (None: no cached tokens)
     mask: torch.Tensor | None  # [tokens, context_len] bool, True = attend (None: plain causal)
+
+
+@dataclass(slots=True)
+class KernelDecode:
+    """All one-token sequences of the step, for the compiled kernel."""
+    token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
+    num_seqs: int
+    block_tables: torch.Tensor  # [seqs, max blocks] int32, zero-padded
+    context_lens: torch.Tensor  # [seqs] int32: positions each attends to, itself included
 
 
 @dataclass(slots=True)
@@ -49,7 +59,7 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # [tokens] the block of each slot
     slot_offsets: torch.Tensor  # [tokens] the offset inside it
     prefills: list[PrefillSeq]
-    decode: DecodeBatch | None
+    decode: KernelDecode | DecodeBatch | None
     kv_format: Fp8Format | None = None  # None: the cache holds the model's dtype
 
 
@@ -60,6 +70,7 @@ class HeadLayout:
     head_dim: int
     block_size: int
     kv_format: Fp8Format | None = None
+    decode_kernel: bool = False  # decodes run through the compiled kernel (kernels.py)
 
 
 def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device | str) -> AttentionMetadata:
@@ -87,7 +98,9 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
     if decode_rows:
         rows = np.asarray(decode_rows)
         index = None if len(rows) == num_tokens else to(token_starts[rows])
-        decode = _decode_batch([seqs[i] for i in decode_rows], index, layout, to)
+        decoding = [seqs[i] for i in decode_rows]
+        decode = (_kernel_decode(decoding, index, to) if layout.decode_kernel
+                  else _decode_batch(decoding, index, layout, to))
     return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
                              to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format)
 
@@ -106,6 +119,15 @@ def _prefill(s: SeqWork, a: int, b: int, bs: int, device) -> PrefillSeq:
     query_pos = torch.arange(s.start_pos, context, device=device)
     mask = torch.arange(context, device=device)[None, :] <= query_pos[:, None]
     return PrefillSeq(a, b, context, blocks, mask)
+
+
+def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int32, count=len(seqs))
+    widest = max(len(s.block_table) for s in seqs)
+    tables = np.zeros((len(seqs), widest), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = s.block_table
+    return KernelDecode(token_index, len(seqs), to(tables), to(ctx))
 
 
 def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> DecodeBatch:
