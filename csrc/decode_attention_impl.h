@@ -1,69 +1,9 @@
-// The decode kernel's body, compiled once per ISA (decode_attention_{avx512,avx2,generic}.cpp set
-// the target, then include this inside an anonymous namespace). GCC vector extensions give
-// W-lane vectors that each target lowers to its own registers (one zmm, two ymm, four xmm); no
-// torch or std header here (see decode_attention.h).
+// The decode kernel's body, compiled once per ISA (isa_*.cpp; see vec_impl.h).
 //
 // One item is one (sequence, KV head): its K and V are read once for all the query heads that
 // share the KV head (GQA), block by block straight from the paged cache. K is stored
 // transposed inside a block ([head_dim, block_size]), so W consecutive positions of one head_dim
 // index are one vector load, and a block's scores are W-wide FMAs.
-
-template <int W>
-struct Vec {
-  typedef float F __attribute__((vector_size(4 * W)));
-  typedef int32_t I __attribute__((vector_size(4 * W)));
-  typedef uint32_t U __attribute__((vector_size(4 * W)));
-  typedef uint16_t H __attribute__((vector_size(2 * W)));
-};
-
-template <int W>
-inline typename Vec<W>::F load(const float* p, const float*) {
-  typename Vec<W>::F v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <int W>
-inline typename Vec<W>::F load(const uint16_t* p, const float*) {  // bf16: the high half of a float
-  typename Vec<W>::H h;
-  __builtin_memcpy(&h, p, sizeof h);
-  typename Vec<W>::U u = __builtin_convertvector(h, typename Vec<W>::U) << 16;
-  return (typename Vec<W>::F)u;
-}
-
-template <int W>
-inline typename Vec<W>::F load(const uint8_t* p, const float* table) {  // fp8 bytes through a table
-  typename Vec<W>::F v;
-  for (int i = 0; i < W; ++i) v[i] = table[p[i]];
-  return v;
-}
-
-template <int W>
-inline void store(float* p, typename Vec<W>::F v) {
-  __builtin_memcpy(p, &v, sizeof v);
-}
-
-// exp for softmax's range (x <= 0 once the max is taken), Cephes' polynomial in plain vector
-// arithmetic (a libm call would not vectorize).
-template <int W>
-inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
-  using F = typename Vec<W>::F;
-  using I = typename Vec<W>::I;
-  x = x < -87.0f ? F{} - 87.0f : x;
-  F t = x * 1.44269504088896341f + 0.5f;
-  I n = __builtin_convertvector(t, I);                // truncates toward zero
-  n += (I)(__builtin_convertvector(n, F) > t);      // floor: -1 where truncation rounded up
-  F nf = __builtin_convertvector(n, F);
-  F r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * (F)((n + 127) << 23);
-}
 
 template <int W>
 inline typename Vec<W>::F vsoftcap(typename Vec<W>::F x, float cap) {

@@ -3,32 +3,40 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <tuple>
 
-#include "decode_attention.h"
+#include "kernels.h"
 
 namespace asyncpp {
 namespace {
 
-using DecodeFn = void (*)(const DecodeParams&, int64_t, int64_t, int);
-
-DecodeFn pick_decode() {
+const KernelTable& pick() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return decode_items_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return decode_items_avx2;
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
-  return decode_items_generic;
+  return kGeneric;
 }
 
-const DecodeFn kDecode = pick_decode();
+const KernelTable& kKernels = pick();
 
 std::string isa() {
-  if (kDecode == decode_items_avx512) return "avx512";
-  if (kDecode == decode_items_avx2) return "avx2";
+  if (&kKernels == &kAvx512) return "avx512";
+  if (&kKernels == &kAvx2) return "avx2";
   return "generic";
+}
+
+// Row ops split rows across torch's threads only when a step has enough of them to pay for it.
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+
+bool is_bf16(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": float32 or bfloat16 rows");
+  return t.scalar_type() == at::kBFloat16;
 }
 
 KVKind kind_of(const at::Tensor& cache, int64_t fp8_kind) {
@@ -100,9 +108,78 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   p.scratch = scratch.data_ptr<float>();
   p.scratch_stride = stride;
   at::parallel_for(0, S * (KVH / kv_per_item), 1, [&](int64_t begin, int64_t end) {
-    kDecode(p, begin, end, at::get_thread_num());
+    kKernels.decode_items(p, begin, end, at::get_thread_num());
   });
   return out.view({S, H * D}).to(q.scalar_type());
+}
+
+// (norm(x + residual) * w, x + residual); without a residual the second is empty.
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& weight, double eps, double weight_offset) {
+  const bool bf16 = is_bf16(x, "rms_norm");
+  auto xs = x.contiguous();
+  const int64_t width = xs.size(-1), rows = xs.numel() / width;
+  auto out = at::empty_like(xs);
+  at::Tensor res, sum;
+  if (residual) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == xs.sizes() && res.scalar_type() == xs.scalar_type(), "rms_norm: residual must match x");
+    sum = at::empty_like(xs);
+  }
+  auto w = weight.to(at::kFloat).contiguous();
+  TORCH_CHECK(w.numel() == width, "rms_norm: weight must have the row's width");
+  RowsParams p{};
+  p.x = xs.data_ptr();
+  p.residual = residual ? res.data_ptr() : nullptr;
+  p.weight = w.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.sum = residual ? sum.data_ptr() : nullptr;
+  p.width = width;
+  p.x_stride = p.out_stride = width;
+  p.eps = float(eps);
+  p.weight_offset = float(weight_offset);
+  p.bf16 = bf16;
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) { kKernels.rms_norm_rows(p, b, e); });
+  return {out, sum};
+}
+
+// x [..., 2 * n] = [gate | up] -> silu(gate) * up [..., n].
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  const bool bf16 = is_bf16(x, "silu_and_mul");
+  TORCH_CHECK(x.size(-1) % 2 == 0 && x.stride(-1) == 1, "silu_and_mul: [..., 2n] rows, contiguous in the last dim");
+  auto xs = x.reshape({-1, x.size(-1)});
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 2;
+  auto out = at::empty(sizes, x.options());
+  RowsParams p{};
+  p.x = xs.data_ptr();
+  p.out = out.data_ptr();
+  p.width = sizes.back();
+  p.x_stride = xs.stride(0);
+  p.out_stride = p.width;
+  p.bf16 = bf16;
+  at::parallel_for(0, xs.size(0), row_grain(p.width), [&](int64_t b, int64_t e) { kKernels.silu_and_mul_rows(p, b, e); });
+  return out;
+}
+
+// Rotates the first `heads` heads of x [tokens, any heads, head_dim] in place (the first rot_dim
+// dims of each); cos_sin [tokens, rot_dim] float32.
+void rotary_(const at::Tensor& x, const at::Tensor& cos_sin, int64_t heads) {
+  const bool bf16 = is_bf16(x, "rotary");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && heads <= x.size(1),
+              "rotary: x is [tokens, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.size(0) == x.size(0) &&
+                  cos_sin.size(1) % 2 == 0 && cos_sin.size(1) <= x.size(2),
+              "rotary: cos_sin is [tokens, rot_dim] float32");
+  RotaryParams p{};
+  p.x = x.data_ptr();
+  p.cos_sin = cos_sin.data_ptr<float>();
+  p.row_stride = x.stride(0);
+  p.heads = heads;
+  p.head_dim = x.size(2);
+  p.rot_dim = cos_sin.size(1);
+  p.bf16 = bf16;
+  at::parallel_for(0, x.size(0), row_grain(heads * p.head_dim), [&](int64_t b, int64_t e) { kKernels.rotary_rows(p, b, e); });
 }
 
 }  // namespace
@@ -110,5 +187,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
 
 TORCH_LIBRARY(asyncpp, m) {
   m.def("paged_decode_attention", &asyncpp::paged_decode_attention);
+  m.def("rms_norm", &asyncpp::rms_norm);
+  m.def("silu_and_mul", &asyncpp::silu_and_mul);
+  m.def("rotary_(Tensor(a!) x, Tensor cos_sin, int heads) -> ()", &asyncpp::rotary_);
   m.def("kernel_isa", &asyncpp::isa);
 }

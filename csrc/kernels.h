@@ -1,4 +1,4 @@
-// Decode paged attention: the parameters every ISA build of the kernel shares.
+// The compiled kernels: the parameters every ISA build shares, and each build's entry points.
 // Plain data only: the ISA translation units include no torch or std header (an inline
 // function compiled for AVX-512 there must never be linked into a caller on an AVX2 host).
 #pragma once
@@ -33,9 +33,37 @@ struct DecodeParams {
   int64_t scratch_stride;
 };
 
-// Items are (sequence, run of kv_per_item KV heads); `worker` picks its scratch.
-void decode_items_avx512(const DecodeParams& p, int64_t begin, int64_t end, int worker);
-void decode_items_avx2(const DecodeParams& p, int64_t begin, int64_t end, int worker);
-void decode_items_generic(const DecodeParams& p, int64_t begin, int64_t end, int worker);
+// Rows of a [tokens, width] activation, float32 or bfloat16 (`bf16`), contiguous rows.
+struct RowsParams {
+  const void* x;         // the input rows
+  const void* residual;  // rms_norm: added to x first (null: none); its sum is written to `sum`
+  const float* weight;   // rms_norm: [width], float32
+  void* out;
+  void* sum;             // rms_norm with a residual: x + residual
+  int64_t width;         // rms_norm: the normalized width; silu_and_mul: the output width (input 2x)
+  int64_t x_stride, out_stride;  // elements between rows
+  float eps;
+  float weight_offset;   // 0: x * w (Llama); 1: x * (1 + w) (Gemma)
+  bool bf16;
+};
+
+// Rotary embedding (rotate-half layout) in place on `heads` heads of each token's row.
+struct RotaryParams {
+  void* x;               // [tokens, ...] rows; head h of token t at x + t * row_stride + h * head_dim
+  const float* cos_sin;  // [tokens, rot_dim]: cos for the first rot_dim / 2, then sin
+  int64_t row_stride, heads, head_dim, rot_dim;
+  bool bf16;
+};
+
+// Each ISA build's entry points: `begin`/`end` are work items (decode: a sequence and a run of
+// KV heads; rows: tokens); `worker` picks the decode scratch.
+struct KernelTable {
+  void (*decode_items)(const DecodeParams& p, int64_t begin, int64_t end, int worker);
+  void (*rms_norm_rows)(const RowsParams& p, int64_t begin, int64_t end);
+  void (*silu_and_mul_rows)(const RowsParams& p, int64_t begin, int64_t end);
+  void (*rotary_rows)(const RotaryParams& p, int64_t begin, int64_t end);
+};
+
+extern const KernelTable kAvx512, kAvx2, kGeneric;
 
 }  // namespace asyncpp

@@ -1,0 +1,16 @@
+// The kernels built for one ISA; ops.cpp picks the build at run time.
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include "kernels.h"
+
+namespace asyncpp {
+namespace {
+#include "vec_impl.h"
+#include "decode_attention_impl.h"
+#include "small_ops_impl.h"
+}  // namespace
+
+const KernelTable kAvx2 = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows};
+
+}  // namespace asyncpp

@@ -1,0 +1,14 @@
+// The kernels built for one ISA; ops.cpp picks the build at run time.
+// Baseline x86-64 (or any other CPU): whatever the compiler targets by default.
+#include "kernels.h"
+
+namespace asyncpp {
+namespace {
+#include "vec_impl.h"
+#include "decode_attention_impl.h"
+#include "small_ops_impl.h"
+}  // namespace
+
+const KernelTable kGeneric = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows};
+
+}  // namespace asyncpp
