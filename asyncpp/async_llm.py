@@ -56,10 +56,12 @@ class EngineStats:
 class AsyncLLM:
     def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
                  runner_factory: RunnerFactory = default_runner_factory, **engine_kwargs: Any):
-        """`runner_factory`: what each rank runs (a stand-in for the model in tests)."""
+        """Resolves the configuration now: a model or layout this engine cannot run raises
+        ValueError here, before any stage starts. `runner_factory`: what each rank runs (a
+        stand-in for the model in tests)."""
         self.args = engine_args or EngineArgs(model=model, **engine_kwargs)
         self._runner_factory = runner_factory
-        self.config: EngineConfig | None = None
+        self.config: EngineConfig = create_engine_config(self.args)
         self.tokenizer = None
         self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
@@ -74,7 +76,6 @@ class AsyncLLM:
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> "AsyncLLM":
-        self.config = await anyio.to_thread.run_sync(create_engine_config, self.args)
         if self.config.tokenizer_path is not None:
             self.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
         self._task_group = anyio.create_task_group()

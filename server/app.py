@@ -43,19 +43,23 @@ from asyncpp.server.stats_log import log_stats_every
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_app(args: EngineArgs, *, api_key: str | None = None, settings: ServerSettings | None = None) -> Starlette:
-    """An app that starts `AsyncLLM(args)` on startup and closes it on shutdown. With an API key
-    (`api_key` or `settings.api_key`), every route but the open ones needs `Authorization: Bearer <key>`."""
+def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
+              settings: ServerSettings | None = None) -> Starlette:
+    """An app that starts the engine (an `AsyncLLM`, or one made from `EngineArgs` then) on
+    startup and closes it on shutdown. With an API key (`api_key` or `settings.api_key`),
+    every route but the open ones needs `Authorization: Bearer <key>`."""
     settings = settings or ServerSettings(api_key=api_key)
     body_limit = BodyLimit(settings.max_request_body_bytes, settings.timeout_request_body_s)
+    args = engine.args if isinstance(engine, AsyncLLM) else engine
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with AsyncLLM.from_engine_args(args) as engine, anyio.create_task_group() as tasks:
-            app.state.server = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), settings)
-            body_limit.max_bytes = settings.body_limit(engine.config.max_model_len)
+        llm = engine if isinstance(engine, AsyncLLM) else AsyncLLM.from_engine_args(engine)
+        async with llm, anyio.create_task_group() as tasks:
+            app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name), settings)
+            body_limit.max_bytes = settings.body_limit(llm.config.max_model_len)
             if settings.log_stats_interval_s:
-                tasks.start_soon(log_stats_every, settings.log_stats_interval_s, engine.stats)
+                tasks.start_soon(log_stats_every, settings.log_stats_interval_s, llm.stats)
             yield
             tasks.cancel_scope.cancel()
 
