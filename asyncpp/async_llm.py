@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
@@ -25,6 +24,7 @@ from asyncpp.engine.scheduler import SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.supervisor import Supervisor
 from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt

@@ -15,10 +15,10 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.config import EngineArgs
 from asyncpp.core.outputs import RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
+from asyncpp.engine_args import EngineArgs
 from asyncpp.prompts import PromptInput
 
 

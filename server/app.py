@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from asyncpp import __version__
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import EngineDeadError
+from asyncpp.engine_args import EngineArgs
 from asyncpp.server.auth import BearerAuth
 from asyncpp.server.body_guard import BodyGuard, BodyLimit
 from asyncpp.server.chat import chat_prompt_ids, create_chat_completion

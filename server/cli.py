@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.config import EngineArgs, parse_bytes
+from asyncpp.engine_args import EngineArgs, parse_bytes
 from asyncpp.server.app import build_app
 from asyncpp.server.connections import GuardedH11Protocol
 from asyncpp.server.log_hygiene import log_config

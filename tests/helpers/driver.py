@@ -16,11 +16,11 @@ from typing import Any
 import anyio
 import torch
 
-from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.factory import create_executor
 from asyncpp.worker.model_runner import ModelRunner

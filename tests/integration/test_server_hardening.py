@@ -20,9 +20,9 @@ import pytest
 import schemathesis
 
 from asyncpp.async_llm import EngineStats
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import EngineDeadError, InvalidRequest
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.server.app import build_app
 from asyncpp.server.log_hygiene import LogHygiene, printable

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
+from asyncpp.engine_args import EngineArgs
 from asyncpp.prompts import resolve_prompt
 from asyncpp.server.app import build_app
 from asyncpp.server.errors import to_server_error
