@@ -52,9 +52,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     @property
     def num_decoding(self) -> int:
         return sum(1 for s in self.running if s.decoding)
