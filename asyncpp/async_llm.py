@@ -1,12 +1,12 @@
-"""AsyncLLM: the async engine. Requests go to the least-loaded virtual engine and stay there."""
+"""AsyncLLM: the async engine's front. It starts the stages (through the supervisor) and one
+loop per virtual engine, checks each request once, and hands it to the VE its router picks."""
 from __future__ import annotations
 
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import anyio
@@ -17,16 +17,15 @@ from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.placement import RankPlacement
 from asyncpp.core.sampling_params import SamplingParams
-from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
-from asyncpp.engine.scheduler import SchedulerLimits
+from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
-from asyncpp.engine.supervisor import Supervisor
-from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.engine.virtual_engine import VirtualEngine, VirtualEngineStats
 from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.stats import PipelineStats
+from asyncpp.executor.supervisor import Supervisor
 from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
@@ -34,19 +33,10 @@ log = logging.getLogger("asyncpp")
 
 
 @dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int  # held by some sequence
-    kv_blocks_cached: int  # cached prefixes no sequence holds (freed when blocks are needed)
-    kv_blocks_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    num_preemptions: int
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found there (not computed)
-    pipeline: PipelineStats
-    layer_partition: list[float]
+class EngineStats(VirtualEngineStats):
+    """Every VE's counters summed (`VirtualEngine.snapshot()`), and the pipeline's."""
+    pipeline: PipelineStats = field(default_factory=lambda: PipelineStats([], 0.0))
+    layer_partition: list[float] = field(default_factory=list)
 
     @property
     def kv_usage(self) -> float:
@@ -65,7 +55,7 @@ class AsyncLLM:
         self.tokenizer = None
         self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
-        self._where: dict[str, VirtualEngine] = {}
+        self._router = Router(self.config)
         self._task_group: TaskGroup | None = None
         self._dead: BaseException | None = None
         self._started = False
@@ -98,17 +88,13 @@ class AsyncLLM:
                  "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
                  else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
-        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                 config.decode_groups, config.max_prefill_tokens_while_decoding)
-        self._ves = [VirtualEngine(i, limits, BlockManager(per_ve, config.block_size, config.enable_prefix_caching),
-                                   config.max_in_flight_per_ve, self._supervisor, processor, self._mark_dead,
-                                   self._forget, partial(self._decoding_besides, i))
-                     for i in range(config.num_virtual_engines)]
+        self._ves = self._router.ves = [VirtualEngine(i, config, per_ve, self._supervisor, processor, self._router)
+                                        for i in range(config.num_virtual_engines)]
         for ve in self._ves:
-            self._task_group.start_soon(ve.run, name=f"virtual-engine-{ve.ve_id}")
+            self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")
 
-    def _decoding_besides(self, ve_id: int) -> bool:
-        return any(ve.scheduler.num_decoding for ve in self._ves if ve.ve_id != ve_id)
+    async def _serve(self, ve: VirtualEngine) -> None:
+        self._mark_dead(await ve.run())  # it returns only when the engine cannot serve again
 
     def _blocks_per_ve(self, total: int) -> int:
         config = self.config
@@ -182,21 +168,11 @@ class AsyncLLM:
         return self._supervisor.executor
 
     def stats(self) -> EngineStats:
-        ves = self._ves
+        snapshots = [ve.snapshot() for ve in self._ves]
+        sums = {f.name: sum(getattr(s, f.name) for s in snapshots) for f in fields(VirtualEngineStats)}
         executor = self._supervisor.executor if self._supervisor else None
-        return EngineStats(
-            num_running=sum(len(ve.scheduler.running) for ve in ves),
-            num_waiting=sum(len(ve.scheduler.waiting) for ve in ves),
-            kv_blocks_used=sum(ve.blocks.num_used for ve in ves),
-            kv_blocks_cached=sum(ve.blocks.num_cached_free for ve in ves),
-            kv_blocks_total=sum(ve.blocks.num_blocks for ve in ves),
-            prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
-            generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
-            num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
-            prefix_cache_queries=sum(ve.blocks.counters.queries for ve in ves),
-            prefix_cache_hits=sum(ve.blocks.counters.hits for ve in ves),
-            pipeline=executor.stats() if executor else PipelineStats([], 0.0),
-            layer_partition=list(self.config.layer_partition) if self.config else [])
+        return EngineStats(**sums, pipeline=executor.stats() if executor else PipelineStats([], 0.0),
+                           layer_partition=list(self.config.layer_partition))
 
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
@@ -210,7 +186,7 @@ class AsyncLLM:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
         if (error := self.dead_error()) is not None:
             raise EngineDeadError(f"the engine is unhealthy: {error}")
-        if request_id in self._where:
+        if request_id in self._router:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
         vocab_size = self.config.shape.vocab_size
         text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
@@ -222,28 +198,9 @@ class AsyncLLM:
         request = Request(request_id, text, token_ids, params, max_tokens,
                           RequestMetrics(arrival_time=time.monotonic()), cache_salt(prompt))
         request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
-        ve = self._place(request.seqs[0])
         stream = RequestStream(request_id, self._abort)
-        self._where[request_id] = ve
-        ve.add(request, stream)
+        self._router.route(request_id, request.seqs[0]).add(request, stream)
         return stream
-
-    def _place(self, seq: Sequence) -> VirtualEngine:
-        """The VE holding the longest cached prefix of the prompt, among those not
-        overloaded: at most `placement_slack` more unfinished sequences than the least
-        loaded one (so a popular prefix spreads once a VE is busy, and then is cached
-        in each). Least loaded first among equals, and when nothing is cached."""
-        least = min(ve.num_unfinished_seqs for ve in self._ves)
-        bound = least + self.placement_slack
-        candidates = [ve for ve in self._ves if ve.num_unfinished_seqs <= bound]
-        if len(candidates) == 1 or not (self.config.enable_prefix_caching and self.config.cache_aware_placement):
-            return min(candidates, key=lambda ve: ve.num_unfinished_seqs)
-        keys = candidates[0].blocks.keys(seq, (seq.num_tokens - 1) // self.config.block_size)
-        return max(candidates, key=lambda ve: (len(ve.blocks.match(keys)), -ve.num_unfinished_seqs))
-
-    @property
-    def placement_slack(self) -> int:
-        return max(1, self.config.max_num_seqs // 4)
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many
@@ -259,7 +216,7 @@ class AsyncLLM:
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def _num_waiting(self) -> int:
-        return sum(len(ve.scheduler.waiting) for ve in self._ves)
+        return sum(ve.num_waiting for ve in self._ves)
 
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -272,11 +229,8 @@ class AsyncLLM:
         return self._abort(request_id)
 
     def _abort(self, request_id: str) -> bool:
-        ve = self._where.pop(request_id, None)
+        ve = self._router.take(request_id)
         return ve.abort(request_id) if ve is not None else False
-
-    def _forget(self, request_id: str) -> None:
-        self._where.pop(request_id, None)
 
 
 def _load_tokenizer(path: str):
