@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it
 _EXPORTS = {
     "AsyncLLM": "asyncpp.async_llm",
+    "ChatPrompt": "asyncpp.prompts",
     "Client": "asyncpp.client",
     "CompletionOutput": "asyncpp.core.outputs",
     "EngineArgs": "asyncpp.engine_args",
@@ -22,8 +23,8 @@ _EXPORTS = {
     "SamplingParams": "asyncpp.core.sampling_params",
     "StageDiedError": "asyncpp.core.errors",
 }
-__all__ = ["AsyncLLM", "Client", "CompletionOutput", "EngineArgs", "EngineDeadError", "LLM", "QueueFullError",
-           "RequestOutput", "SamplingParams", "StageDiedError", "__version__"]
+__all__ = ["AsyncLLM", "ChatPrompt", "Client", "CompletionOutput", "EngineArgs", "EngineDeadError", "LLM",
+           "QueueFullError", "RequestOutput", "SamplingParams", "StageDiedError", "__version__"]
 
 if TYPE_CHECKING:
     from asyncpp.async_llm import AsyncLLM
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from asyncpp.core.sampling_params import SamplingParams
     from asyncpp.engine_args import EngineArgs
     from asyncpp.llm import LLM
+    from asyncpp.prompts import ChatPrompt
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.executor.supervisor import Supervisor
-from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt
+from asyncpp.prompts import ChatPrompt, PromptInput, PromptResolver, ResolvedPrompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
 log = logging.getLogger("asyncpp")
@@ -52,7 +52,7 @@ class AsyncLLM:
         self.args = engine_args or EngineArgs(model=model, **engine_kwargs)
         self._runner_factory = runner_factory
         self.config: EngineConfig = create_engine_config(self.args)
-        self.tokenizer = None
+        self._prompts = PromptResolver(None, self.config.shape.vocab_size, self.config.max_model_len)
         self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
         self._router = Router(self.config)
@@ -67,7 +67,7 @@ class AsyncLLM:
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> "AsyncLLM":
         if self.config.tokenizer_path is not None:
-            self.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
+            self._prompts.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -145,6 +145,11 @@ class AsyncLLM:
         return self._started and self.dead_error() is None
 
     @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer, once started; None with skip_tokenizer_init."""
+        return self._prompts.tokenizer
+
+    @property
     def model_name(self) -> str:
         return self.config.served_model_name
 
@@ -177,27 +182,37 @@ class AsyncLLM:
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
                           request_id: str | None = None) -> RequestStream:
-        """Validate and enqueue now; iterate the returned stream for cumulative outputs.
-        Closing the stream (or cancelling its consumer) aborts the request."""
-        return self._add(prompt, params or SamplingParams(), request_id or uuid.uuid4().hex)
+        """Check the request (once, here), resolve its prompt off the event loop, and enqueue
+        it; iterate the returned stream for cumulative outputs. Closing the stream (or
+        cancelling its consumer) aborts the request."""
+        params = params or SamplingParams()
+        self._check_accepting()
+        params.verify_for_model(self.config.shape.vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
+        resolved = await self._prompts.resolve(prompt)
+        return self._enqueue(request_id or uuid.uuid4().hex, resolved, params)
 
-    def _add(self, prompt: PromptInput, params: SamplingParams, request_id: str) -> RequestStream:
+    async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool = True) -> list[int]:
+        """A text's or a chat's token ids, off the event loop (no check against the model)."""
+        return await self._prompts.tokenize(prompt, add_special_tokens)
+
+    def _check_accepting(self) -> None:
         if not self._started:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
         if (error := self.dead_error()) is not None:
             raise EngineDeadError(f"the engine is unhealthy: {error}")
+
+    def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams) -> RequestStream:
+        self._check_accepting()  # again: the engine may have failed while the prompt was resolved
         if request_id in self._router:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
-        vocab_size = self.config.shape.vocab_size
-        text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
-        params.verify_for_model(vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
-        max_tokens = self._max_tokens(len(token_ids), params)
         if self._num_waiting() >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} "
                                  "requests); retry later")
-        request = Request(request_id, text, token_ids, params, max_tokens,
-                          RequestMetrics(arrival_time=time.monotonic()), cache_salt(prompt))
-        request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
+        room = self.config.max_model_len - len(prompt.token_ids)  # > 0: the resolver saw to it
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, prompt.text, prompt.token_ids, params, max_tokens,
+                          RequestMetrics(arrival_time=time.monotonic()), prompt.cache_salt)
+        request.seqs = [Sequence(request, i, prompt.token_ids) for i in range(params.n)]
         stream = RequestStream(request_id, self._abort)
         self._router.route(request_id, request.seqs[0]).add(request, stream)
         return stream
@@ -206,14 +221,6 @@ class AsyncLLM:
         """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many
         cached, unused blocks that freed. Running requests keep the blocks they hold."""
         return sum(ve.reset_prefix_cache() for ve in self._ves)
-
-    def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        limit = self.config.max_model_len
-        if prompt_len >= limit:
-            raise InvalidRequest(f"prompt is {prompt_len} tokens long but max_model_len is {limit}: "
-                                 "the prompt plus at least one output token must fit", param="prompt")
-        room = limit - prompt_len
-        return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def _num_waiting(self) -> int:
         return sum(ve.num_waiting for ve in self._ves)

@@ -17,13 +17,13 @@ from starlette.routing import Route
 
 from asyncpp import __version__
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError, InvalidRequest
 from asyncpp.engine_args import EngineArgs
 from asyncpp.server.auth import BearerAuth
 from asyncpp.server.body_guard import BodyGuard, BodyLimit
-from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
+from asyncpp.server.chat import chat_prompt, create_chat_completion
 from asyncpp.server.completions import create_completion
-from asyncpp.server.errors import ServerError, engine_unhealthy
+from asyncpp.server.errors import ServerError, engine_unhealthy, to_server_error
 from asyncpp.server.host_check import HostCheck
 from asyncpp.server.internal_errors import InternalErrors
 from asyncpp.server.log_hygiene import printable
@@ -150,13 +150,12 @@ async def version(request: Request) -> Response:
 
 async def tokenize(state: ServerState, body: TokenizeRequest, request: Request) -> Response:
     state.check_model(body.model)
-    if body.messages is not None:
-        ids = await chat_prompt_ids(state, body.messages, body.add_generation_prompt)
-    else:
-        tokenizer = state.tokenizer_or_400("tokenize")
-        state.limits.check_text(body.prompt, "prompt")
-        ids = await anyio.to_thread.run_sync(
-            lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+    prompt = body.prompt if body.messages is None else chat_prompt(state, body.messages, body.add_generation_prompt)
+    assert prompt is not None  # TokenizeRequest holds one of them
+    try:
+        ids = await state.engine.tokenize(prompt, add_special_tokens=body.add_special_tokens)
+    except InvalidRequest as exc:
+        raise to_server_error(exc) from exc
     return JSONResponse({"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids})
 
 
