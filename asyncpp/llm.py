@@ -19,7 +19,7 @@ from asyncpp.core.outputs import RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine_args import EngineArgs
-from asyncpp.prompts import PromptInput
+from asyncpp.prompts import ChatPrompt, PromptInput
 
 
 class LLM:
@@ -104,6 +104,6 @@ def _close(engine_cm: AbstractContextManager[Any], portal_cm: AbstractContextMan
 
 
 def _is_single(prompts: Any) -> bool:
-    if isinstance(prompts, (str, dict)):
+    if isinstance(prompts, (str, dict, ChatPrompt)):
         return True
     return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], int)
