@@ -1,52 +1,42 @@
-"""AsyncLLM: the async engine. Requests go to the least-loaded virtual engine and stay there."""
+"""AsyncLLM: the async engine's front. It starts the stages (through the supervisor) and one
+loop per virtual engine, checks each request once, and hands it to the VE its router picks."""
 from __future__ import annotations
 
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.placement import RankPlacement
 from asyncpp.core.sampling_params import SamplingParams
-from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.request_stream import RequestStream
-from asyncpp.engine.scheduler import SchedulerLimits
+from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
-from asyncpp.engine.supervisor import Supervisor
-from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.engine.virtual_engine import VirtualEngine, VirtualEngineStats
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.stats import PipelineStats
-from asyncpp.prompts import PromptInput, cache_salt, resolve_prompt
+from asyncpp.executor.supervisor import Supervisor
+from asyncpp.prompts import ChatPrompt, PromptInput, PromptResolver, ResolvedPrompt
 from asyncpp.worker.worker import RunnerFactory, default_runner_factory
 
 log = logging.getLogger("asyncpp")
 
 
 @dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int  # held by some sequence
-    kv_blocks_cached: int  # cached prefixes no sequence holds (freed when blocks are needed)
-    kv_blocks_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    num_preemptions: int
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found there (not computed)
-    pipeline: PipelineStats
-    layer_partition: list[float]
+class EngineStats(VirtualEngineStats):
+    """Every VE's counters summed (`VirtualEngine.snapshot()`), and the pipeline's."""
+    pipeline: PipelineStats = field(default_factory=lambda: PipelineStats([], 0.0))
+    layer_partition: list[float] = field(default_factory=list)
 
     @property
     def kv_usage(self) -> float:
@@ -56,14 +46,16 @@ class EngineStats:
 class AsyncLLM:
     def __init__(self, model: str | None = None, *, engine_args: EngineArgs | None = None,
                  runner_factory: RunnerFactory = default_runner_factory, **engine_kwargs: Any):
-        """`runner_factory`: what each rank runs (a stand-in for the model in tests)."""
+        """Resolves the configuration now: a model or layout this engine cannot run raises
+        ValueError here, before any stage starts. `runner_factory`: what each rank runs (a
+        stand-in for the model in tests)."""
         self.args = engine_args or EngineArgs(model=model, **engine_kwargs)
         self._runner_factory = runner_factory
-        self.config: EngineConfig | None = None
-        self.tokenizer = None
+        self.config: EngineConfig = create_engine_config(self.args)
+        self._prompts = PromptResolver(None, self.config.shape.vocab_size, self.config.max_model_len)
         self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
-        self._where: dict[str, VirtualEngine] = {}
+        self._router = Router(self.config)
         self._task_group: TaskGroup | None = None
         self._dead: BaseException | None = None
         self._started = False
@@ -74,9 +66,8 @@ class AsyncLLM:
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> "AsyncLLM":
-        self.config = await anyio.to_thread.run_sync(create_engine_config, self.args)
         if self.config.tokenizer_path is not None:
-            self.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
+            self._prompts.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -97,17 +88,13 @@ class AsyncLLM:
                  "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
                  else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
-        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                 config.decode_groups, config.max_prefill_tokens_while_decoding)
-        self._ves = [VirtualEngine(i, limits, BlockManager(per_ve, config.block_size, config.enable_prefix_caching),
-                                   config.max_in_flight_per_ve, self._supervisor, processor, self._mark_dead,
-                                   self._forget, partial(self._decoding_besides, i))
-                     for i in range(config.num_virtual_engines)]
+        self._ves = self._router.ves = [VirtualEngine(i, config, per_ve, self._supervisor, processor, self._router)
+                                        for i in range(config.num_virtual_engines)]
         for ve in self._ves:
-            self._task_group.start_soon(ve.run, name=f"virtual-engine-{ve.ve_id}")
+            self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")
 
-    def _decoding_besides(self, ve_id: int) -> bool:
-        return any(ve.scheduler.num_decoding for ve in self._ves if ve.ve_id != ve_id)
+    async def _serve(self, ve: VirtualEngine) -> None:
+        self._mark_dead(await ve.run())  # it returns only when the engine cannot serve again
 
     def _blocks_per_ve(self, total: int) -> int:
         config = self.config
@@ -158,6 +145,11 @@ class AsyncLLM:
         return self._started and self.dead_error() is None
 
     @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer, once started; None with skip_tokenizer_init."""
+        return self._prompts.tokenizer
+
+    @property
     def model_name(self) -> str:
         return self.config.served_model_name
 
@@ -181,84 +173,57 @@ class AsyncLLM:
         return self._supervisor.executor
 
     def stats(self) -> EngineStats:
-        ves = self._ves
+        snapshots = [ve.snapshot() for ve in self._ves]
+        sums = {f.name: sum(getattr(s, f.name) for s in snapshots) for f in fields(VirtualEngineStats)}
         executor = self._supervisor.executor if self._supervisor else None
-        return EngineStats(
-            num_running=sum(len(ve.scheduler.running) for ve in ves),
-            num_waiting=sum(len(ve.scheduler.waiting) for ve in ves),
-            kv_blocks_used=sum(ve.blocks.num_used for ve in ves),
-            kv_blocks_cached=sum(ve.blocks.num_cached_free for ve in ves),
-            kv_blocks_total=sum(ve.blocks.num_blocks for ve in ves),
-            prompt_tokens_total=sum(ve.counters.prompt_tokens for ve in ves),
-            generation_tokens_total=sum(ve.counters.generation_tokens for ve in ves),
-            num_preemptions=sum(ve.scheduler.num_preemptions for ve in ves),
-            prefix_cache_queries=sum(ve.blocks.counters.queries for ve in ves),
-            prefix_cache_hits=sum(ve.blocks.counters.hits for ve in ves),
-            pipeline=executor.stats() if executor else PipelineStats([], 0.0),
-            layer_partition=list(self.config.layer_partition) if self.config else [])
+        return EngineStats(**sums, pipeline=executor.stats() if executor else PipelineStats([], 0.0),
+                           layer_partition=list(self.config.layer_partition))
 
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
                           request_id: str | None = None) -> RequestStream:
-        """Validate and enqueue now; iterate the returned stream for cumulative outputs.
-        Closing the stream (or cancelling its consumer) aborts the request."""
-        return self._add(prompt, params or SamplingParams(), request_id or uuid.uuid4().hex)
+        """Check the request (once, here), resolve its prompt off the event loop, and enqueue
+        it; iterate the returned stream for cumulative outputs. Closing the stream (or
+        cancelling its consumer) aborts the request."""
+        params = params or SamplingParams()
+        self._check_accepting()
+        params.verify_for_model(self.config.shape.vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
+        resolved = await self._prompts.resolve(prompt)
+        return self._enqueue(request_id or uuid.uuid4().hex, resolved, params)
 
-    def _add(self, prompt: PromptInput, params: SamplingParams, request_id: str) -> RequestStream:
+    async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool = True) -> list[int]:
+        """A text's or a chat's token ids, off the event loop (no check against the model)."""
+        return await self._prompts.tokenize(prompt, add_special_tokens)
+
+    def _check_accepting(self) -> None:
         if not self._started:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
         if (error := self.dead_error()) is not None:
             raise EngineDeadError(f"the engine is unhealthy: {error}")
-        if request_id in self._where:
+
+    def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams) -> RequestStream:
+        self._check_accepting()  # again: the engine may have failed while the prompt was resolved
+        if request_id in self._router:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
-        vocab_size = self.config.shape.vocab_size
-        text, token_ids = resolve_prompt(prompt, self.tokenizer, vocab_size)
-        params.verify_for_model(vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
-        max_tokens = self._max_tokens(len(token_ids), params)
         if self._num_waiting() >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} "
                                  "requests); retry later")
-        request = Request(request_id, text, token_ids, params, max_tokens,
-                          RequestMetrics(arrival_time=time.monotonic()), cache_salt(prompt))
-        request.seqs = [Sequence(request, i, token_ids) for i in range(params.n)]
-        ve = self._place(request.seqs[0])
+        room = self.config.max_model_len - len(prompt.token_ids)  # > 0: the resolver saw to it
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, prompt.text, prompt.token_ids, params, max_tokens,
+                          RequestMetrics(arrival_time=time.monotonic()), prompt.cache_salt)
+        request.seqs = [Sequence(request, i, prompt.token_ids) for i in range(params.n)]
         stream = RequestStream(request_id, self._abort)
-        self._where[request_id] = ve
-        ve.add(request, stream)
+        self._router.route(request_id, request.seqs[0]).add(request, stream)
         return stream
-
-    def _place(self, seq: Sequence) -> VirtualEngine:
-        """The VE holding the longest cached prefix of the prompt, among those not
-        overloaded: at most `placement_slack` more unfinished sequences than the least
-        loaded one (so a popular prefix spreads once a VE is busy, and then is cached
-        in each). Least loaded first among equals, and when nothing is cached."""
-        least = min(ve.num_unfinished_seqs for ve in self._ves)
-        bound = least + self.placement_slack
-        candidates = [ve for ve in self._ves if ve.num_unfinished_seqs <= bound]
-        if len(candidates) == 1 or not (self.config.enable_prefix_caching and self.config.cache_aware_placement):
-            return min(candidates, key=lambda ve: ve.num_unfinished_seqs)
-        keys = candidates[0].blocks.keys(seq, (seq.num_tokens - 1) // self.config.block_size)
-        return max(candidates, key=lambda ve: (len(ve.blocks.match(keys)), -ve.num_unfinished_seqs))
-
-    @property
-    def placement_slack(self) -> int:
-        return max(1, self.config.max_num_seqs // 4)
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many
         cached, unused blocks that freed. Running requests keep the blocks they hold."""
         return sum(ve.reset_prefix_cache() for ve in self._ves)
 
-    def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        limit = self.config.max_model_len
-        if prompt_len >= limit:
-            raise InvalidRequest(f"prompt is {prompt_len} tokens long but max_model_len is {limit}: "
-                                 "the prompt plus at least one output token must fit", param="prompt")
-        room = limit - prompt_len
-        return room if params.max_tokens is None else min(params.max_tokens, room)
-
     def _num_waiting(self) -> int:
-        return sum(len(ve.scheduler.waiting) for ve in self._ves)
+        return sum(ve.num_waiting for ve in self._ves)
 
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -271,11 +236,8 @@ class AsyncLLM:
         return self._abort(request_id)
 
     def _abort(self, request_id: str) -> bool:
-        ve = self._where.pop(request_id, None)
+        ve = self._router.take(request_id)
         return ve.abort(request_id) if ve is not None else False
-
-    def _forget(self, request_id: str) -> None:
-        self._where.pop(request_id, None)
 
 
 def _load_tokenizer(path: str):

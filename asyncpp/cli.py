@@ -9,8 +9,8 @@ import anyio
 
 from asyncpp.async_llm import AsyncLLM
 from asyncpp.bench.cli import add_bench_parser
-from asyncpp.config import EngineArgs
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs
 from asyncpp.server.cli import add_serve_parser
 
 

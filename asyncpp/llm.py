@@ -15,11 +15,11 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.config import EngineArgs
 from asyncpp.core.outputs import RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
-from asyncpp.prompts import PromptInput
+from asyncpp.engine_args import EngineArgs
+from asyncpp.prompts import ChatPrompt, PromptInput
 
 
 class LLM:
@@ -104,6 +104,6 @@ def _close(engine_cm: AbstractContextManager[Any], portal_cm: AbstractContextMan
 
 
 def _is_single(prompts: Any) -> bool:
-    if isinstance(prompts, (str, dict)):
+    if isinstance(prompts, (str, dict, ChatPrompt)):
         return True
     return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], int)

@@ -18,9 +18,9 @@ import time
 
 import anyio
 
-from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.base import Executor
 from asyncpp.executor.mp import MultiprocExecutor
 from asyncpp.executor.uni import UniExecutor

@@ -17,10 +17,10 @@ import time
 import torch
 
 from asyncpp.bench import make_workload_model, parse_layout
-from asyncpp.config import EngineArgs, EngineConfig, create_engine_config
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.core.stages import StageSpec
+from asyncpp.engine_args import EngineArgs, EngineConfig, create_engine_config
 from asyncpp.worker.model_runner import ModelRunner
 
 NUM_BLOCKS = 1024

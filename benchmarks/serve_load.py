@@ -37,7 +37,7 @@ from transformers import AutoConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncpp.bench import Layout, RequestTrace, SystemResult, check_parity, make_prompts, make_workload_model, summarize  # noqa: E402
-from asyncpp.config import EngineArgs  # noqa: E402
+from asyncpp.engine_args import EngineArgs  # noqa: E402
 
 _WARMUP_PROMPT_LEN = 16  # one short request per system before timing
 

@@ -15,8 +15,8 @@ import torch
 from model_forward import filled_runner, microbatches
 
 from asyncpp.bench import make_workload_model
-from asyncpp.config import EngineArgs, available_cores, create_engine_config
 from asyncpp.core.microbatch import MicroBatch
+from asyncpp.engine_args import EngineArgs, available_cores, create_engine_config
 from asyncpp.worker.model_runner import ModelRunner
 
 

@@ -127,7 +127,7 @@ def step_batches(context: int, decode_steps: int):
 
 
 def make_runner(model: str, tp_size: int, tp_rank: int, tp: object, blocks: int):
-    from asyncpp.config import EngineArgs, create_engine_config
+    from asyncpp.engine_args import EngineArgs, create_engine_config
     from asyncpp.worker.model_runner import ModelRunner
 
     args = EngineArgs(model=model, tensor_parallel_size=tp_size, dtype="float32", device="cpu",
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // tp)")
     parser.add_argument("--json", dest="json_out", default=None)
     ns = parser.parse_args(argv)
-    from asyncpp.config import available_cores
+    from asyncpp.engine_args import available_cores
 
     threads = ns.threads or max(1, available_cores() // ns.tp)
     methods = ns.methods.split()

@@ -17,13 +17,13 @@ from starlette.routing import Route
 
 from asyncpp import __version__
 from asyncpp.async_llm import AsyncLLM
-from asyncpp.config import EngineArgs
-from asyncpp.core.errors import EngineDeadError
+from asyncpp.core.errors import EngineDeadError, InvalidRequest
+from asyncpp.engine_args import EngineArgs
 from asyncpp.server.auth import BearerAuth
 from asyncpp.server.body_guard import BodyGuard, BodyLimit
-from asyncpp.server.chat import chat_prompt_ids, create_chat_completion
+from asyncpp.server.chat import chat_prompt, create_chat_completion
 from asyncpp.server.completions import create_completion
-from asyncpp.server.errors import ServerError, engine_unhealthy
+from asyncpp.server.errors import ServerError, engine_unhealthy, to_server_error
 from asyncpp.server.host_check import HostCheck
 from asyncpp.server.internal_errors import InternalErrors
 from asyncpp.server.log_hygiene import printable
@@ -43,19 +43,23 @@ from asyncpp.server.stats_log import log_stats_every
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_app(args: EngineArgs, *, api_key: str | None = None, settings: ServerSettings | None = None) -> Starlette:
-    """An app that starts `AsyncLLM(args)` on startup and closes it on shutdown. With an API key
-    (`api_key` or `settings.api_key`), every route but the open ones needs `Authorization: Bearer <key>`."""
+def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
+              settings: ServerSettings | None = None) -> Starlette:
+    """An app that starts the engine (an `AsyncLLM`, or one made from `EngineArgs` then) on
+    startup and closes it on shutdown. With an API key (`api_key` or `settings.api_key`),
+    every route but the open ones needs `Authorization: Bearer <key>`."""
     settings = settings or ServerSettings(api_key=api_key)
     body_limit = BodyLimit(settings.max_request_body_bytes, settings.timeout_request_body_s)
+    args = engine.args if isinstance(engine, AsyncLLM) else engine
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with AsyncLLM.from_engine_args(args) as engine, anyio.create_task_group() as tasks:
-            app.state.server = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), settings)
-            body_limit.max_bytes = settings.body_limit(engine.config.max_model_len)
+        llm = engine if isinstance(engine, AsyncLLM) else AsyncLLM.from_engine_args(engine)
+        async with llm, anyio.create_task_group() as tasks:
+            app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name), settings)
+            body_limit.max_bytes = settings.body_limit(llm.config.max_model_len)
             if settings.log_stats_interval_s:
-                tasks.start_soon(log_stats_every, settings.log_stats_interval_s, engine.stats)
+                tasks.start_soon(log_stats_every, settings.log_stats_interval_s, llm.stats)
             yield
             tasks.cancel_scope.cancel()
 
@@ -146,13 +150,12 @@ async def version(request: Request) -> Response:
 
 async def tokenize(state: ServerState, body: TokenizeRequest, request: Request) -> Response:
     state.check_model(body.model)
-    if body.messages is not None:
-        ids = await chat_prompt_ids(state, body.messages, body.add_generation_prompt)
-    else:
-        tokenizer = state.tokenizer_or_400("tokenize")
-        state.limits.check_text(body.prompt, "prompt")
-        ids = await anyio.to_thread.run_sync(
-            lambda: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+    prompt = body.prompt if body.messages is None else chat_prompt(state, body.messages, body.add_generation_prompt)
+    assert prompt is not None  # TokenizeRequest holds one of them
+    try:
+        ids = await state.engine.tokenize(prompt, add_special_tokens=body.add_special_tokens)
+    except InvalidRequest as exc:
+        raise to_server_error(exc) from exc
     return JSONResponse({"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids})
 
 

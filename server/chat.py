@@ -1,16 +1,13 @@
-"""POST /v1/chat/completions: the chat template, then plain or streamed `chat.completion`
-objects (streamed: the assistant role first, then content deltas)."""
+"""POST /v1/chat/completions: plain or streamed `chat.completion` objects (streamed: the
+assistant role first, then content deltas). The engine renders the chat template."""
 from __future__ import annotations
 
-from typing import Any
-
-import anyio
-from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from asyncpp.chat_template import request_template
 from asyncpp.core.outputs import CompletionOutput
-from asyncpp.server.chat_template import RenderTimeout, check_template_request, render_chat
+from asyncpp.prompts import ChatPrompt
 from asyncpp.server.errors import ServerError
 from asyncpp.server.logprobs import chat_logprobs
 from asyncpp.server.protocol import ChatCompletionRequest, ChatMessage
@@ -20,6 +17,7 @@ from asyncpp.server.serving import ResponseShape, ServerState, respond
 class ChatShape(ResponseShape):
     object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl"
+    field_names = {"logprobs": "top_logprobs"}  # SamplingParams.logprobs comes from top_logprobs here
     body: ChatCompletionRequest
 
     def content(self, text: str, chunk: bool) -> dict:
@@ -36,39 +34,21 @@ class ChatShape(ResponseShape):
                  "finish_reason": None} for i in range(num_choices)]
 
 
-async def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                          template: str | None = None, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """The messages through the chat template, as token ids; rendered and tokenized in a worker thread."""
-    tokenizer = state.tokenizer_or_400("chat")
+def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                template: str | None = None, template_kwargs: dict | None = None,
+                cache_salt: str | None = None) -> ChatPrompt:
+    """The engine's chat input; a template the request brings only with --trust-request-chat-template."""
     kwargs = template_kwargs or {}
-    check_template_request(tokenizer, template, kwargs, state.settings.trust_request_chat_template)
-    state.limits.check_text("".join(_texts(messages)), "messages")
-    dicts = [m.template_dict() for m in messages]
-
-    def render_and_encode() -> list[int]:
-        text = render_chat(tokenizer, dicts, add_generation_prompt, template, kwargs,
-                           state.settings.chat_template_timeout_s)
-        state.limits.check_text(text, "messages")
-        # The template writes special tokens (BOS included) itself.
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    try:
-        return await anyio.to_thread.run_sync(render_and_encode)
-    except RenderTimeout as exc:
-        raise ServerError(400, str(exc), "chat_template") from exc
-    except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or one the messages do not fit
-        raise ServerError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-
-
-def _texts(messages: list[ChatMessage]) -> list[str]:
-    return [m.content if isinstance(m.content, str) else "".join(p["text"] for p in m.content or [])
-            for m in messages]
+    if request_template(template, kwargs) is not None and not state.settings.trust_request_chat_template:
+        param = "chat_template" if template is not None else "chat_template_kwargs"
+        raise ServerError(400, f"{param}: this server does not render chat templates sent with the request; "
+                               "its operator can allow them with --trust-request-chat-template", param)
+    return ChatPrompt([m.template_dict() for m in messages], add_generation_prompt, template, kwargs, cache_salt,
+                      state.settings.chat_template_timeout_s)
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    state.limits.check_n(body.n)
-    state.limits.check_logprobs(body.top_logprobs, "top_logprobs")
-    ids = await chat_prompt_ids(state, body.messages, body.add_generation_prompt, body.chat_template,
-                                body.chat_template_kwargs)
-    return await respond(state, request, body, [{"prompt_token_ids": ids}], ChatShape(state, body))
+    prompt = chat_prompt(state, body.messages, body.add_generation_prompt, body.chat_template,
+                         body.chat_template_kwargs, body.cache_salt)
+    return await respond(state, request, body, [prompt], ChatShape(state, body))

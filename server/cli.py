@@ -8,11 +8,13 @@ import argparse
 import logging
 import os
 import resource
+import sys
 from typing import Any
 
 import uvicorn
 
-from asyncpp.config import EngineArgs, parse_bytes
+from asyncpp.async_llm import AsyncLLM
+from asyncpp.engine_args import EngineArgs, parse_bytes
 from asyncpp.server.app import build_app
 from asyncpp.server.connections import GuardedH11Protocol
 from asyncpp.server.log_hygiene import log_config
@@ -103,14 +105,26 @@ def uvicorn_options(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_serve(ns: argparse.Namespace) -> None:
-    """Serves until Ctrl-C or SIGTERM; uvicorn's lifespan then closes the engine and its processes."""
-    app = build_app(EngineArgs.from_cli_args(ns), settings=settings_from(ns))
+    """Serves until Ctrl-C or SIGTERM; uvicorn's lifespan then closes the engine and its processes.
+    A model or layout the engine cannot run raises ValueError before the server starts."""
+    app = build_app(AsyncLLM.from_engine_args(EngineArgs.from_cli_args(ns)), settings=settings_from(ns))
     options = uvicorn_options(ns)
     open_files = raise_open_files_limit()
     if ns.limit_concurrency > open_files // 2:
         logger.warning("--limit-concurrency %d is close to the open-file limit (%d): connections may fail",
                        ns.limit_concurrency, open_files)
     uvicorn.run(app, host=ns.host, port=ns.port, **options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m asyncpp.server`: a model or flag the engine refuses ends with one line, no traceback."""
+    parser = argparse.ArgumentParser(prog="python -m asyncpp.server", description="asyncpp's OpenAI-compatible server")
+    add_serve_args(parser)
+    try:
+        run_serve(parser.parse_args(argv))
+    except ValueError as e:  # as `asyncpp serve` (asyncpp/cli.py)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def raise_open_files_limit() -> int:

@@ -1,11 +1,11 @@
 """POST /v1/completions: plain and streamed `text_completion` objects."""
 from __future__ import annotations
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from asyncpp.core.outputs import CompletionOutput
+from asyncpp.server.errors import ServerError
 from asyncpp.server.logprobs import completion_logprobs
 from asyncpp.server.protocol import CompletionRequest, Prompt
 from asyncpp.server.serving import ResponseShape, ServerState, respond
@@ -29,24 +29,19 @@ class CompletionShape(ResponseShape):
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
     prompts = body.prompts()
-    state.limits.check_prompt_count(len(prompts))
-    state.limits.check_n(body.n)
-    state.limits.check_logprobs(body.logprobs, "logprobs")
-    return await respond(state, request, body, await tokenized(state, prompts), CompletionShape(state, body))
+    check_prompt_count(len(prompts), state.engine.config.max_waiting_requests)
+    return await respond(state, request, body, [engine_prompt(p, body.cache_salt) for p in prompts],
+                         CompletionShape(state, body))
 
 
-async def tokenized(state: ServerState, prompts: list[Prompt]) -> list[Prompt | dict]:
-    """Text prompts as {"prompt", "prompt_token_ids"}, tokenized in a worker thread as the engine
-    would (it would on the event loop); too long a text is refused before."""
-    tokenizer = state.engine.tokenizer
-    if tokenizer is None or not any(isinstance(p, str) for p in prompts):
-        return list(prompts)  # the engine answers text without a tokenizer with a 400
-    for p in prompts:
-        if isinstance(p, str):
-            state.limits.check_text(p, "prompt")
+def check_prompt_count(count: int, max_waiting_requests: int) -> None:
+    """One body's prompts go in all at once: more than the waiting queue holds could never start."""
+    if count > max_waiting_requests:
+        raise ServerError(400, f"prompt holds {count} prompts, more than this server's waiting queue "
+                               f"(--max-waiting-requests {max_waiting_requests}) can ever hold", "prompt")
 
-    def encode_all() -> list[Prompt | dict]:
-        return [{"prompt": p, "prompt_token_ids": tokenizer.encode(p)} if isinstance(p, str) else p
-                for p in prompts]
 
-    return await anyio.to_thread.run_sync(encode_all)
+def engine_prompt(prompt: Prompt, cache_salt: str | None) -> dict:
+    """The engine's (vLLM's) dict form of one prompt of the body."""
+    key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+    return {key: prompt} if cache_salt is None else {key: prompt, "cache_salt": cache_salt}

@@ -18,11 +18,11 @@ from asyncpp.core.errors import InvalidRequest
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
+from asyncpp.prompts import PromptInput
 from asyncpp.server.errors import ServerError, to_server_error
-from asyncpp.server.limits import RequestLimits
 from asyncpp.server.log_hygiene import printable
 from asyncpp.server.metrics import RequestTracker, ServerMetrics
-from asyncpp.server.protocol import Prompt, SamplingFields
+from asyncpp.server.protocol import SamplingFields
 from asyncpp.server.settings import ServerSettings
 from asyncpp.server.sse import DONE, Emit, EventStreamResponse, cancel_on_disconnect, event
 
@@ -38,10 +38,6 @@ class ServerState:
     metrics: ServerMetrics
     settings: ServerSettings = field(default_factory=ServerSettings)
     created: int = field(default_factory=lambda: int(time.time()))
-    limits: RequestLimits = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.limits = RequestLimits.of(self.engine.config)
 
     @property
     def model_name(self) -> str:
@@ -61,23 +57,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def open_streams(engine: AsyncLLM, prompts: list[Prompt | dict], params: SamplingParams,
-                       request_id: str) -> list[RequestStream]:
+async def open_streams(engine: AsyncLLM, prompts: list[PromptInput], params: SamplingParams,
+                       shape: ResponseShape) -> list[RequestStream]:
     """Enqueues every prompt (all or none), so that refusals become HTTP errors before a
     streamed response has started."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            rid = shape.request_id if len(prompts) == 1 else f"{shape.request_id}-{i}"
             streams.append(await engine.add_request(prompt, params, request_id=rid))
     except Exception as exc:
         await close_streams(streams)
-        raise to_server_error(exc) from exc
+        raise shape.http_error(exc) from exc
     return streams
-
-
-def _prompt_dict(prompt: Prompt) -> dict:
-    return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
 
 
 async def close_streams(streams: list[RequestStream]) -> None:
@@ -154,10 +146,12 @@ class DeltaTracker:
 
 
 class ResponseShape:
-    """How one endpoint dresses choices: `chunk` selects the streamed form."""
+    """How one endpoint dresses choices (`chunk` selects the streamed form), and names the
+    body's fields in errors."""
     object_name = ""
     chunk_object_name = ""
     id_prefix = ""
+    field_names: dict[str, str] = {}  # the engine's name of a field -> this body's, where they differ
 
     def __init__(self, state: ServerState, body: SamplingFields):
         self.state, self.body = state, body
@@ -186,18 +180,20 @@ class ResponseShape:
         """Chunks sent before any output (chat's role deltas)."""
         return []
 
+    def http_error(self, exc: Exception) -> ServerError:
+        error = to_server_error(exc)
+        error.param = self.field_names.get(error.param or "", error.param)
+        return error
+
 
 async def respond(state: ServerState, request: Request, body: SamplingFields,
-                  prompts: list[Prompt | dict], shape: ResponseShape) -> Response:
-    """Runs one completions/chat request: a streamed or a whole response."""
+                  prompts: list[PromptInput], shape: ResponseShape) -> Response:
+    """Runs one completions/chat request (the engine checks it): a streamed or a whole response."""
     try:
         params = body.sampling_params()
     except InvalidRequest as exc:
-        raise to_server_error(exc) from exc
-    if body.cache_salt is not None:
-        prompts = [{**(p if isinstance(p, dict) else _prompt_dict(p)), "cache_salt": body.cache_salt}
-                   for p in prompts]
-    streams = await open_streams(state.engine, prompts, params, shape.request_id)
+        raise shape.http_error(exc) from exc
+    streams = await open_streams(state.engine, prompts, params, shape)
     if body.stream:
         return EventStreamResponse(lambda emit: _stream(state, streams, body, shape, emit))
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from asyncpp.prompts import PROMPT_CHARS_PER_TOKEN
+
 MIB = 2**20
 BASE_BODY_BYTES = 4 * MIB
-# Text prompts longer than this many characters per token of max_model_len are refused before
-# they are tokenized (no tokenizer in use packs more into one token but for pathological text).
-PROMPT_CHARS_PER_TOKEN = 32
-# JSON may spend 6 bytes on one character (\uXXXX).
+# The engine takes at most PROMPT_CHARS_PER_TOKEN characters of prompt text per token of
+# max_model_len; JSON may spend 6 bytes on one character (\uXXXX).
 BODY_BYTES_PER_TOKEN = PROMPT_CHARS_PER_TOKEN * 6
 
 

@@ -8,10 +8,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from asyncpp import EngineArgs
 from asyncpp.bench.layout import DEFAULT_LAYOUTS, parse_layouts
 from asyncpp.bench.runner import BenchConfig, BenchReport, run_benchmark
 from asyncpp.bench.table import format_report
+from asyncpp.engine_args import EngineArgs
 
 DESCRIPTION = """Throughput and latency of asyncpp layouts, side by side in one run, on the same
 token-id prompts, with a greedy parity check across layouts. Without MODEL: workload W, a

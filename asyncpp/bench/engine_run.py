@@ -7,10 +7,11 @@ from typing import Any
 
 import anyio
 
-from asyncpp import AsyncLLM, SamplingParams
+from asyncpp.async_llm import AsyncLLM
 from asyncpp.bench.layout import Layout
 from asyncpp.bench.results import SystemResult, summarize
 from asyncpp.bench.trace import RequestTrace
+from asyncpp.core.sampling_params import SamplingParams
 
 WARMUP_PROMPT_LEN, WARMUP_TOKENS = 16, 4
 

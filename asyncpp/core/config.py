@@ -72,7 +72,7 @@ class EngineConfig:
     max_prefill_tokens_while_decoding: int  # prompt tokens in a microbatch while any sequence decodes
     enable_chunked_prefill: bool
     enable_prefix_caching: bool
-    cache_aware_placement: bool  # requests go to the VE caching their prefix (else least loaded)
+    cache_aware_routing: bool  # requests go to the VE caching their prefix (else least loaded)
     max_waiting_requests: int
     kv_cache_bytes: int  # CPU: the KV budget of the whole model
     gpu_memory_utilization: float
@@ -108,6 +108,6 @@ class EngineConfig:
         return len(self.stages)
 
     @property
-    def max_in_flight(self) -> int:
+    def max_in_flight_total(self) -> int:
         """Microbatches in the pipeline at once, all VEs together."""
         return self.num_virtual_engines * self.max_in_flight_per_ve

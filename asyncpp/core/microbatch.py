@@ -47,10 +47,6 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
 
-    @property
-    def num_samples(self) -> int:
-        return sum(1 for s in self.seqs if s.sample is not None)
-
 
 @dataclass(slots=True)
 class StepOutput:

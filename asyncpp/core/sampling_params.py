@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from asyncpp.core.errors import InvalidRequest
 
-_GREEDY_EPS = 1e-5
+GREEDY_EPS = 1e-5  # a temperature below this samples greedily
 _INT64_MAX = 2**63 - 1  # the sampler puts integer fields into int64 tensors
 
 
@@ -97,7 +97,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
+        return self.temperature < GREEDY_EPS
 
     @property
     def has_penalties(self) -> bool:

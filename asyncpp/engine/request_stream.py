@@ -4,16 +4,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+from anyio.abc import ObjectReceiveStream
 
 from asyncpp.core.outputs import RequestOutput
 
 
-class RequestStream:
-    """Async iterator of cumulative RequestOutputs.
+class RequestStream(ObjectReceiveStream[RequestOutput]):
+    """An anyio object stream of cumulative RequestOutputs (`async for`, `async with`).
 
     A slow consumer never makes the engine wait: outputs are cumulative, so only the
-    newest one is kept. Closing the stream (or cancelling its consumer) before the request
-    finished aborts it.
+    newest one is kept. `receive()` raises `anyio.EndOfStream` after the final output (and
+    once the stream is closed), and the engine's error if the request failed. Closing the
+    stream (or cancelling its consumer) before the request finished aborts it.
     """
 
     def __init__(self, request_id: str, on_close: Callable[[str], None]):
@@ -34,12 +36,9 @@ class RequestStream:
         self._event.set()
 
     # -- user side -----------------------------------------------------------------
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
+    async def receive(self) -> RequestOutput:
         if self._done:
-            raise StopAsyncIteration
+            raise anyio.EndOfStream
         try:
             while self._latest is None and self._error is None:
                 await self._event.wait()
@@ -48,25 +47,18 @@ class RequestStream:
             self.close()
             raise
         if self._latest is None:
-            self._done = True
-            self._on_close(self.request_id)
+            self.close()
             raise self._error  # type: ignore[misc]
         output, self._latest = self._latest, None
         if output.finished:
-            self._done = True
-            self._on_close(self.request_id)
+            self.close()
         return output
 
     def close(self) -> None:
+        """No more outputs for this reader; aborts the request if it is still running."""
         if not self._done:
             self._done = True
             self._on_close(self.request_id)
 
     async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> "RequestStream":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
         self.close()

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from asyncpp.core.config import EngineConfig
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.sequence import SeqStatus, Sequence
 
@@ -26,6 +27,11 @@ class SchedulerLimits:
     chunked_prefill: bool
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
     prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> SchedulerLimits:
+        return cls(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                   config.decode_groups, config.max_prefill_tokens_while_decoding)
 
 
 @dataclass(slots=True)
@@ -51,9 +57,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     @property
     def num_decoding(self) -> int:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import anyio
 
+from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
@@ -15,10 +18,36 @@ from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
-from asyncpp.engine.supervisor import Supervisor
 from asyncpp.executor.executor import Executor
+from asyncpp.executor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+
+class VirtualEngineOwner(Protocol):
+    """What a VE asks of whoever holds every VE (the engine's router)."""
+
+    def request_done(self, request_id: str) -> None:
+        """The request ended here (finished, aborted or failed): forget where it ran."""
+
+    def decoding_besides(self, ve_id: int) -> bool:
+        """Whether another VE has decoding sequences (their streams wait behind this VE's
+        microbatches in the shared pipeline too)."""
+
+
+@dataclass(slots=True)
+class VirtualEngineStats:
+    """One VE's counters; the engine's stats are their sums (same names)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0  # held by some sequence
+    kv_blocks_cached: int = 0  # cached prefixes no sequence holds (freed when blocks are needed)
+    kv_blocks_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there (not computed)
 
 
 @dataclass(slots=True)
@@ -28,19 +57,17 @@ class TokenCounters:
 
 
 class VirtualEngine:
-    def __init__(self, ve_id: int, limits: SchedulerLimits, blocks: BlockManager,
-                 max_in_flight: int, supervisor: Supervisor, processor: OutputProcessor,
-                 on_dead: Callable[[BaseException], None], on_finished: Callable[[str], None],
-                 decoding_elsewhere: Callable[[], bool] = lambda: False):
+    def __init__(self, ve_id: int, config: EngineConfig, num_blocks: int, supervisor: Supervisor,
+                 processor: OutputProcessor, owner: VirtualEngineOwner):
+        """`num_blocks`: this VE's share of the KV blocks every rank holds."""
         self.ve_id = ve_id
-        self.blocks = blocks
-        self.scheduler = Scheduler(limits, self.blocks, decoding_elsewhere)
-        self.max_in_flight = max_in_flight
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id))
+        self.max_in_flight_per_ve = config.max_in_flight_per_ve
         self.supervisor = supervisor
         self.processor = processor
+        self.owner = owner
         self.counters = TokenCounters()
-        self._on_dead = on_dead
-        self._on_finished = on_finished
         self._requests: dict[str, tuple[Request, RequestStream]] = {}
         self._in_flight = 0
         self._error: BaseException | None = None
@@ -48,10 +75,23 @@ class VirtualEngine:
         self._kv_owner: Executor | None = None  # the executor whose KV the cached blocks hold
         self._wake = anyio.Event()
 
-    # -- called by AsyncLLM --------------------------------------------------------
+    # -- called by the engine and its router -----------------------------------------
     @property
     def num_unfinished_seqs(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def snapshot(self) -> VirtualEngineStats:
+        blocks, scheduler = self.blocks, self.scheduler
+        return VirtualEngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_blocks_used=blocks.num_used, kv_blocks_cached=blocks.num_cached_free, kv_blocks_total=blocks.num_blocks,
+            prompt_tokens_total=self.counters.prompt_tokens, generation_tokens_total=self.counters.generation_tokens,
+            num_preemptions=scheduler.num_preemptions, prefix_cache_queries=blocks.counters.queries,
+            prefix_cache_hits=blocks.counters.hits)
 
     def add(self, request: Request, stream: RequestStream) -> None:
         for seq in request.seqs:
@@ -96,12 +136,13 @@ class VirtualEngine:
                     self.scheduler.remove(seq)
                     seq.finish("abort")
             entry[1].fail(error)
-            self._on_finished(request.request_id)
+            self.owner.request_done(request.request_id)
 
     # -- the loop ------------------------------------------------------------------
-    async def run(self) -> None:
-        """The loop, until the engine stops. A failed pipeline fails this VE's requests;
-        once the supervisor has restarted the stages, the loop starts over."""
+    async def run(self) -> BaseException:
+        """The loop, until the engine stops; returns why it cannot serve again. A failed
+        pipeline fails this VE's requests; once the supervisor has restarted the stages,
+        the loop starts over."""
         try:
             while True:
                 try:
@@ -110,21 +151,20 @@ class VirtualEngine:
                     self.fail_all(e)
                     assert self._failed is not None
                     if not await self.supervisor.recovered(self._failed):
-                        self._on_dead(self.supervisor.dead or e)
-                        return
+                        return self.supervisor.dead or e
         except Exception as e:  # a bug must fail requests loudly, not hang them
             log.exception("virtual engine %d crashed", self.ve_id)
             dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}")
             self.fail_all(dead)
-            self._on_dead(dead)
+            return dead
 
     async def _loop(self) -> None:
-        """Keep up to `max_in_flight` microbatches of this VE in the pipeline."""
+        """Keep up to `max_in_flight_per_ve` microbatches of this VE in the pipeline."""
         self._error = self._failed = None
         async with anyio.create_task_group() as tg:
             while self._error is None:
                 self._forget_lost_kv()
-                batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight else []
+                batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight_per_ve else []
                 if batch:
                     self._in_flight += 1
                     tg.start_soon(self._run_microbatch, batch, self._microbatch(batch))
@@ -220,7 +260,7 @@ class VirtualEngine:
         if request.finished:
             request.metrics.finished_time = now
             del self._requests[request_id]
-            self._on_finished(request_id)
+            self.owner.request_done(request_id)
         entry[1].put(self.processor.request_output(request))
 
     @staticmethod

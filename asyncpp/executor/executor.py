@@ -226,10 +226,6 @@ class Executor:
         """Each rank's process id, by rank (the engine's own for `uni`)."""
         return self.transport.pids()
 
-    def dead_error(self) -> BaseException | None:
-        """The error that killed the pipeline, or None while healthy."""
-        return self._dead
-
     def stats(self) -> PipelineStats:
         busy = [self._busy[s.rank] for s in self.config.stages if s.tp_rank == 0]
         clock = self._clock

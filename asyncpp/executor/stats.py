@@ -2,7 +2,6 @@
 how long tensors took from one stage to the next."""
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,11 +18,6 @@ class PipelineStats:
     in_flight_mean: float = 0.0  # microbatches in the pipeline, averaged over active time
     in_flight_max: int = 0
     hop_s: list[list[float]] = field(default_factory=list)  # per hop p -> p+1: recent stage-to-stage times
-
-    @property
-    def hop_ms(self) -> list[tuple[float, float]]:
-        """(median, p99) milliseconds of each hop's recent stage-to-stage times."""
-        return [(1e3 * statistics.median(s), 1e3 * _quantile(s, 0.99)) if s else (0.0, 0.0) for s in self.hop_s]
 
     @property
     def busy_fractions(self) -> list[float]:
@@ -80,11 +74,6 @@ class InFlightClock:
         active = self.total()
         pending = self.in_flight * (time.perf_counter() - self.changed)
         return (self.weighted_s + pending) / active if active > 0 else 0.0
-
-
-def _quantile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass(slots=True)

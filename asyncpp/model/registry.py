@@ -33,8 +33,11 @@ def architecture(hf_config: Any) -> str:
                      f"asyncpp supports {', '.join(MODELS)}")
 
 
-def check_supported(hf_config: Any) -> None:
+def check_supported(hf_config: Any, max_model_len: int) -> None:
+    """Refuses, with the reason, a model this engine cannot run at `max_model_len` (called
+    while resolving the config, before any stage starts)."""
     arch = architecture(hf_config)
+    _check_no_sliding_window(hf_config, max_model_len)
     if MODELS[arch] is LlamaForCausalLM:
         rope = rope_parameters(hf_config)
         if rope["rope_type"] not in STATIC_ROPE_TYPES:
@@ -47,7 +50,6 @@ def check_supported(hf_config: Any) -> None:
 def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None = None) -> nn.Module:
     """This rank's share of the model, weights loaded."""
     cls = MODELS[architecture(config.hf_config)]
-    _check_no_sliding_window(config.hf_config, config.max_model_len)
     tp = tp_group or SingleRankGroup()
     with _default_dtype(config.dtype), torch.device(config.device):
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)

@@ -9,7 +9,7 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM, EngineStats
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 
 
 class EngineThread:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from anyio.abc import ObjectReceiveStream
 
 from asyncpp.async_llm import EngineStats
 from asyncpp.core.outputs import RequestOutput
@@ -21,9 +22,10 @@ from asyncpp.testing.engine_thread import EngineThread
 _END = object()
 
 
-class RemoteStream:
-    """The test's end of a RequestStream: cumulative outputs; closing it (or cancelling its
-    consumer) aborts the request, and its KV blocks are free when close() returns."""
+class RemoteStream(ObjectReceiveStream[RequestOutput]):
+    """The test's end of a RequestStream, an anyio object stream as it is: cumulative
+    outputs; closing it (or cancelling its consumer) aborts the request, and its KV blocks
+    are free when close() returns."""
 
     def __init__(self, host: EngineThread, stream: RequestStream):
         self.request_id = stream.request_id
@@ -40,12 +42,9 @@ class RemoteStream:
             self._items.put(error)
         self._items.put(_END)
 
-    def __aiter__(self) -> RemoteStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
+    async def receive(self) -> RequestOutput:
         if self._done:
-            raise StopAsyncIteration
+            raise anyio.EndOfStream
         try:
             item = await anyio.to_thread.run_sync(self._items.get, abandon_on_cancel=True)
         except BaseException:
@@ -55,7 +54,7 @@ class RemoteStream:
             return item
         self._done = True
         if item is _END:
-            raise StopAsyncIteration
+            raise anyio.EndOfStream
         raise item
 
     @property
@@ -66,15 +65,9 @@ class RemoteStream:
         if not self._done:
             self._done = True
             self._host.call(self._stream.close)
-            self._items.put(_END)  # wakes a waiter that a cancelled __anext__ left behind
+            self._items.put(_END)  # wakes a waiter that a cancelled receive() left behind
 
     async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> RemoteStream:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
         self.close()
 
 

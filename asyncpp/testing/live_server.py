@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 
 from asyncpp.async_llm import AsyncLLM, EngineStats
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from asyncpp.client import Client
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 from asyncpp.testing.engine_view import EngineView
 from asyncpp.testing.pool import Pool
 from asyncpp.testing.settings import OPTIONS, EngineSettings, resolve

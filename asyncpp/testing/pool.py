@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 from asyncpp.testing.engine_thread import EngineThread
 from asyncpp.testing.live_server import LiveServer, live_server
 from asyncpp.testing.settings import TINY, EngineSettings

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 
 BUNDLED = "bundled"  # the bundled SmolLM2 (converted once into the asyncpp cache)
 TINY = "tiny"  # a tiny random Llama with a tiny tokenizer, built once per session

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from asyncpp.core.microbatch import SampleSpec, StepOutput
-from asyncpp.core.sampling_params import _GREEDY_EPS
+from asyncpp.core.sampling_params import GREEDY_EPS
 from asyncpp.worker import sampling_ops as ops
 
 
@@ -12,7 +12,7 @@ def _all_plain_greedy(specs: list[SampleSpec]) -> bool:
     """True when argmax alone answers: the hot path, so one tight loop (~0.1 us a row)."""
     for spec in specs:
         p = spec.params
-        if (p.temperature >= _GREEDY_EPS or spec.blocked_token_ids or p.logprobs is not None
+        if (p.temperature >= GREEDY_EPS or spec.blocked_token_ids or p.logprobs is not None
                 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
             return False
     return True

@@ -72,7 +72,7 @@ class StageWorker:
         tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
         self.runner = args.runner_factory(config, self.stage, tp)
         self.link = connect_stage_links(self.stage, device, self._message_bytes(config),
-                                        num_slots=config.max_in_flight + 1, choice=config.pp_comm,
+                                        num_slots=config.max_in_flight_total + 1, choice=config.pp_comm,
                                         node=self.node.node_id)
         self.samples = self.stage.is_last and self.stage.tp_rank == 0
         self.busy_s = 0.0

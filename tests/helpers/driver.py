@@ -16,11 +16,11 @@ from typing import Any
 import anyio
 import torch
 
-from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.factory import create_executor
 from asyncpp.worker.model_runner import ModelRunner
@@ -154,7 +154,7 @@ def _run_stages(runners: list[ModelRunner], mb: MicroBatch, use_sampler: bool) -
     if use_sampler:
         return runners[-1].execute(mb, intermediate).token_ids
     logits = runners[-1].forward(mb, intermediate)
-    assert logits.dtype == torch.float32 and logits.shape[0] == mb.num_samples
+    assert logits.dtype == torch.float32 and logits.shape[0] == sum(s.sample is not None for s in mb.seqs)
     return logits.argmax(dim=-1).tolist()
 
 
@@ -215,6 +215,13 @@ async def running(config: EngineConfig, blocks_per_ve: int = 64) -> AsyncIterato
         finally:
             await executor.shutdown()
             tg.cancel_scope.cancel()
+
+
+def watch_deaths(executor: Executor) -> list[BaseException]:
+    """What the executor tells its owner (the supervisor) when the pipeline fails."""
+    deaths: list[BaseException] = []
+    executor.on_dead = lambda _, error: deaths.append(error)
+    return deaths
 
 
 @dataclass(slots=True)

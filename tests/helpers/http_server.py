@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 from asyncpp.server.app import build_app
 from asyncpp.server.threaded import serve_in_thread
 from asyncpp.testing.live_server import LiveServer

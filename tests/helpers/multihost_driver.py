@@ -22,7 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's asyncpp, run as a script
 
 from asyncpp import AsyncLLM, SamplingParams  # noqa: E402
-from asyncpp.config import EngineArgs  # noqa: E402
+from asyncpp.engine_args import EngineArgs  # noqa: E402
 from asyncpp.server.app import build_app  # noqa: E402
 
 IN_FLIGHT = 4

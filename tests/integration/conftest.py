@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from asyncpp import LLM, SamplingParams
+from asyncpp import LLM, ChatPrompt, SamplingParams
 from asyncpp.testing.tiny_tokenizer import make_tokenizer
 from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, ServerPool
 
@@ -36,7 +36,8 @@ def reference(llama_dir, tok_dir) -> dict[str, Any]:
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     with LLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
              kv_cache_memory="64MiB") as llm:
-        completion, chat = llm.generate([COMPLETION_PROMPT, {"prompt_token_ids": chat_ids}], params)
+        completion, chat = llm.generate([COMPLETION_PROMPT, ChatPrompt(CHAT_MESSAGES)], params)
+    assert chat.prompt_token_ids == chat_ids and chat.prompt == chat_text  # the SDK renders as transformers
     return {"completion": completion.outputs[0].text, "completion_ids": completion.outputs[0].token_ids,
             "completion_prompt_ids": completion.prompt_token_ids,
             "chat": chat.outputs[0].text, "chat_prompt_ids": chat_ids}

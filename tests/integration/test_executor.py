@@ -7,7 +7,7 @@ from asyncpp.core.errors import MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.mp import MultiprocTransport
 from asyncpp.executor.uni import ThreadTransport
-from helpers.driver import GREEDY, engine_config, greedy_generate, running
+from helpers.driver import GREEDY, engine_config, greedy_generate, running, watch_deaths
 from helpers.models import VOCAB, checkpoint_share
 from helpers.parity import hf_greedy, mixed_prompts
 
@@ -73,9 +73,10 @@ async def test_uni_exception_fails_only_its_microbatch(llama_dir):
     bad = MicroBatch(0, [SeqWork(0, [VOCAB + 7], 0, [0], SampleSpec(GREEDY, None, 0))])
     good = MicroBatch(0, [SeqWork(1, [5, 6], 0, [1], SampleSpec(GREEDY, None, 0))])
     async with running(config, BLOCKS_PER_VE) as executor:
+        deaths = watch_deaths(executor)
         with pytest.raises(MicrobatchError, match="stage 0 .*IndexError") as info:
             await executor.submit(bad)
-        assert "Traceback" in info.value.detail and executor.dead_error() is None
+        assert "Traceback" in info.value.detail and deaths == []
         out = await executor.submit(good)
     assert out.token_ids == hf_greedy(llama_dir, [[5, 6]], 1)[0]
 

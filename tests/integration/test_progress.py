@@ -7,7 +7,7 @@ import logging
 from contextlib import contextmanager
 
 from asyncpp.bench import BenchConfig, Layout, run_benchmark
-from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.model import loader, progress
 from asyncpp.model.progress import Progress
 from asyncpp.model.registry import build_model

@@ -20,16 +20,17 @@ import pytest
 import schemathesis
 
 from asyncpp.async_llm import EngineStats
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import EngineDeadError, InvalidRequest
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine_args import EngineArgs
 from asyncpp.executor.stats import PipelineStats
+from asyncpp.prompts import PROMPT_CHARS_PER_TOKEN
 from asyncpp.server.app import build_app
 from asyncpp.server.log_hygiene import LogHygiene, printable
 from asyncpp.server.metrics import ServerMetrics
 from asyncpp.server.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
 from asyncpp.server.serving import ServerState
-from asyncpp.server.settings import PROMPT_CHARS_PER_TOKEN, ServerSettings, default_allowed_hosts
+from asyncpp.server.settings import ServerSettings, default_allowed_hosts
 from asyncpp.server.stats_log import log_stats_every, stats_line
 from asyncpp.server.threaded import serve_in_thread
 from helpers.http_server import API_KEY, CHAT_MESSAGES, MAX_MODEL_LEN, RunningServer, engine_args

@@ -17,7 +17,7 @@ import torch
 from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageDiedError
 from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork
 from asyncpp.executor.factory import create_executor
-from helpers.driver import GREEDY, decode_until_error, engine_config, running
+from helpers.driver import GREEDY, decode_until_error, engine_config, running, watch_deaths
 from helpers.models import VOCAB
 from helpers.parity import hf_greedy
 from helpers.processes import alive, child_pids
@@ -68,11 +68,11 @@ async def decode_on_every_ve(executor, config, then) -> list[BaseException]:
 async def test_killed_stage_fails_pending_submits(llama_dir):
     config = engine_config(llama_dir, 2)
     async with running(config) as executor:
-        victim = executor.rank_pids()[0]
+        victim, deaths = executor.rank_pids()[0], watch_deaths(executor)
         errors = await decode_on_every_ve(executor, config, lambda: os.kill(victim, signal.SIGKILL))
         assert all(isinstance(e, StageDiedError) for e in errors), errors
         assert {(e.stage, e.rank, e.exitcode) for e in errors} == {(0, 0, -signal.SIGKILL)}
-        assert executor.dead_error() is errors[0]
+        assert deaths == [errors[0]]
         with pytest.raises(StageDiedError, match="stage 0"):
             await executor.submit(MicroBatch(0, [SeqWork(9, [5], 0, [0], SampleSpec(GREEDY, None, 0))]))
     assert_no_children()
@@ -82,11 +82,11 @@ async def test_killed_ray_actor_fails_pending_submits(llama_dir):
     pytest.importorskip("ray")
     config = engine_config(llama_dir, 2, distributed_executor_backend="ray")
     async with running(config) as executor:
-        victim = executor.rank_pids()[1]
+        victim, deaths = executor.rank_pids()[1], watch_deaths(executor)
         errors = await decode_on_every_ve(executor, config, lambda: os.kill(victim, signal.SIGKILL))
         assert all(isinstance(e, StageDiedError) for e in errors), errors
         assert {(e.stage, e.rank) for e in errors} == {(1, 1)}
-        assert executor.dead_error() is errors[0]
+        assert deaths == [errors[0]]
     assert_no_children()
 
 
@@ -101,10 +101,11 @@ async def test_exception_in_a_microbatch_fails_only_that_microbatch(llama_dir, b
     bad = MicroBatch(0, [SeqWork(0, [VOCAB + 11], 0, [0], SampleSpec(GREEDY, None, 0))])
     good = MicroBatch(0, [SeqWork(1, [5, 6, 7], 0, [1], SampleSpec(GREEDY, None, 0))])
     async with running(config) as executor:
+        deaths = watch_deaths(executor)
         with anyio.fail_after(FAIL_WITHIN_S), pytest.raises(MicrobatchError, match="stage 0 .*Error") as info:
             await executor.submit(bad)
         assert "Traceback" in info.value.detail  # the worker's traceback comes along, for the log
-        assert executor.dead_error() is None
+        assert deaths == []
         assert (await executor.submit(good)).token_ids == hf_greedy(llama_dir, [[5, 6, 7]], 1)[0]
     assert_no_children()
 
@@ -146,12 +147,13 @@ async def test_a_rank_failing_outside_a_microbatch_ends_the_engine(llama_dir):
 async def test_shutdown_leaves_no_children_and_is_idempotent(llama_dir):
     config = engine_config(llama_dir, 2)
     async with running(config) as executor:
+        deaths = watch_deaths(executor)
         assert len(set(child_pids()) - _baseline) == 2
         out = await executor.submit(MicroBatch(0, [SeqWork(0, [5, 6], 0, [0], SampleSpec(GREEDY, None, 0))]))
         assert len(out.token_ids) == 1
         await executor.shutdown()
         await executor.shutdown()
-        assert executor.dead_error() is None
+        assert deaths == []  # a shutdown is no failure: nothing to restart
         with pytest.raises(EngineDeadError, match="shut down"):
             await executor.submit(MicroBatch(0, [SeqWork(1, [5], 0, [1], SampleSpec(GREEDY, None, 0))]))
     assert_no_children()
@@ -163,6 +165,7 @@ async def test_cancelled_while_in_flight_then_shutdown(llama_dir):
     ready = [anyio.Event(), anyio.Event()]
     with anyio.CancelScope() as scope:
         async with running(config) as executor, anyio.create_task_group() as tg:
+            deaths = watch_deaths(executor)
             for v in range(2):
                 tg.start_soon(decode_until_error, executor, v, [5 + v], config.block_size, ready[v])
             for event in ready:
@@ -170,7 +173,7 @@ async def test_cancelled_while_in_flight_then_shutdown(llama_dir):
             scope.cancel()
             await anyio.sleep(60)
     assert scope.cancelled_caught
-    assert executor.dead_error() is None
+    assert deaths == []
     assert_no_children()
 
 

@@ -10,9 +10,9 @@ import pytest
 from transformers import LlamaConfig
 
 from asyncpp import LLM, SamplingParams
-from asyncpp.config import EngineArgs, check_tensor_parallel, create_engine_config
 from asyncpp.core.config import ModelShape
 from asyncpp.core.stages import StageCosts, format_partition, layer_spans, partition_layers
+from asyncpp.engine_args import EngineArgs, check_tensor_parallel, create_engine_config
 from helpers.driver import engine_config
 from helpers.models import make_llama
 
@@ -65,7 +65,7 @@ def test_layout_constraints_name_the_field(llama_dir):
 
 
 def test_more_ranks_than_cores_warns_with_thread_count(llama_dir, monkeypatch, caplog):
-    monkeypatch.setattr("asyncpp.config.available_cores", lambda: 2)
+    monkeypatch.setattr("asyncpp.engine_args.available_cores", lambda: 2)
     with caplog.at_level(logging.WARNING, logger="asyncpp"):
         config = engine_config(llama_dir, pipeline_parallel_size=2, tensor_parallel_size=2, num_threads=None)
     assert config.threads_per_rank == 1

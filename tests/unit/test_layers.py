@@ -1,9 +1,14 @@
 """The package's imports go one way, down the layers, with no cycle and no function-level
-import of our own modules (read from the source with `ast`, nothing is imported)."""
+import of our own modules (read from the source with `ast`, nothing is imported); the
+package's top level loads what a name needs only when it is used."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import asyncpp
 
 REPO = Path(__file__).resolve().parents[2]
 # Lowest first: a module may import its own layer and the ones before it.
@@ -13,8 +18,8 @@ LAYERS = [
     ("worker", ("asyncpp.worker",)),
     ("executor", ("asyncpp.executor",)),
     ("engine", ("asyncpp.engine",)),
-    ("api", ("asyncpp.prompts", "asyncpp.config", "asyncpp.async_llm", "asyncpp.llm", "asyncpp.client",
-             "asyncpp")),
+    ("api", ("asyncpp.chat_template", "asyncpp.prompts", "asyncpp.engine_args", "asyncpp.async_llm", "asyncpp.llm",
+             "asyncpp.client", "asyncpp")),
     ("server", ("asyncpp.server",)),
     ("cli", ("asyncpp.cli", "asyncpp.__main__", "asyncpp.bench", "asyncpp.testing")),
 ]
@@ -115,3 +120,27 @@ def test_core_imports_nothing_else_of_ours():
     for name, targets in graph().items():
         if layer_of(name) == 0:
             assert all(layer_of(t) == 0 for t in targets), (name, targets)
+
+
+def test_our_modules_import_names_from_their_defining_module():
+    """`from asyncpp import X` inside the package would load every export (`__version__` is the package's own)."""
+    through_package = []
+    for path in our_modules().values():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "asyncpp" and node.level == 0:
+                names = [a.name for a in node.names if a.name != "__version__"]
+                through_package += [f"{path.name}:{node.lineno} {name}" for name in names]
+    assert through_package == []
+
+
+def test_the_http_client_loads_neither_torch_nor_transformers():
+    code = ("import sys; from asyncpp import Client, SamplingParams, EngineDeadError; "
+            "print(sorted(m for m in ('torch', 'transformers', 'asyncpp.async_llm') if m in sys.modules)); "
+            "import asyncpp; print(asyncpp.AsyncLLM.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["[]", "asyncpp.async_llm"], result.stderr
+
+
+def test_every_export_loads():
+    assert set(asyncpp.__all__) == {*asyncpp._EXPORTS, "__version__"}
+    assert all(getattr(asyncpp, name) is not None for name in asyncpp.__all__)

@@ -91,14 +91,14 @@ def test_tensor_parallel_slices(llama_dir):
 def test_unsupported_architecture_is_named():
     cfg = SimpleNamespace(architectures=["BertForMaskedLM"], model_type="bert")
     with pytest.raises(ValueError, match="BertForMaskedLM"):
-        check_supported(cfg)
+        check_supported(cfg, 1024)
 
 
 def test_dynamic_rope_is_refused():
     cfg = SimpleNamespace(architectures=["LlamaForCausalLM"], rope_parameters={"rope_type": "dynamic",
                                                                               "rope_theta": 1e4, "factor": 2.0})
     with pytest.raises(ValueError, match="dynamic"):
-        check_supported(cfg)
+        check_supported(cfg, 1024)
 
 
 def test_rope_theta_from_either_config_layout():
@@ -109,8 +109,6 @@ def test_rope_theta_from_either_config_layout():
 
 
 def test_sliding_window_beyond_max_model_len_is_refused():
-    from asyncpp.model.registry import build_model
-
     hf = SimpleNamespace(architectures=["MistralForCausalLM"], sliding_window=64)
     with pytest.raises(ValueError, match="sliding-window"):
-        build_model(SimpleNamespace(hf_config=hf, max_model_len=1024), None)
+        check_supported(hf, 1024)

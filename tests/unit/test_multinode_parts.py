@@ -6,14 +6,14 @@ import socket
 
 import pytest
 
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import NodeLostError, StageDiedError
 from asyncpp.core.messages import LinkTimes
 from asyncpp.core.placement import Node
-from asyncpp.engine.supervisor import Supervisor
+from asyncpp.engine_args import EngineArgs
 from asyncpp.executor.failures import Death, RootCause
 from asyncpp.executor.ray_cluster import NodeWatch, RayNode, _stage_order
 from asyncpp.executor.stats import HopClock
+from asyncpp.executor.supervisor import Supervisor
 from asyncpp.testing import two_hosts
 from asyncpp.worker.net import bind_collectives_to, interface_of
 from helpers.driver import engine_config

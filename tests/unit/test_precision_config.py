@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from asyncpp.config import EngineArgs
+from asyncpp.engine_args import EngineArgs
 from helpers.driver import engine_config
 from helpers.models import make_llama
 

@@ -70,7 +70,7 @@ def test_remove_frees_blocks():
     run_step(sched)
     assert blocks.num_used == 3
     sched.remove(a)
-    assert blocks.num_used == 0 and not sched.has_work()
+    assert blocks.num_used == 0 and not sched.waiting and not sched.running
 
 
 def test_max_num_seqs_caps_running():

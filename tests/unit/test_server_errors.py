@@ -10,11 +10,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from asyncpp.config import EngineArgs
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
-from asyncpp.prompts import resolve_prompt
+from asyncpp.engine_args import EngineArgs
+from asyncpp.prompts import PromptResolver
 from asyncpp.server.app import build_app
 from asyncpp.server.errors import to_server_error
 from asyncpp.server.metrics import ServerMetrics
@@ -47,10 +47,11 @@ def test_stop_token_outside_the_vocabulary_names_its_field():
     assert to_server_error(info.value).param == "stop_token_ids"
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("prompt", BAD_PROMPTS, ids=repr)
-def test_bad_prompts_name_the_prompt(prompt):
+async def test_bad_prompts_name_the_prompt(prompt):
     with pytest.raises(InvalidRequest) as info:
-        resolve_prompt(prompt, None, VOCAB)
+        await PromptResolver(None, VOCAB, max_model_len=64).resolve(prompt)
     assert to_server_error(info.value).param == "prompt"
 
 

@@ -82,7 +82,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     enable_prefix_caching: bool = _arg(True, "keep the KV of full blocks after their requests end and share it "
                                        "with later requests that start with the same tokens")
-    cache_aware_placement: bool = _arg(True, "place a request on the virtual engine caching its longest prefix "
+    # The flag keeps its first name; inside the engine this is request routing (engine/router.py).
+    cache_aware_placement: bool = _arg(True, "route a request to the virtual engine caching its longest prefix "
                                        "unless that one is overloaded (--no-cache-aware-placement: least loaded)")
     kv_cache_memory: str = _arg("2GiB", "KV-cache memory on CPU, for the whole model (e.g. 512MiB, 4GiB)")
     gpu_memory_utilization: float = _arg(0.9, "fraction of GPU memory for weights and KV cache")
@@ -246,12 +247,12 @@ def _generation_config_eos(model_path: Path) -> Any:
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     model_path = resolve_model_path(args.model)
     hf_config = AutoConfig.from_pretrained(model_path)
-    check_supported(hf_config)
     shape = ModelShape.of(hf_config)
     device = _resolve_device(args)
     max_model_len = args.max_model_len or shape.max_positions
     if max_model_len > shape.max_positions:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
+    check_supported(hf_config, max_model_len)
     batched = args.max_num_batched_tokens or _default_budget(device, args.enable_chunked_prefill, max_model_len,
                                                              args.pipeline_parallel_size)
     while_decoding = min(batched, args.max_prefill_tokens_while_decoding
@@ -283,7 +284,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched, max_prefill_tokens_while_decoding=while_decoding,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
-        cache_aware_placement=args.cache_aware_placement,
+        cache_aware_routing=args.cache_aware_placement,
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
         gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=ves,
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
