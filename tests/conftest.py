@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import make_gpt2, make_llama
+from helpers.models import make_gpt2, make_llama, make_qwen3
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +28,11 @@ def gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
 
 
 @pytest.fixture(params=["llama", "gpt2"])

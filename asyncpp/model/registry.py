@@ -14,12 +14,14 @@ from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
 from asyncpp.model.parallel import SingleRankGroup, TPGroup
+from asyncpp.model.qwen3 import Qwen3ForCausalLM
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 
@@ -35,7 +37,7 @@ def architecture(hf_config: Any) -> str:
 
 def check_supported(hf_config: Any) -> None:
     arch = architecture(hf_config)
-    if MODELS[arch] is LlamaForCausalLM:
+    if issubclass(MODELS[arch], LlamaForCausalLM):
         rope = rope_parameters(hf_config)
         if rope["rope_type"] not in STATIC_ROPE_TYPES:
             raise ValueError(f"{arch}: rope type {rope['rope_type']!r} is not supported "

@@ -1,6 +1,9 @@
 """Tiny random checkpoints built with transformers (seconds, no download): a Llama (or a
-Qwen2, the same layers with q/k/v biases) and a GPT-2, 4 layers of width 64, vocabulary
-`VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts the Llama and the tiny tokenizer in one folder."""
+Qwen2, the same layers with q/k/v biases), a GPT-2, a Qwen3, a Qwen3-MoE, a Mixtral and a
+Phi-3, 4 layers of width 64, vocabulary `VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts
+the Llama and the tiny tokenizer in one folder. Weights are scaled up (initializer_range 0.2)
+so greedy choices are not near-ties, and the newer families' norms are randomised so that
+loading them is checked too."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,10 +38,31 @@ def make_gpt2(path: Path, *, layers: int = 4) -> Path:
     return _save(GPT2LMHeadModel(cfg).eval(), path)
 
 
+def make_qwen3(path: Path, *, layers: int = 4, tie: bool = False) -> Path:
+    """head_dim 32, not hidden / heads = 16; per-head q/k norms."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                      rope_theta=1000000.0, tie_word_embeddings=tie, initializer_range=0.2,
+                      bos_token_id=1, eos_token_id=2)
+    return _save(_random_norms(Qwen3ForCausalLM(cfg)), path)
+
+
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
     """A folder any asyncpp entry point loads as a model: the tiny Llama and its tokenizer."""
     make_llama(Path(path), layers=layers)
     return make_tokenizer(Path(path))
+
+
+def _random_norms(model: Any) -> Any:
+    """Norm weights away from transformers' initial ones, so a norm not loaded shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
 
 
 def _save(model: Any, path: Path) -> Path:  # a transformers PreTrainedModel

@@ -1,0 +1,58 @@
+"""The newer families (Qwen3, ...) through ModelRunners in this process: greedy fp32 token ids
+must match transformers' generate() exactly at P=1, P=2 with a second virtual engine, P=3
+with stages split inside layers, and each stage must load only its share of the checkpoint.
+The multi-process layouts (P=2 V=2 with shared prefixes, P=2 x T=2): integration/test_family_engines.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.driver import generate, runners_for
+from helpers.models import checkpoint_share
+from helpers.parity import hf_greedy, mixed_prompts
+
+MAX_NEW = 12
+FAMILIES = ["qwen3"]
+TIED = {"qwen3"}  # the fixtures with a tied LM head
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return mixed_prompts(8, 1, 300)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def family_dir(request, family):
+    return request.getfixturevalue(f"{family}_dir")
+
+
+def test_one_stage_matches_transformers(family_dir, prompts):
+    torch.set_num_threads(1)
+    assert generate(runners_for(family_dir), prompts, MAX_NEW, chunk=64) == hf_greedy(family_dir, prompts, MAX_NEW)
+
+
+def test_two_stages_second_virtual_engine_and_sampler(family_dir, prompts):
+    torch.set_num_threads(1)
+    runners = runners_for(family_dir, pp=2, num_ves=2)
+    got = generate(runners, prompts, MAX_NEW, chunk=48, admit_per_step=3, ve_id=1, use_sampler=True)
+    assert got == hf_greedy(family_dir, prompts, MAX_NEW)
+
+
+def test_three_stages_split_inside_layers(family_dir, prompts):
+    torch.set_num_threads(1)
+    runners = runners_for(family_dir, pp=3, pp_layer_partition="1.5,1,1.5")
+    assert [r.stage.kv_layers for r in runners] == [2, 1, 1]
+    got = generate(runners, prompts, MAX_NEW, chunk=100, admit_per_step=4)
+    assert got == hf_greedy(family_dir, prompts, MAX_NEW)
+
+
+def test_each_stage_loads_its_share(family, family_dir):
+    for pp, partition in [(1, None), (2, "2.5,1.5"), (3, "1.5,1,1.5")]:
+        runners = runners_for(family_dir, pp=pp, pp_layer_partition=partition)
+        assert [r.param_bytes() for r in runners] == [checkpoint_share(family_dir, r.stage, family in TIED)
+                                                      for r in runners]
