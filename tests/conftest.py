@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import make_gpt2, make_llama, make_qwen3
+from helpers.models import make_gpt2, make_llama, make_mixtral, make_qwen3, make_qwen3_moe
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,6 +33,16 @@ def qwen2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
     return make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory) -> Path:
+    return make_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    return make_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -13,8 +13,9 @@ from asyncpp.model.gemm import onednn_available, prepare_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
+from asyncpp.model.mixtral import MixtralForCausalLM
 from asyncpp.model.parallel import SingleRankGroup, TPGroup
-from asyncpp.model.qwen3 import Qwen3ForCausalLM
+from asyncpp.model.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -22,6 +23,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 

@@ -50,6 +50,31 @@ def make_qwen3(path: Path, *, layers: int = 4, tie: bool = False) -> Path:
     return _save(_random_norms(Qwen3ForCausalLM(cfg)), path)
 
 
+def make_qwen3_moe(path: Path, *, layers: int = 4, fused: bool = False) -> Path:
+    """8 experts, top-2, weights not renormalised; layer 1 a dense MLP (`mlp_only_layers`).
+    `fused`: the per-layer expert tensors (transformers 5's own layout) instead of the
+    published per-expert ones."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                         max_position_embeddings=1024, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return _save(_decisive_router(_random_norms(Qwen3MoeForCausalLM(cfg))), path, fused)
+
+
+def make_mixtral(path: Path, *, layers: int = 4, fused: bool = False) -> Path:
+    """8 experts of 64, top-2 (`fused`: as make_qwen3_moe)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=1024, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return _save(_decisive_router(_random_norms(MixtralForCausalLM(cfg))), path, fused)
+
+
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
     """A folder any asyncpp entry point loads as a model: the tiny Llama and its tokenizer."""
     make_llama(Path(path), layers=layers)
@@ -65,6 +90,15 @@ def _random_norms(model: Any) -> Any:
     return model.eval()
 
 
-def _save(model: Any, path: Path) -> Path:  # a transformers PreTrainedModel
-    model.save_pretrained(path, safe_serialization=True)
+def _decisive_router(model: Any) -> Any:
+    """Router logits spread wide, so no token's k-th and (k+1)-th experts are a near-tie."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(4)
+    return model
+
+
+def _save(model: Any, path: Path, fused: bool = False) -> Path:  # a transformers PreTrainedModel
+    model.save_pretrained(path, safe_serialization=True, save_original_format=not fused)
     return Path(path)

@@ -1,4 +1,4 @@
-"""The newer families (Qwen3, ...) through ModelRunners in this process: greedy fp32 token ids
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, ...) through ModelRunners in this process: greedy fp32 token ids
 must match transformers' generate() exactly at P=1, P=2 with a second virtual engine, P=3
 with stages split inside layers, and each stage must load only its share of the checkpoint.
 The multi-process layouts (P=2 V=2 with shared prefixes, P=2 x T=2): integration/test_family_engines.py."""
@@ -7,13 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from asyncpp.model.loader import Checkpoint
 from helpers.driver import generate, runners_for
-from helpers.models import checkpoint_share
+from helpers.models import checkpoint_share, make_mixtral, make_qwen3_moe
 from helpers.parity import hf_greedy, mixed_prompts
 
 MAX_NEW = 12
-FAMILIES = ["qwen3"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral"]
 TIED = {"qwen3"}  # the fixtures with a tied LM head
+SPLIT = "2.5,1.5"  # layer 2: attention on stage 0, its MoE block on stage 1
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +58,20 @@ def test_each_stage_loads_its_share(family, family_dir):
         runners = runners_for(family_dir, pp=pp, pp_layer_partition=partition)
         assert [r.param_bytes() for r in runners] == [checkpoint_share(family_dir, r.stage, family in TIED)
                                                       for r in runners]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_published_and_fused_expert_layouts_load_alike(request, family, tmp_path, prompts):
+    """The published per-expert tensors (the fixture, as transformers writes by default) and
+    the fused per-layer ones (save_original_format=False) give the same weights, and so the
+    same tokens, here at P=2 with layer 2's MoE block on the second stage."""
+    published = request.getfixturevalue(f"{family}_dir")
+    fused = {"qwen3_moe": make_qwen3_moe, "mixtral": make_mixtral}[family](tmp_path, fused=True)
+    names = Checkpoint.open(fused).files
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
+    ours, theirs = ([dict(r.model.named_parameters())
+                     for r in runners_for(d, pp=2, pp_layer_partition=SPLIT, onednn=False)] for d in (published, fused))
+    assert [list(a) for a in ours] == [list(b) for b in theirs]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+    runners = runners_for(fused, pp=2, pp_layer_partition=SPLIT)
+    assert generate(runners, prompts, MAX_NEW, chunk=64) == hf_greedy(published, prompts, MAX_NEW)
