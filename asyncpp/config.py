@@ -246,7 +246,7 @@ def _generation_config_eos(model_path: Path) -> Any:
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     model_path = resolve_model_path(args.model)
     hf_config = AutoConfig.from_pretrained(model_path)
-    check_supported(hf_config)
+    check_supported(hf_config, args.max_model_len)
     shape = ModelShape.of(hf_config)
     device = _resolve_device(args)
     max_model_len = args.max_model_len or shape.max_positions

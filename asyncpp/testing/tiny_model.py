@@ -75,6 +75,24 @@ def make_mixtral(path: Path, *, layers: int = 4, fused: bool = False) -> Path:
     return _save(_decisive_router(_random_norms(MixtralForCausalLM(cfg))), path, fused)
 
 
+def make_phi3(path: Path, *, layers: int = 4, tie: bool = False, longrope: bool = False,
+              partial_rotary_factor: float = 1.0) -> Path:
+    """Fused qkv_proj and gate_up_proj. `longrope` (with `partial_rotary_factor` 0.75 and a
+    tied head: shaped as Phi-4-mini): short and long factors, original context 512 of 1024."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    rotary_half = int(16 * partial_rotary_factor) // 2
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(rotary_half)],
+               "long_factor": [4.0 + i for i in range(rotary_half)]} if longrope else None
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     original_max_position_embeddings=512 if longrope else 1024, rope_scaling=scaling,
+                     partial_rotary_factor=partial_rotary_factor, tie_word_embeddings=tie, initializer_range=0.2,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _save(_random_norms(Phi3ForCausalLM(cfg)), path)
+
+
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
     """A folder any asyncpp entry point loads as a model: the tiny Llama and its tokenizer."""
     make_llama(Path(path), layers=layers)

@@ -9,12 +9,20 @@ from safetensors import safe_open
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.embedding import VocabParallelEmbedding
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
-from asyncpp.testing.tiny_model import VOCAB, make_gpt2, make_llama, make_mixtral, make_qwen3, make_qwen3_moe
+from asyncpp.testing.tiny_model import (
+    VOCAB,
+    make_gpt2,
+    make_llama,
+    make_mixtral,
+    make_phi3,
+    make_qwen3,
+    make_qwen3_moe,
+)
 from asyncpp.worker.model_runner import ModelRunner
 from helpers.driver import engine_config
 
 __all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_gpt2",
-           "make_llama", "make_mixtral", "make_qwen3", "make_qwen3_moe"]
+           "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4

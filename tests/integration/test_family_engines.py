@@ -1,4 +1,4 @@
-"""The newer families (Qwen3, Qwen3-MoE, Mixtral, ...) through the whole engine in stage processes: greedy fp32
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3) through the whole engine in stage processes: greedy fp32
 parity with transformers at P=2 with two virtual engines on prompts that share prefixes
 (prefix-cache hits) and at P=2 x T=2 across a split layer, each rank loading only its slices.
 The in-process layouts: unit/test_family_runners.py."""
@@ -9,7 +9,7 @@ import pytest
 from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, shared_prefix_prompts, tp_run
 
 MAX_TOKENS = 8
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3"]
 
 
 @pytest.fixture(params=FAMILIES)

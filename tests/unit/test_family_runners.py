@@ -1,4 +1,4 @@
-"""The newer families (Qwen3, Qwen3-MoE, Mixtral, ...) through ModelRunners in this process: greedy fp32 token ids
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3) through ModelRunners in this process: greedy fp32 token ids
 must match transformers' generate() exactly at P=1, P=2 with a second virtual engine, P=3
 with stages split inside layers, and each stage must load only its share of the checkpoint.
 The multi-process layouts (P=2 V=2 with shared prefixes, P=2 x T=2): integration/test_family_engines.py."""
@@ -9,11 +9,11 @@ import torch
 
 from asyncpp.model.loader import Checkpoint
 from helpers.driver import generate, runners_for
-from helpers.models import checkpoint_share, make_mixtral, make_qwen3_moe
+from helpers.models import checkpoint_share, make_mixtral, make_phi3, make_qwen3_moe
 from helpers.parity import hf_greedy, mixed_prompts
 
 MAX_NEW = 12
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3"]
 TIED = {"qwen3"}  # the fixtures with a tied LM head
 SPLIT = "2.5,1.5"  # layer 2: attention on stage 0, its MoE block on stage 1
 
@@ -75,3 +75,14 @@ def test_published_and_fused_expert_layouts_load_alike(request, family, tmp_path
     assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
     runners = runners_for(fused, pp=2, pp_layer_partition=SPLIT)
     assert generate(runners, prompts, MAX_NEW, chunk=64) == hf_greedy(published, prompts, MAX_NEW)
+
+
+def test_phi4_mini_shape_longrope_partial_rotary_tied(tmp_path, prompts):
+    """LongRoPE's short factors and attention factor (within the original 512 positions),
+    rotary over the first 12 of 16 dimensions of each head, a tied head."""
+    torch.set_num_threads(1)
+    model_dir = make_phi3(tmp_path, longrope=True, partial_rotary_factor=0.75, tie=True)
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    assert generate(runners_for(model_dir, max_model_len=512), prompts, MAX_NEW, chunk=64) == expected
+    runners = runners_for(model_dir, pp=3, pp_layer_partition="1.5,1,1.5", max_model_len=512)
+    assert generate(runners, prompts, MAX_NEW, chunk=100, admit_per_step=4) == expected
