@@ -108,7 +108,8 @@ class SparseMoeBlock(nn.Module):
         block = f"{name.removesuffix('mlp.')}{self.names.block}."
         plan = {f"{prefix}gate.weight": WeightSource([TensorSlice(f"{block}gate.weight")],
                                                      fallback=whole(f"{name}gate.weight"))}
-        a, b = self.tp.rank * (self.inner // self.tp.size), (self.tp.rank + 1) * (self.inner // self.tp.size)
+        local = self.inner // self.tp.size
+        a, b = self.tp.rank * local, (self.tp.rank + 1) * local
         gate_up, down, n = f"{name}experts.gate_up_proj", f"{name}experts.down_proj", self.names
         for e in range(len(self.experts)):
             published = f"{block}experts.{e}."

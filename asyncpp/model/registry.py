@@ -29,6 +29,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
+PHI3_ROPE_TYPES = ("default", "longrope")  # the two Phi-3's transformers code applies
 
 
 def architecture(hf_config: Any) -> str:
@@ -60,10 +61,6 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{arch}: hidden_act {act!r} is not supported (the MLP is SwiGLU: silu)")
-
-
-# Phi3's transformers code applies these two only.
-PHI3_ROPE_TYPES = ("default", "longrope")
 
 
 def _check_longrope(arch: str, hf_config: Any, rope: dict[str, Any], max_model_len: int) -> None:

@@ -78,12 +78,16 @@ def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int,
     return [o.outputs[0].token_ids for o in outs], stats
 
 
-def tp_run(model_dir: Path, pp: int, tp: int, seed: int, partition: str | None = None, max_tokens: int = 8) -> None:
-    """Greedy parity of a P x T engine with transformers, and each rank holding only its slices."""
-    prompts = mixed_prompts(6, seed=seed)
+def tp_run(model_dir: Path, pp: int, tp: int, seed: int, partition: str | None = None, max_tokens: int = 8,
+           prompts: list[list[int]] | None = None) -> EngineStats:
+    """Greedy parity of a P x T engine with transformers, and each rank holding only its
+    slices; the engine stats at the end."""
+    prompts = prompts or mixed_prompts(6, seed=seed)
     with LLM(str(model_dir), skip_tokenizer_init=True, pipeline_parallel_size=pp, tensor_parallel_size=tp,
              pp_layer_partition=partition, max_num_batched_tokens=96) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
         per_rank = llm.engine.param_bytes_per_rank()
+        stats = llm.engine.stats()
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts, max_tokens)
     assert per_rank == expected_rank_bytes(model_dir, pp, tp, partition)
+    return stats

@@ -86,3 +86,10 @@ def test_phi4_mini_shape_longrope_partial_rotary_tied(tmp_path, prompts):
     assert generate(runners_for(model_dir, max_model_len=512), prompts, MAX_NEW, chunk=64) == expected
     runners = runners_for(model_dir, pp=3, pp_layer_partition="1.5,1,1.5", max_model_len=512)
     assert generate(runners, prompts, MAX_NEW, chunk=100, admit_per_step=4) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_transformers(family_dir, prompts):
+    runners = runners_for(family_dir, pp=2, device="cuda")
+    assert generate(runners, prompts, MAX_NEW, chunk=64) == hf_greedy(family_dir, prompts, MAX_NEW)
