@@ -339,6 +339,9 @@ def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
                          "one another: KV heads are split across ranks, or each rank keeps one")
     if inner % tp:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide the MLP's intermediate size ({inner})")
+    if shape.expert_intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide the experts' intermediate size "
+                         f"({shape.expert_intermediate_size}): every rank holds a slice of every expert")
 
 
 def _threads_per_rank(args: EngineArgs, device: str) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import make_gpt2, make_llama
+from helpers.models import make_gpt2, make_llama, make_mixtral, make_phi3, make_qwen3, make_qwen3_moe
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +28,26 @@ def gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory) -> Path:
+    return make_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    return make_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory) -> Path:
+    return make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -11,18 +11,24 @@ from typing import Any
 from asyncpp.bench.layout import DEFAULT_LAYOUTS, parse_layouts
 from asyncpp.bench.runner import BenchConfig, BenchReport, run_benchmark
 from asyncpp.bench.table import format_report
+from asyncpp.bench.workload import WORKLOADS
 from asyncpp.engine_args import EngineArgs
 
 DESCRIPTION = """Throughput and latency of asyncpp layouts, side by side in one run, on the same
 token-id prompts, with a greedy parity check across layouts. Without MODEL: workload W, a
-random 8-layer Llama built once in the asyncpp cache ($ASYNCPP_CACHE_DIR). Peers (Hugging
-Face generate(), vLLM) and plots: benchmarks/throughput.py in a checkout."""
+random 8-layer Llama built once in the asyncpp cache ($ASYNCPP_CACHE_DIR), or with
+--workload moe its Mixture-of-Experts twin, a random 8-layer Qwen3-MoE (16 experts, top-2).
+Peers (Hugging Face generate(), vLLM) and plots: benchmarks/throughput.py in a checkout."""
 
 _LAYOUT_FIELDS = ("pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines")
 _BENCH_FIXED_FIELDS = ("model", "skip_tokenizer_init")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="w",
+                        help="the model when no MODEL is given: w (a random 8-layer Llama, hidden 512) or moe "
+                             "(a random 8-layer Qwen3-MoE, hidden 512, 16 experts of 512, top-2), built once in the "
+                             "asyncpp cache")
     parser.add_argument("--num-requests", type=int, default=32, help="requests, all submitted at once")
     parser.add_argument("--min-prompt-len", type=int, default=64, help="shortest prompt (tokens)")
     parser.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt (tokens)")
@@ -54,9 +60,10 @@ def bench_config_from_args(ns: argparse.Namespace) -> BenchConfig:
     engine_kwargs = {f.name: getattr(args, f.name) for f in fields(args)
                      if f.name not in _LAYOUT_FIELDS + _BENCH_FIXED_FIELDS
                      and getattr(args, f.name) != getattr(defaults, f.name)}
-    cfg = BenchConfig(model=args.model, num_requests=ns.num_requests, min_prompt_len=ns.min_prompt_len,
-                      max_prompt_len=ns.max_prompt_len, output_len=ns.output_len, seed=ns.bench_seed,
-                      layouts=parse_layouts(ns.layouts), repeats=ns.repeats, engine_kwargs=engine_kwargs)
+    cfg = BenchConfig(model=args.model, workload=ns.workload, num_requests=ns.num_requests,
+                      min_prompt_len=ns.min_prompt_len, max_prompt_len=ns.max_prompt_len,
+                      output_len=ns.output_len, seed=ns.bench_seed, layouts=parse_layouts(ns.layouts),
+                      repeats=ns.repeats, engine_kwargs=engine_kwargs)
     _check(cfg)
     return cfg
 
@@ -64,6 +71,8 @@ def bench_config_from_args(ns: argparse.Namespace) -> BenchConfig:
 def _check(cfg: BenchConfig) -> None:
     if cfg.repeats < 1:
         raise SystemExit("bench: need --repeats >= 1")
+    if cfg.model and cfg.workload != "w":
+        raise SystemExit(f"bench: --workload {cfg.workload} builds its own model; give MODEL or --workload, not both")
     if cfg.num_requests < 1 or cfg.output_len < 1 or not 1 <= cfg.min_prompt_len <= cfg.max_prompt_len:
         raise SystemExit("bench: need --num-requests >= 1, --output-len >= 1 and "
                          "1 <= --min-prompt-len <= --max-prompt-len")

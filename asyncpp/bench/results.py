@@ -23,6 +23,7 @@ class SystemResult:
     bubble_fraction: float | None = None
     in_flight: tuple[float, int] | None = None  # microbatches in the pipeline: mean, max
     layer_partition: list[float] | None = None
+    stage_weight_mib: list[float] | None = None  # weights each stage holds (its largest TP rank)
     speedup_vs_hf: float | None = None  # set by benchmarks/throughput.py when HF ran
     ratio_vs_p1: float | None = None
     note: str = ""

@@ -15,14 +15,15 @@ from asyncpp.bench.layout import DEFAULT_LAYOUTS, Layout, parse_layouts
 from asyncpp.bench.machine import load_average, usable_cores
 from asyncpp.bench.parity import check_parity
 from asyncpp.bench.results import SystemResult, add_ratio_vs_p1, median_run
-from asyncpp.bench.workload import make_prompts, make_workload_model
+from asyncpp.bench.workload import WORKLOADS, make_prompts
 
 Log = Callable[[str], Any]
 
 
 @dataclass(slots=True)
 class BenchConfig:
-    model: str | None = None  # None: workload W (built once in the cache)
+    model: str | None = None  # None: the workload's model (built once in the cache)
+    workload: str = "w"  # WORKLOADS: "w" (a Llama) or "moe" (a Qwen3-MoE), when no model is given
     num_requests: int = 32
     min_prompt_len: int = 64
     max_prompt_len: int = 256
@@ -69,7 +70,8 @@ def run_benchmark(cfg: BenchConfig, log: Log = print, peers: Sequence[Peer] = ()
     results = run_layouts(cfg, workload, notes, log)
     results += [peer(workload, notes, log) for peer in peers]
     add_ratio_vs_p1(results)
-    config = {"model": workload.model, "num_requests": cfg.num_requests,
+    config = {"model": workload.model, "workload": None if cfg.model else cfg.workload,
+              "num_requests": cfg.num_requests,
               "prompt_len": [cfg.min_prompt_len, cfg.max_prompt_len], "output_len": cfg.output_len,
               "seed": cfg.seed, "layouts": [layout.name for layout in cfg.layouts], "repeats": cfg.repeats,
               "engine_kwargs": cfg.engine_kwargs, "cores": workload.cores, "torch": torch.__version__,
@@ -82,7 +84,7 @@ def _workload(cfg: BenchConfig) -> Workload:
     # transformers takes a second to import; `asyncpp --help` should not wait for it.
     from transformers import AutoConfig
 
-    model = str(cfg.model) if cfg.model else str(make_workload_model())
+    model = str(cfg.model) if cfg.model else str(WORKLOADS[cfg.workload]())
     vocab = AutoConfig.from_pretrained(model).vocab_size
     prompts = make_prompts(cfg.num_requests, cfg.min_prompt_len, cfg.max_prompt_len, vocab, cfg.seed)
     return Workload(model, prompts, cfg.output_len, cfg.repeats, usable_cores())

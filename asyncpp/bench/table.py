@@ -32,6 +32,7 @@ _COLUMNS: list[Column] = [
     ("vs HF", lambda r: _fmt(r.speedup_vs_hf, ".2f", "x")),
     ("vs P=1", lambda r: _fmt(r.ratio_vs_p1, ".2f")),
     ("layers", lambda r: format_partition(r.layer_partition) if r.layer_partition else "-"),
+    ("weights MiB", lambda r: "/".join(f"{m:.0f}" for m in r.stage_weight_mib) if r.stage_weight_mib else "-"),
     ("stage busy", _busy),
     ("bubble", lambda r: _fmt(r.bubble_fraction, ".2f")),
     ("in flight mean/max", lambda r: f"{r.in_flight[0]:.2f}/{r.in_flight[1]}" if r.in_flight else "-"),

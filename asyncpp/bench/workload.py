@@ -1,6 +1,8 @@
-"""Workload W: its model (a random Llama, built once in the cache) and its token-id prompts."""
+"""Workload W: its model (a random Llama, built once in the cache) and its token-id prompts;
+the MoE workload: the same shape with a Qwen3-MoE model."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -13,11 +15,12 @@ import torch
 from asyncpp.model.default_model import cache_dir
 
 WORKLOAD_DIR_NAME = "w-llama"
+MOE_WORKLOAD_DIR_NAME = "w-qwen3-moe"
 
 
-def default_workload_dir() -> Path:
+def default_workload_dir(name: str = WORKLOAD_DIR_NAME) -> Path:
     """<asyncpp cache>/bench/w-llama; the cache honours $ASYNCPP_CACHE_DIR and $XDG_CACHE_HOME."""
-    return cache_dir() / "bench" / WORKLOAD_DIR_NAME
+    return cache_dir() / "bench" / name
 
 
 def make_workload_model(path: str | Path | None = None) -> Path:
@@ -43,6 +46,39 @@ def _save_workload_model(out_dir: Path) -> None:
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                          initializer_range=0.2)  # sharp logits: greedy near-ties would make parity noisy
     LlamaForCausalLM(config).to(torch.float32).eval().save_pretrained(out_dir, safe_serialization=True)
+
+
+def make_moe_workload_model(path: str | Path | None = None) -> Path:
+    """The MoE workload's model: a random Qwen3-MoE shaped as W (8 layers, hidden 512, 8
+    heads, vocab 32000), every layer 16 experts of intermediate 512, top-2, fp32; in the
+    published per-expert layout. Built once with a fixed seed and reused."""
+    path = Path(path) if path is not None else default_workload_dir(MOE_WORKLOAD_DIR_NAME)
+    return publish_folder(path, _save_moe_workload_model, is_complete=_has_weights)
+
+
+def _save_moe_workload_model(out_dir: Path) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, moe_intermediate_size=512,
+                            num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
+                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    model = Qwen3MoeForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # decisive routing: no near-tie between a token's 2nd and 3rd experts
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(4)
+    model.save_pretrained(out_dir, safe_serialization=True)  # published layout: experts.N.gate_proj ...
+    # transformers < 5 (vLLM pins one) reads `num_experts` and `rope_theta`, which 5 writes
+    # as `num_local_experts` and inside `rope_parameters`; write both spellings.
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(num_experts=16, rope_theta=cfg["rope_parameters"]["rope_theta"])
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+WORKLOADS: dict[str, Callable[[], Path]] = {"w": make_workload_model, "moe": make_moe_workload_model}
 
 
 def publish_folder(path: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:

@@ -28,6 +28,11 @@ class ModelShape:
     vocab_size: int
     max_positions: int
     gated_mlp: bool  # gate, up and down projections (Llama) rather than two (GPT-2)
+    # Mixture-of-Experts (Qwen3-MoE, Mixtral): the layers whose MLP half is a sparse MoE block
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, hf_config: Any) -> "ModelShape":
@@ -38,7 +43,7 @@ class ModelShape:
                    num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
                    intermediate_size=inner, vocab_size=c.vocab_size, max_positions=max_positions,
-                   gated_mlp=getattr(c, "intermediate_size", None) is not None)
+                   gated_mlp=getattr(c, "intermediate_size", None) is not None, **_moe_fields(c, inner))
 
     def stage_costs(self, elem_bytes: int) -> StageCosts:
         """Bytes each part reads and writes in one decode step of COST_SEQS sequences."""
@@ -47,8 +52,32 @@ class ModelShape:
         mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
         kv = COST_SEQS * COST_CONTEXT * 2 * self.num_kv_heads * d
         head = self.vocab_size * h + COST_SEQS * self.vocab_size  # weights, then the logits
-        return StageCosts(attention=(attention + kv) * elem_bytes, mlp=mlp * elem_bytes,
-                          first=COST_SEQS * h * elem_bytes, last=head * elem_bytes)
+        mlps = [self.moe_cost() if i in self.moe_layers else mlp for i in range(self.num_layers)]
+        uniform = len(set(mlps)) == 1
+        return StageCosts(attention=(attention + kv) * elem_bytes, mlp=mlps[0] * elem_bytes,
+                          first=COST_SEQS * h * elem_bytes, last=head * elem_bytes,
+                          layer_mlp=() if uniform else tuple(m * elem_bytes for m in mlps))
+
+    def moe_cost(self) -> float:
+        """Elements an MoE layer reads in a decode step of COST_SEQS tokens: the router and the
+        experts those tokens pick; with each token choosing k of E at random, the expected
+        number of distinct experts is E * (1 - (1 - k/E)^N). (Its memory is all E experts.)"""
+        e, k = self.num_experts, self.experts_per_token
+        active = e * (1 - (1 - k / e) ** COST_SEQS)
+        return e * self.hidden_size + active * 3 * self.hidden_size * self.expert_intermediate_size
+
+
+def _moe_fields(c: Any, inner: int) -> dict[str, Any]:
+    """Qwen3-MoE: `num_experts`, `moe_intermediate_size`, dense MLPs in `mlp_only_layers` and
+    off every `decoder_sparse_step`-th layer; Mixtral: `num_local_experts`, every layer sparse."""
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or 0
+    top_k = getattr(c, "num_experts_per_tok", None) or 0
+    if not experts or not top_k:
+        return {}
+    dense, step = set(getattr(c, "mlp_only_layers", None) or ()), getattr(c, "decoder_sparse_step", None) or 1
+    return {"num_experts": experts, "experts_per_token": top_k,
+            "expert_intermediate_size": getattr(c, "moe_intermediate_size", None) or inner,
+            "moe_layers": tuple(i for i in range(c.num_hidden_layers) if i not in dense and (i + 1) % step == 0)}
 
 
 @dataclass(slots=True)

@@ -103,6 +103,7 @@ class StageCosts:
     mlp: float  # each decoder layer's MLP half
     first: float  # the first stage's extra work (the embedding)
     last: float  # the last stage's extra work (final norm, LM head, sampler)
+    layer_mlp: tuple[float, ...] = ()  # each layer's MLP half, where they differ (dense among MoE layers)
 
     def of(self, parts: Sequence[float]) -> list[float]:
         """Each stage's cost under a partition."""
@@ -116,7 +117,9 @@ class StageCosts:
     def span(self, start: int, end: int, first: bool, last: bool) -> float:
         """Halves [start, end): the even ones are attention."""
         attentions = (end + 1) // 2 - (start + 1) // 2
-        return (attentions * self.attention + (end - start - attentions) * self.mlp
+        mlps = (sum(self.layer_mlp[start // 2:end // 2]) if self.layer_mlp
+                else (end - start - attentions) * self.mlp)
+        return (attentions * self.attention + mlps
                 + (self.first if first else 0.0) + (self.last if last else 0.0))
 
 
@@ -134,7 +137,8 @@ def partition_layers(num_layers: int, pp_size: int, explicit: str | Sequence[flo
         return _checked(parse_partition(explicit), num_layers, pp_size)
     if costs is None:
         return balanced_partition(num_layers, pp_size, StageCosts(1.0, 0.0, 0.0, 0.0))
-    whole = balanced_partition(num_layers, pp_size, costs)
+    whole = (split_partition(num_layers, pp_size, costs, step=2) if costs.layer_mlp
+             else balanced_partition(num_layers, pp_size, costs))
     split = split_partition(num_layers, pp_size, costs)
     return split if max(costs.of(split)) < (1 - SPLIT_GAIN) * max(costs.of(whole)) else whole
 
@@ -170,17 +174,18 @@ def balanced_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list
     return list(parts)
 
 
-def split_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list[float]:
-    """The smallest largest-stage cost with stage boundaries on any half layer: bisect on
-    the target, each stage greedily taking the halves that fit under it."""
+def split_partition(num_layers: int, pp_size: int, costs: StageCosts, step: int = 1) -> list[float]:
+    """The smallest largest-stage cost with stage boundaries on any half layer (`step` 2: on
+    whole layers): bisect on the target, each stage greedily taking the halves that fit under it."""
     n = 2 * num_layers
 
     def fill(target: float) -> list[int] | None:
         halves, start = [], 0
         for stage in range(pp_size):
             end, last = start, stage == pp_size - 1
-            while end < n - 2 * (pp_size - stage - 1) and costs.span(start, end + 1, stage == 0, last) <= target:
-                end += 1
+            while (end + step <= n - 2 * (pp_size - stage - 1)
+                   and costs.span(start, end + step, stage == 0, last) <= target):
+                end += step
             if end - start < 2:
                 return None
             halves.append(end - start)

@@ -1,4 +1,5 @@
-"""Llama family (Llama, Mistral, Qwen2): one pipeline stage's share of the model.
+"""Llama family (Llama, Mistral, Qwen2; Qwen3, Phi-3 and the MoE models build on it): one
+pipeline stage's share of the model.
 
 Stages exchange the un-normalised hidden states and the residual stream separately
 (vLLM style): each layer's first RMSNorm adds the residual, so nothing is recomputed.
@@ -24,24 +25,36 @@ from asyncpp.model.rotary import RopeAt, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+    def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         self.head_dim = shape.head_dim
         self.heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, tp)
         self.qkv_proj = QKVParallelLinear(shape.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
         self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, shape.hidden_size, tp, bias=o_bias)
         self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
+        # Qwen3: an RMSNorm over each query and key head, before rotary
+        with_norm = qk_norm_eps is not None
+        self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if with_norm else None
+        self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if with_norm else None
 
     def forward(self, x: torch.Tensor, rope: RopeAt, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         h, kv = self.heads.q_local, self.heads.kv_local
         qkv = self.qkv_proj(x).view(x.shape[0], h + 2 * kv, self.head_dim)
+        if self.q_norm is not None:
+            qkv[:, :h] = self.q_norm(qkv[:, :h])[0]
+            qkv[:, h:h + kv] = self.k_norm(qkv[:, h:h + kv])[0]
         rope.apply(qkv[:, : h + kv])
         q, k, v = qkv.split([h, kv, kv], dim=1)
         return self.o_proj(self.attn(q, k, v, cache, meta))
 
     def plan(self, prefix: str, name: str) -> WeightPlan:
-        return {**self.qkv_proj.plan(f"{prefix}qkv_proj.", [f"{name}q_proj", f"{name}k_proj", f"{name}v_proj"]),
+        plan = {**self.qkv_proj.plan(f"{prefix}qkv_proj.", [f"{name}q_proj", f"{name}k_proj", f"{name}v_proj"]),
                 **self.o_proj.plan(f"{prefix}o_proj.", f"{name}o_proj")}
+        if self.q_norm is not None:
+            plan[f"{prefix}q_norm.weight"] = whole(f"{name}q_norm.weight")
+            plan[f"{prefix}k_norm.weight"] = whole(f"{name}k_norm.weight")
+        return plan
 
 
 class LlamaMLP(nn.Module):
@@ -60,17 +73,18 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """A decoder layer, or one half of it where a stage boundary splits it (stages.py)."""
+    """A decoder layer, or one half of it where a stage boundary splits it (stages.py).
+    `block`: the MLP half when it is not the dense Llama MLP (a sparse MoE block)."""
 
     def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 parts: tuple[bool, bool] = (True, True)):
+                 parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None):
         super().__init__()
         attention, mlp = parts
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
-        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias) if attention else None
+        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None) if attention else None
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
-        self.mlp = LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False))) if mlp else None
+        self.mlp = (block or LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))) if mlp else None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
                 cache: KVCache | None, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,6 +110,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     intermediate_keys = ("hidden_states", "residual")
+    qk_norm = False  # Qwen3: RMSNorm over each query and key head
 
     def __init__(self, cfg: Any, stage: StageSpec, tp: TPGroup, max_positions: int, dtype: torch.dtype):
         super().__init__()
@@ -104,13 +119,19 @@ class LlamaForCausalLM(nn.Module):
         shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i))
-                                    for i in range(stage.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i), self.qk_norm,
+                              self.mlp_block(cfg, shape, tp, stage.layer_start + i) if stage.parts(i)[1] else None)
+            for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
         self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp) if stage.is_last else None
         if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def mlp_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
+        """Global layer `layer`'s MLP half when it is not the dense one (MoE models override)."""
+        return None
 
     @staticmethod
     def _biases(cfg: Any) -> tuple[bool, bool]:

@@ -13,12 +13,15 @@ from asyncpp.model.progress import progress
 
 @dataclass(frozen=True, slots=True)
 class TensorSlice:
-    """`name[start:stop]` along `dim` (the whole tensor when dim is None), then maybe transposed."""
+    """`name[start:stop]` along `dim` (the whole tensor when dim is None), then maybe transposed.
+    `expert`: first take this index of the leading dimension (one expert of a fused [experts, ...]
+    tensor); `dim` then counts the dimensions that remain."""
     name: str
     dim: int | None = None
     start: int = 0
     stop: int | None = None
     transpose: bool = False
+    expert: int | None = None
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class WeightSource:
     """
     slices: list[TensorSlice]
     pad_rows: bool = False
+    fallback: WeightSource | None = None  # another checkpoint layout, read when this one's tensors are absent
 
 
 WeightPlan = dict[str, WeightSource]
@@ -88,17 +92,29 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan, *,
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             view = handles[file].get_slice(sl.name)
-            if sl.dim is None:
+            if sl.dim is None and sl.expert is None:
                 t = view[:]
             else:
-                index = [slice(None)] * len(view.get_shape())
-                index[sl.dim] = slice(sl.start, sl.stop)
+                index: list[int | slice] = [slice(None)] * len(view.get_shape())
+                lead = 0 if sl.expert is None else 1
+                if sl.expert is not None:
+                    index[0] = sl.expert
+                if sl.dim is not None:
+                    index[lead + sl.dim] = slice(sl.start, sl.stop)
                 t = view[tuple(index)]
             return t.t() if sl.transpose else t
 
         for name, source in plan.items():
+            source = _present(source, ckpt)
             _fill(name, params[name], [read(sl) for sl in source.slices], source.pad_rows)
             shown.update(_nbytes(params[name]))
+
+
+def _present(source: WeightSource, ckpt: Checkpoint) -> WeightSource:
+    """The first layout whose tensors the checkpoint has (the last one otherwise, to name what is missing)."""
+    while source.fallback is not None and not all(ckpt.has(sl.name) for sl in source.slices):
+        source = source.fallback
+    return source
 
 
 def _nbytes(param: torch.Tensor) -> int:

@@ -13,15 +13,23 @@ from asyncpp.model.gemm import onednn_available, prepare_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
+from asyncpp.model.mixtral import MixtralForCausalLM
 from asyncpp.model.parallel import SingleRankGroup, TPGroup
+from asyncpp.model.phi3 import Phi3ForCausalLM
+from asyncpp.model.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
+PHI3_ROPE_TYPES = ("default", "longrope")  # the two Phi-3's transformers code applies
 
 
 def architecture(hf_config: Any) -> str:
@@ -33,18 +41,37 @@ def architecture(hf_config: Any) -> str:
                      f"asyncpp supports {', '.join(MODELS)}")
 
 
-def check_supported(hf_config: Any, max_model_len: int) -> None:
-    """Refuses, with the reason, a model this engine cannot run at `max_model_len` (called
-    while resolving the config, before any stage starts)."""
+def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
+    """Refuse, naming the config field, what asyncpp does not build; called while the engine
+    config is resolved, before any stage starts. `max_model_len` None: the model's own."""
     arch = architecture(hf_config)
-    _check_no_sliding_window(hf_config, max_model_len)
-    if MODELS[arch] is LlamaForCausalLM:
-        rope = rope_parameters(hf_config)
-        if rope["rope_type"] not in STATIC_ROPE_TYPES:
-            raise ValueError(f"{arch}: rope type {rope['rope_type']!r} is not supported "
-                             f"(supported: {', '.join(STATIC_ROPE_TYPES)})")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{arch}: partial rotary embeddings are not supported")
+    _check_no_sliding_window(hf_config, max_model_len or getattr(hf_config, "max_position_embeddings", 0))
+    cls = MODELS[arch]
+    if not issubclass(cls, LlamaForCausalLM):
+        return
+    rope = rope_parameters(hf_config)
+    phi3 = issubclass(cls, Phi3ForCausalLM)
+    supported = PHI3_ROPE_TYPES if phi3 else STATIC_ROPE_TYPES
+    if rope["rope_type"] not in supported:
+        raise ValueError(f"{arch}: rope type {rope['rope_type']!r} (rope_parameters.rope_type) is not supported "
+                         f"(supported: {', '.join(supported)})")
+    if not phi3 and rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{arch}: partial rotary embeddings (partial_rotary_factor) are not supported")
+    if rope["rope_type"] == "longrope":
+        _check_longrope(arch, hf_config, rope, max_model_len or getattr(hf_config, "max_position_embeddings", 0))
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{arch}: hidden_act {act!r} is not supported (the MLP is SwiGLU: silu)")
+
+
+def _check_longrope(arch: str, hf_config: Any, rope: dict[str, Any], max_model_len: int) -> None:
+    """LongRoPE uses its short factors while a sequence stays within the original context and
+    switches every position to its long factors past it (transformers recomputes the table
+    per forward); only the first is one static table."""
+    original = rope.get("original_max_position_embeddings") or getattr(hf_config, "original_max_position_embeddings", 0)
+    if not original or max_model_len > original:
+        raise ValueError(f"{arch}: rope type 'longrope' beyond original_max_position_embeddings ({original}) "
+                         f"is not supported (its long factors); set max_model_len <= {original}")
 
 
 def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None = None) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Rotary position embedding (rotate-half / NeoX layout, as Hugging Face Llama)."""
+"""Rotary position embedding (rotate-half / NeoX layout, as Hugging Face Llama), over the
+whole head or, with `partial_rotary_factor` < 1 (Phi-4-mini), over its first part only."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,11 +23,16 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
+def rotary_dim(hf_config: Any, head_dim: int) -> int:
+    """The leading part of each head that rotates (transformers: int(head_dim * factor))."""
+    return int(head_dim * rope_parameters(hf_config).get("partial_rotary_factor", 1.0))
+
+
 def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(hf_config)
     if params["rope_type"] == "default":
-        base = float(params["rope_theta"])
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        base, dim = float(params["rope_theta"]), rotary_dim(hf_config, head_dim)
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
@@ -42,7 +48,7 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
         table = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
         self.register_buffer("cos_sin", table.to(dtype), persistent=False)
-        self.half = head_dim // 2
+        self.half = rotary_dim(hf_config, head_dim) // 2
 
     def at(self, positions: torch.Tensor) -> "RopeAt":
         return RopeAt(self, positions)
@@ -58,7 +64,7 @@ class RopeAt:
 
     def apply(self, x: torch.Tensor) -> None:
         """Rotate x [tokens, heads, head_dim] in place (rotate-half layout)."""
-        x1, x2 = x[..., : self.half], x[..., self.half:]
+        x1, x2 = x[..., : self.half], x[..., self.half: 2 * self.half]
         rotated1 = x1 * self.cos - x2 * self.sin
         x2.mul_(self.cos).addcmul_(x1, self.sin)
         x1.copy_(rotated1)

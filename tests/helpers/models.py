@@ -7,9 +7,22 @@ from pathlib import Path
 from safetensors import safe_open
 
 from asyncpp.core.stages import StageSpec
-from asyncpp.testing.tiny_model import VOCAB, make_gpt2, make_llama
+from asyncpp.model.embedding import VocabParallelEmbedding
+from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
+from asyncpp.testing.tiny_model import (
+    VOCAB,
+    make_gpt2,
+    make_llama,
+    make_mixtral,
+    make_phi3,
+    make_qwen3,
+    make_qwen3_moe,
+)
+from asyncpp.worker.model_runner import ModelRunner
+from helpers.driver import engine_config
 
-__all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "make_gpt2", "make_llama"]
+__all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_gpt2",
+           "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
@@ -39,6 +52,28 @@ def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool) -> int:
                 elif any(k in name for k in _LAST):
                     total += size if stage.is_last else 0
     return total
+
+
+def expected_rank_bytes(model_dir: Path, pp: int, tp: int, partition: str | None = None) -> list[int]:
+    """Per global rank: what a T = 1 stage holds, with the TP-split tensors divided by T
+    (norms, position embeddings and row-parallel biases stay whole on every rank)."""
+    config = engine_config(model_dir, pipeline_parallel_size=pp, pp_layer_partition=partition)
+    expected = []
+    for stage in config.stages:
+        model, seen = ModelRunner(config, stage).model, set()
+        split = whole = 0
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                nbytes = p.numel() * p.element_size()
+                sharded = isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
+                    isinstance(module, RowParallelLinear) and name == "weight")
+                split, whole = (split + nbytes, whole) if sharded else (split, whole + nbytes)
+        assert split % tp == 0
+        expected += [whole + split // tp] * tp
+    return expected
 
 
 def _held(stage: StageSpec, layer: int, name: str) -> bool:

@@ -9,7 +9,9 @@ import torch
 
 from asyncpp import LLM, SamplingParams
 from asyncpp.async_llm import EngineStats
-from helpers.models import VOCAB
+from helpers.models import VOCAB, expected_rank_bytes
+
+BLOCK = 16  # the engine's default KV block size
 
 
 def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> list[list[int]]:
@@ -17,6 +19,25 @@ def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> 
     rng = random.Random(seed)
     lengths = [lo, hi] + [rng.randint(lo, hi) for _ in range(count - 2)]
     return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+def shared_prefix_prompts(seed: int = 0) -> list[list[int]]:
+    """Prompts sharing one 64-token prefix (4 blocks) by various lengths."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+    base = tokens(4 * BLOCK)
+    return [
+        base,
+        base[:10] + tokens(7),  # shares less than a block
+        base[:2 * BLOCK],  # exactly two blocks
+        base[:2 * BLOCK] + tokens(3),  # two blocks and a few tokens
+        base,  # the whole prompt is cached
+        base + tokens(40),
+        base[:3 * BLOCK] + tokens(25),
+    ]
 
 
 _HF_CACHE: dict[tuple, list[int]] = {}
@@ -55,3 +76,18 @@ def engine_tokens(model_dir: Path, prompts: list[list[int]], max_tokens: int,
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
         stats = llm.engine.stats()
     return [o.outputs[0].token_ids for o in outs], stats
+
+
+def tp_run(model_dir: Path, pp: int, tp: int, seed: int, partition: str | None = None, max_tokens: int = 8,
+           prompts: list[list[int]] | None = None) -> EngineStats:
+    """Greedy parity of a P x T engine with transformers, and each rank holding only its
+    slices; the engine stats at the end."""
+    prompts = prompts or mixed_prompts(6, seed=seed)
+    with LLM(str(model_dir), skip_tokenizer_init=True, pipeline_parallel_size=pp, tensor_parallel_size=tp,
+             pp_layer_partition=partition, max_num_batched_tokens=96) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens))
+        per_rank = llm.engine.param_bytes_per_rank()
+        stats = llm.engine.stats()
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts, max_tokens)
+    assert per_rank == expected_rank_bytes(model_dir, pp, tp, partition)
+    return stats

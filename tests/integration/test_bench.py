@@ -27,7 +27,7 @@ from asyncpp.bench import (
     parse_layouts,
     run_benchmark,
 )
-from asyncpp.bench.workload import publish_folder
+from asyncpp.bench.workload import WORKLOADS, publish_folder
 from benchmarks.peer_hf import HFPeer
 from benchmarks.throughput import add_peer_arguments, build_peers, run
 
@@ -153,6 +153,20 @@ def test_cli_flags_become_engine_kwargs():
     assert cfg.engine_kwargs == {"max_num_seqs": 8}
     with pytest.raises(SystemExit):
         parser.parse_args(["--hf-requests", "4"])  # a peer's flag: benchmarks/throughput.py only
+
+
+def test_moe_workload_flag_and_its_model(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert bench_config_from_args(parser.parse_args([])).workload == "w"
+    assert bench_config_from_args(parser.parse_args(["--workload", "moe"])).workload == "moe"
+    with pytest.raises(SystemExit, match="not both"):
+        bench_config_from_args(parser.parse_args(["/some/model", "--workload", "moe"]))
+    built: list[Path] = []
+    monkeypatch.setenv("ASYNCPP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("asyncpp.bench.workload._save_moe_workload_model", lambda out: built.append(out) or
+                        [(out / name).write_text("{}") for name in ("config.json", "model.safetensors")])
+    assert WORKLOADS["moe"]() == tmp_path / "bench" / "w-qwen3-moe" and len(built) == 1
 
 
 def test_throughput_flags_choose_the_peers():

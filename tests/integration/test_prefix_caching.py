@@ -3,36 +3,14 @@ not, hit and computed-token counts, eviction, reset, and cache-aware placement a
 virtual engines."""
 from __future__ import annotations
 
-import random
-
 import anyio
 import pytest
 
 from asyncpp import AsyncLLM
-from helpers.models import TINY_LLAMA_BLOCK_BYTES, VOCAB
-from helpers.parity import engine_tokens, greedy, hf_greedy
+from helpers.models import TINY_LLAMA_BLOCK_BYTES
+from helpers.parity import BLOCK, engine_tokens, greedy, hf_greedy, shared_prefix_prompts
 
 MAX_TOKENS = 6
-BLOCK = 16
-
-
-def shared_prefix_prompts(seed: int = 0) -> list[list[int]]:
-    """Prompts sharing one 64-token prefix (4 blocks) by various lengths."""
-    rng = random.Random(seed)
-
-    def tokens(n: int) -> list[int]:
-        return [rng.randrange(3, VOCAB) for _ in range(n)]
-
-    base = tokens(4 * BLOCK)
-    return [
-        base,
-        base[:10] + tokens(7),  # shares less than a block
-        base[:2 * BLOCK],  # exactly two blocks
-        base[:2 * BLOCK] + tokens(3),  # two blocks and a few tokens
-        base,  # the whole prompt is cached
-        base + tokens(40),
-        base[:3 * BLOCK] + tokens(25),
-    ]
 
 
 @pytest.mark.parametrize("model,pp,ves", [("llama", 1, 1), ("llama", 2, 1), ("llama", 2, 2),

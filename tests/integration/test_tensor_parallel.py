@@ -9,48 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers.driver import engine_config, runners_for, tp_worker
-from helpers.parity import engine_tokens, greedy, hf_greedy, mixed_prompts
+from helpers.driver import runners_for, tp_worker
+from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, tp_run
 
 MAX_TOKENS = 8
-
-
-def expected_rank_bytes(model_dir, pp: int, tp: int, partition: str | None = None) -> list[int]:
-    """Per global rank: what a T = 1 stage holds, with the TP-split tensors divided by T
-    (norms, position embeddings and row-parallel biases stay whole on every rank)."""
-    from asyncpp.model.embedding import VocabParallelEmbedding
-    from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
-    from asyncpp.worker.model_runner import ModelRunner
-
-    config = engine_config(model_dir, pipeline_parallel_size=pp, pp_layer_partition=partition)
-    expected = []
-    for stage in config.stages:
-        model, seen = ModelRunner(config, stage).model, set()
-        split = whole = 0
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                nbytes = p.numel() * p.element_size()
-                sharded = isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
-                    isinstance(module, RowParallelLinear) and name == "weight")
-                split, whole = (split + nbytes, whole) if sharded else (split, whole + nbytes)
-        assert split % tp == 0
-        expected += [whole + split // tp] * tp
-    return expected
-
-
-def tp_run(model_dir, pp: int, tp: int, seed: int, partition: str | None = None):
-    from asyncpp import LLM
-
-    prompts = mixed_prompts(6, seed=seed)
-    with LLM(str(model_dir), skip_tokenizer_init=True, pipeline_parallel_size=pp, tensor_parallel_size=tp,
-             pp_layer_partition=partition, max_num_batched_tokens=96) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(MAX_TOKENS))
-        per_rank = llm.engine.param_bytes_per_rank()
-    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts, MAX_TOKENS)
-    assert per_rank == expected_rank_bytes(model_dir, pp, tp, partition)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
