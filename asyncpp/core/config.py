@@ -16,6 +16,34 @@ COST_CONTEXT = 256
 
 
 @dataclass(frozen=True, slots=True)
+class LatentShape:
+    """Multi-head latent attention (DeepSeek-V2/V3): the cache holds, per token and layer, one
+    latent vector (`kv_lora_rank`) and the rotary part of the key (`qk_rope_head_dim`), shared
+    by every head, instead of per-head K and V."""
+    q_lora_rank: int  # 0: a plain q_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def cache_dim(self) -> int:
+        """Elements one token's cache entry holds in one layer."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def weights(self, hidden: int, heads: int) -> int:
+        """Elements of one layer's attention weights."""
+        m, q_out = self, heads * self.qk_head_dim
+        q = (hidden + q_out) * m.q_lora_rank if m.q_lora_rank else hidden * q_out
+        kv = hidden * m.cache_dim + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+        return q + kv + heads * m.v_head_dim * hidden
+
+
+@dataclass(frozen=True, slots=True)
 class ModelShape:
     """The sizes every part derives from, read once from the Hugging Face config
     (GPT-2's names are aliases there: n_embd is hidden_size, n_head num_attention_heads)."""
@@ -33,6 +61,8 @@ class ModelShape:
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
     moe_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # DeepSeek: shared experts beside the routed ones, in every MoE layer
+    latent: LatentShape | None = None  # multi-head latent attention (DeepSeek-V2/V3)
 
     @classmethod
     def of(cls, hf_config: Any) -> "ModelShape":
@@ -43,14 +73,17 @@ class ModelShape:
                    num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
                    intermediate_size=inner, vocab_size=c.vocab_size, max_positions=max_positions,
-                   gated_mlp=getattr(c, "intermediate_size", None) is not None, **_moe_fields(c, inner))
+                   gated_mlp=getattr(c, "intermediate_size", None) is not None, latent=_latent(c),
+                   **_moe_fields(c, inner))
 
     def stage_costs(self, elem_bytes: int) -> StageCosts:
         """Bytes each part reads and writes in one decode step of COST_SEQS sequences."""
         h, d = self.hidden_size, self.head_dim
         attention = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        if self.latent is not None:
+            attention = self.latent.weights(h, self.num_heads)
         mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
-        kv = COST_SEQS * COST_CONTEXT * 2 * self.num_kv_heads * d
+        kv = COST_SEQS * COST_CONTEXT * self.kv_elements_per_token
         head = self.vocab_size * h + COST_SEQS * self.vocab_size  # weights, then the logits
         mlps = [self.moe_cost() if i in self.moe_layers else mlp for i in range(self.num_layers)]
         uniform = len(set(mlps)) == 1
@@ -64,19 +97,40 @@ class ModelShape:
         number of distinct experts is E * (1 - (1 - k/E)^N). (Its memory is all E experts.)"""
         e, k = self.num_experts, self.experts_per_token
         active = e * (1 - (1 - k / e) ** COST_SEQS)
-        return e * self.hidden_size + active * 3 * self.hidden_size * self.expert_intermediate_size
+        inner = active * self.expert_intermediate_size + self.shared_expert_intermediate_size
+        return e * self.hidden_size + 3 * self.hidden_size * inner
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """Cache elements one token takes in one layer: K and V of every KV head, or MLA's latent entry."""
+        if self.latent is not None:
+            return self.latent.cache_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+def _latent(c: Any) -> LatentShape | None:
+    if not getattr(c, "kv_lora_rank", None):
+        return None
+    return LatentShape(q_lora_rank=getattr(c, "q_lora_rank", None) or 0, kv_lora_rank=c.kv_lora_rank,
+                       qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                       v_head_dim=c.v_head_dim)
 
 
 def _moe_fields(c: Any, inner: int) -> dict[str, Any]:
     """Qwen3-MoE: `num_experts`, `moe_intermediate_size`, dense MLPs in `mlp_only_layers` and
-    off every `decoder_sparse_step`-th layer; Mixtral: `num_local_experts`, every layer sparse."""
-    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or 0
+    off every `decoder_sparse_step`-th layer; Mixtral: `num_local_experts`, every layer sparse;
+    DeepSeek: `n_routed_experts`, the first `first_k_dense_replace` layers dense, and
+    `n_shared_experts` shared experts of `moe_intermediate_size` each."""
+    experts = (getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+               or getattr(c, "n_routed_experts", None) or 0)
     top_k = getattr(c, "num_experts_per_tok", None) or 0
     if not experts or not top_k:
         return {}
     dense, step = set(getattr(c, "mlp_only_layers", None) or ()), getattr(c, "decoder_sparse_step", None) or 1
-    return {"num_experts": experts, "experts_per_token": top_k,
-            "expert_intermediate_size": getattr(c, "moe_intermediate_size", None) or inner,
+    dense |= set(range(getattr(c, "first_k_dense_replace", None) or 0))
+    expert_inner = getattr(c, "moe_intermediate_size", None) or inner
+    return {"num_experts": experts, "experts_per_token": top_k, "expert_intermediate_size": expert_inner,
+            "shared_expert_intermediate_size": (getattr(c, "n_shared_experts", None) or 0) * expert_inner,
             "moe_layers": tuple(i for i in range(c.num_hidden_layers) if i not in dense and (i + 1) % step == 0)}
 
 
@@ -123,11 +177,14 @@ class EngineConfig:
     ray_address: str | None = None  # the Ray cluster to join (ray backend); None: a private local Ray
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
-        """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default: all)."""
+        """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default:
+        all). A latent (MLA) cache has no heads: every TP rank holds the whole entry."""
         layers = self.shape.num_layers if num_layers is None else num_layers
-        heads = self.shape.num_kv_heads if num_kv_heads is None else num_kv_heads
+        per_token = self.shape.kv_elements_per_token
+        if num_kv_heads is not None and self.shape.latent is None:
+            per_token = per_token * num_kv_heads // self.shape.num_kv_heads
         elem = torch.finfo(self.kv_cache_dtype).bits // 8
-        return 2 * layers * self.block_size * heads * self.shape.head_dim * elem
+        return layers * self.block_size * per_token * elem
 
     def stage(self, rank: int) -> StageSpec:
         return self.stages[rank]

@@ -28,7 +28,8 @@ from asyncpp.model import kernels
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, KernelDecode, PrefillSeq
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# One layer's cache: (K, V), or (latent,) for multi-head latent attention (mla.py).
+KVCache = tuple[torch.Tensor, ...]
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -39,6 +40,13 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_head
     keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
     values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
     return [(keys[i], values[i]) for i in range(num_layers)]
+
+
+def allocate_latent_cache(num_layers: int, num_blocks: int, block_size: int, dim: int, dtype: torch.dtype,
+                          device: torch.device | str) -> list[KVCache]:
+    """Multi-head latent attention: one [num_blocks, block_size, dim] tensor per layer."""
+    latent = torch.empty(num_layers, num_blocks, block_size, dim, dtype=storage_dtype(dtype), device=device)
+    return [(latent[i],) for i in range(num_layers)]
 
 
 def layer_caches(stage: StageSpec, caches: list[KVCache]) -> list[KVCache | None]:

@@ -36,6 +36,16 @@ class KernelDecode:
 
 
 @dataclass(slots=True)
+class LatentDecode:
+    """All one-token sequences of the step, for multi-head latent attention (mla.py): the
+    blocks each reads, gathered whole, and the positions past its context."""
+    token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
+    num_seqs: int
+    block_tables: torch.Tensor  # [seqs, blocks of the longest] int64, zero-padded
+    pad_mask: torch.Tensor  # [seqs, 1, blocks * block_size] True past the sequence's context
+
+
+@dataclass(slots=True)
 class DecodeBatch:
     """All one-token sequences of the step, for the two embedding_bag passes."""
     token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
@@ -59,7 +69,7 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # [tokens] the block of each slot
     slot_offsets: torch.Tensor  # [tokens] the offset inside it
     prefills: list[PrefillSeq]
-    decode: KernelDecode | DecodeBatch | None
+    decode: KernelDecode | DecodeBatch | LatentDecode | None
     kv_format: Fp8Format | None = None  # None: the cache holds the model's dtype
 
 
@@ -71,6 +81,7 @@ class HeadLayout:
     block_size: int
     kv_format: Fp8Format | None = None
     decode_kernel: bool = False  # decodes run through the compiled kernel (kernels.py)
+    latent: bool = False  # a multi-head latent attention cache (mla.py): decodes as LatentDecode
 
 
 def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device | str) -> AttentionMetadata:
@@ -99,8 +110,12 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
         rows = np.asarray(decode_rows)
         index = None if len(rows) == num_tokens else to(token_starts[rows])
         decoding = [seqs[i] for i in decode_rows]
-        decode = (_kernel_decode(decoding, index, to) if layout.decode_kernel
-                  else _decode_batch(decoding, index, layout, to))
+        if layout.latent:
+            decode = _latent_decode(decoding, index, bs, to)
+        elif layout.decode_kernel:
+            decode = _kernel_decode(decoding, index, to)
+        else:
+            decode = _decode_batch(decoding, index, layout, to)
     return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
                              to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format)
 
@@ -128,6 +143,16 @@ def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
     for i, s in enumerate(seqs):
         tables[i, : len(s.block_table)] = s.block_table
     return KernelDecode(token_index, len(seqs), to(tables), to(ctx))
+
+
+def _latent_decode(seqs: list[SeqWork], token_index, bs: int, to) -> LatentDecode:
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=len(seqs))
+    nblocks = -(-ctx // bs)
+    tables = np.zeros((len(seqs), int(nblocks.max())), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tables[i, : nblocks[i]] = s.block_table[: nblocks[i]]
+    pad = np.arange(tables.shape[1] * bs)[None, None, :] >= ctx[:, None, None]
+    return LatentDecode(token_index, len(seqs), to(tables), to(pad))
 
 
 def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> DecodeBatch:

@@ -8,7 +8,7 @@ from asyncpp.core.config import EngineConfig
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
-from asyncpp.model.attention import KVCache, allocate_kv_cache
+from asyncpp.model.attention import KVCache, allocate_kv_cache, allocate_latent_cache
 from asyncpp.model.attention_metadata import HeadLayout, build_metadata
 from asyncpp.model.gemm import quantized_bytes
 from asyncpp.model.kv_quant import kv_format
@@ -27,9 +27,10 @@ class ModelRunner:
         self.model = build_model(config, stage, self.tp)
         shape = config.shape
         heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, self.tp)
+        latent = shape.latent is not None
+        kernel = not latent and kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim)
         self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size,
-                                 kv_format(config.kv_cache_dtype),
-                                 kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim))
+                                 kv_format(config.kv_cache_dtype), kernel, latent)
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
         self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 
@@ -56,10 +57,15 @@ class ModelRunner:
         return 2 * self.config.max_num_batched_tokens * per_token * elem + logits
 
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
-        lay = self.layout
-        self.kv_caches = [allocate_kv_cache(self.stage.kv_layers, blocks_per_ve, lay.block_size,
-                                            lay.num_kv_heads, lay.head_dim, self.config.kv_cache_dtype, self.device)
-                          for _ in range(num_virtual_engines)]
+        self.kv_caches = [self._allocate(blocks_per_ve) for _ in range(num_virtual_engines)]
+
+    def _allocate(self, num_blocks: int) -> list[KVCache]:
+        lay, latent, dtype = self.layout, self.config.shape.latent, self.config.kv_cache_dtype
+        if latent is not None:
+            return allocate_latent_cache(self.stage.kv_layers, num_blocks, lay.block_size, latent.cache_dim, dtype,
+                                         self.device)
+        return allocate_kv_cache(self.stage.kv_layers, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim,
+                                 dtype, self.device)
 
     def intermediate_spec(self, num_tokens: int) -> TensorSpec:
         shape = (num_tokens, self.config.shape.hidden_size)

@@ -159,8 +159,7 @@ def _run_stages(runners: list[ModelRunner], mb: MicroBatch, use_sampler: bool) -
 
 
 def _num_blocks(runner: ModelRunner) -> int:
-    keys, _ = runner.kv_caches[0][0]
-    return keys.shape[0]
+    return runner.kv_caches[0][0][0].shape[0]  # K (or MLA's latent) of VE 0's first layer: [blocks, ...]
 
 
 class GlooGroup:
