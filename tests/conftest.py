@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import make_gpt2, make_llama, make_mixtral, make_phi3, make_qwen3, make_qwen3_moe
+from helpers.models import (
+    make_deepseek_v3,
+    make_gpt2,
+    make_llama,
+    make_mixtral,
+    make_phi3,
+    make_qwen3,
+    make_qwen3_moe,
+)
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,6 +56,11 @@ def mixtral_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phi3_dir(tmp_path_factory) -> Path:
     return make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_dir(tmp_path_factory) -> Path:
+    return make_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -79,6 +79,25 @@ class QKVParallelLinear(ColumnParallelLinear):
         return plan
 
 
+class ReplicatedLinear(PackableLinear):
+    """The whole weight on every rank of the group (a projection too small to split, or one
+    whose output every rank needs whole)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.gemm_weight, self.bias)
+
+    def plan(self, prefix: str, name: str) -> WeightPlan:
+        plan = {f"{prefix}weight": WeightSource([TensorSlice(f"{name}.weight")])}
+        if self.bias is not None:
+            plan[f"{prefix}bias"] = WeightSource([TensorSlice(f"{name}.bias")])
+        return plan
+
+
 class RowParallelLinear(PackableLinear):
     """Input split across the group; partial products summed with one all-reduce."""
 

@@ -74,15 +74,18 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     """A decoder layer, or one half of it where a stage boundary splits it (stages.py).
-    `block`: the MLP half when it is not the dense Llama MLP (a sparse MoE block)."""
+    `block`: the MLP half when it is not the dense Llama MLP (a sparse MoE block); `attn`: the
+    attention half when it is not Llama's (DeepSeek's latent attention)."""
 
     def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None):
+                 parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None,
+                 attn: nn.Module | None = None):
         super().__init__()
         attention, mlp = parts
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
-        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None) if attention else None
+        self.self_attn = (attn or LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None)
+                          if attention else None)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
         self.mlp = (block or LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))) if mlp else None
 
@@ -119,18 +122,28 @@ class LlamaForCausalLM(nn.Module):
         shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i), self.qk_norm,
-                              self.mlp_block(cfg, shape, tp, stage.layer_start + i) if stage.parts(i)[1] else None)
-            for i in range(stage.num_layers))
+        self.layers = nn.ModuleList(self._layer(cfg, shape, tp, qkv_bias, o_bias, i) for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
         self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
         self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp) if stage.is_last else None
         if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def _layer(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool, i: int
+               ) -> LlamaDecoderLayer:
+        """Local layer i, with the halves of it this stage runs."""
+        attention, mlp = self.stage.parts(i)
+        layer = self.stage.layer_start + i
+        return LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, (attention, mlp), self.qk_norm,
+                                 self.mlp_block(cfg, shape, tp, layer) if mlp else None,
+                                 self.attention_block(cfg, shape, tp, layer) if attention else None)
+
     def mlp_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
         """Global layer `layer`'s MLP half when it is not the dense one (MoE models override)."""
+        return None
+
+    def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
+        """Global layer `layer`'s attention half when it is not Llama's (DeepSeek overrides)."""
         return None
 
     @staticmethod

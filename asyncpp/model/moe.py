@@ -1,5 +1,6 @@
-"""Sparse Mixture-of-Experts MLP (Qwen3-MoE, Mixtral): a replicated router, softmax, top-k,
-the model's own normalisation of the top-k weights, SwiGLU experts.
+"""Sparse Mixture-of-Experts MLP (Qwen3-MoE, Mixtral; DeepSeek's routing and shared experts
+build on it in deepseek.py): a replicated router, softmax, top-k, the model's own
+normalisation of the top-k weights, SwiGLU experts, optionally shared experts every token runs.
 
 Tokens are grouped by expert (a sort of the flattened top-k choices), so each expert that has
 tokens runs one GEMM over all of them; the weighted results are summed back per token. Every
@@ -45,11 +46,12 @@ MIXTRAL_NAMES = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
 
 class Router(PackableLinear):
     """The [experts, hidden] gate, whole on every rank. Prepacked, never quantized: the top-k
-    choices stay the checkpoint's."""
+    choices stay the checkpoint's. `dtype`: float32 where the model keeps its router in float32
+    (DeepSeek); default: the model's."""
 
-    def __init__(self, hidden: int, num_experts: int):
+    def __init__(self, hidden: int, num_experts: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
 
     def prepare(self, quantization: str | None, shared: bool) -> None:
         super().prepare(None, shared)
@@ -69,15 +71,27 @@ class Expert(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    """`shared_inner` > 0: shared experts (one SwiGLU MLP of that width) beside the routed ones,
+    their output added before the block's one all-reduce. `gate`: a router of the model's own."""
+
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, renormalize: bool, tp: TPGroup,
-                 names: ExpertNames):
+                 names: ExpertNames, shared_inner: int = 0, gate: Router | None = None):
         super().__init__()
         self.tp, self.top_k, self.renormalize, self.names = tp, top_k, renormalize, names
         self.inner = inner
-        self.gate = Router(hidden, num_experts)
+        self.gate = gate or Router(hidden, num_experts)
         self.experts = nn.ModuleList(Expert(hidden, inner, tp) for _ in range(num_experts))
+        self.shared_experts = Expert(hidden, shared_inner, tp) if shared_inner else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.routed(x)
+        if self.shared_experts is not None:
+            y += self.shared_experts(x)
+        self.tp.all_reduce(y)
+        return y
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum of the chosen experts' weighted outputs."""
         weights, chosen = self.route(x)
         flat = chosen.view(-1)
         order = flat.argsort(stable=True)  # (token, choice) slots grouped by expert
@@ -91,9 +105,7 @@ class SparseMoeBlock(nn.Module):
                 out[start:start + n] = expert(grouped[start:start + n])
                 start += n
         out.mul_(weights.view(-1)[order].unsqueeze(1))
-        y = torch.zeros_like(x).index_add_(0, tokens, out)
-        self.tp.all_reduce(y)
-        return y
+        return torch.zeros_like(x).index_add_(0, tokens, out)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts and their weights (softmax in float32, as transformers)."""
@@ -120,4 +132,10 @@ class SparseMoeBlock(nn.Module):
             plan[f"{prefix}experts.{e}.down_proj.weight"] = WeightSource(
                 [cols(f"{published}{n.down}.weight", a, b)],
                 fallback=WeightSource([TensorSlice(down, 1, a, b, expert=e)]))
+        if self.shared_experts is not None:
+            local = self.shared_experts.down_proj.in_local
+            a, b, shared = self.tp.rank * local, (self.tp.rank + 1) * local, f"{block}shared_experts."
+            plan[f"{prefix}shared_experts.gate_up_proj.weight"] = WeightSource(
+                [rows(f"{shared}{n.gate}.weight", a, b), rows(f"{shared}{n.up}.weight", a, b)])
+            plan[f"{prefix}shared_experts.down_proj.weight"] = WeightSource([cols(f"{shared}{n.down}.weight", a, b)])
         return plan

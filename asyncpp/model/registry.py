@@ -9,6 +9,7 @@ from torch import nn
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.stages import StageSpec
+from asyncpp.model.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from asyncpp.model.gemm import onednn_available, prepare_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
@@ -27,6 +28,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 PHI3_ROPE_TYPES = ("default", "longrope")  # the two Phi-3's transformers code applies
@@ -46,6 +49,7 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
     config is resolved, before any stage starts. `max_model_len` None: the model's own."""
     arch = architecture(hf_config)
     _check_no_sliding_window(hf_config, max_model_len or getattr(hf_config, "max_position_embeddings", 0))
+    _check_unquantized(arch, hf_config)
     cls = MODELS[arch]
     if not issubclass(cls, LlamaForCausalLM):
         return
@@ -62,6 +66,41 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{arch}: hidden_act {act!r} is not supported (the MLP is SwiGLU: silu)")
+    if issubclass(cls, DeepseekV3ForCausalLM):
+        _check_deepseek(arch, hf_config, cls.v3)
+
+
+def _check_unquantized(arch: str, hf_config: Any) -> None:
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ValueError(f"{arch}: quantized checkpoints (quantization_config, quant_method {method!r}) are not "
+                         "supported; use the unquantized (bf16 / fp32) weights")
+
+
+def _check_deepseek(arch: str, c: Any, v3: bool) -> None:
+    """What transformers' DeepSeek code would not compute as the checkpoint's own code does."""
+    experts, groups = c.n_routed_experts, getattr(c, "n_group", None) or 1
+    if experts % groups or (getattr(c, "topk_group", None) or groups) > groups:
+        raise ValueError(f"{arch}: n_group ({groups}) must divide n_routed_experts ({experts}) and topk_group "
+                         f"must be at most n_group")
+    if (getattr(c, "moe_layer_freq", None) or 1) != 1:
+        raise ValueError(f"{arch}: moe_layer_freq {c.moe_layer_freq} is not supported (an MoE block in every "
+                         "layer after first_k_dense_replace)")
+    expected = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"} if v3 else {"scoring_func": "softmax"}
+    for field, value in expected.items():
+        given = getattr(c, field, None)
+        if given is not None and given != value:
+            raise ValueError(f"{arch}: {field} {given!r} is not supported ({value!r})")
+    if not v3:
+        method = getattr(c, "topk_method", None) or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"{arch}: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+        if getattr(c, "norm_topk_prob", False):
+            raise ValueError(f"{arch}: norm_topk_prob true is not supported (transformers' DeepSeek-V2 "
+                             "does not renormalise the top-k weights)")
+        if getattr(c, "mlp_bias", False):
+            raise ValueError(f"{arch}: mlp_bias true is not supported")
 
 
 def _check_longrope(arch: str, hf_config: Any, rope: dict[str, Any], max_model_len: int) -> None:

@@ -1,6 +1,6 @@
 """Tiny random checkpoints built with transformers (seconds, no download): a Llama (or a
-Qwen2, the same layers with q/k/v biases), a GPT-2, a Qwen3, a Qwen3-MoE, a Mixtral and a
-Phi-3, 4 layers of width 64, vocabulary `VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts
+Qwen2, the same layers with q/k/v biases), a GPT-2, a Qwen3, a Qwen3-MoE, a Mixtral, a
+Phi-3 and a DeepSeek-V3, 4 layers of width 64, vocabulary `VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts
 the Llama and the tiny tokenizer in one folder. Weights are scaled up (initializer_range 0.2)
 so greedy choices are not near-ties, and the newer families' norms are randomised so that
 loading them is checked too."""
@@ -91,6 +91,52 @@ def make_phi3(path: Path, *, layers: int = 4, tie: bool = False, longrope: bool 
                      partial_rotary_factor=partial_rotary_factor, tie_word_embeddings=tie, initializer_range=0.2,
                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return _save(_random_norms(Phi3ForCausalLM(cfg)), path)
+
+
+def make_deepseek_v3(path: Path, *, layers: int = 4, q_lora: bool = True, interleave: bool = True) -> Path:
+    """Multi-head latent attention (latent 32 + rotary 16 per token; 4 heads of qk 32 + 16, v 24),
+    a low-rank query (`q_lora`: rank 48; else a plain q_proj), YaRN (factor 4 over 256
+    positions, mscale / mscale_all_dim changing the softmax scale), layer 0 dense, then 8
+    experts in 4 groups (best 2 groups, top-2 experts, sigmoid scores with a random correction
+    bias, renormalised, x2.5) beside one shared expert."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+            "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0}
+    cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                           kv_lora_rank=32, q_lora_rank=48 if q_lora else None, qk_rope_head_dim=16,
+                           qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=8, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                           first_k_dense_replace=1, norm_topk_prob=True, rope_parameters=rope,
+                           rope_interleave=interleave, max_position_embeddings=1024, num_mtp_layers=0,
+                           initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    model = _random_norms(DeepseekV3ForCausalLM(cfg))
+    with torch.no_grad():
+        for name, p in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                p.uniform_(-0.2, 0.2)
+    return _save(model, path)
+
+
+def make_deepseek_v2(path: Path, *, layers: int = 4) -> Path:
+    """DeepSeek-V2-Lite's shape: a plain q_proj, YaRN, layer 0 dense, then 8 experts in 4 groups
+    (softmax scores, top-2 within the best 2 groups: `group_limited_greedy`, x1.5) beside two
+    shared experts."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+    cfg = DeepseekV2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=layers, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None,
+                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=8,
+                           n_shared_experts=2, num_experts_per_tok=2, n_group=4, topk_group=2,
+                           topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+                           rope_parameters=rope, max_position_embeddings=1024, initializer_range=0.2,
+                           bos_token_id=1, eos_token_id=2)
+    return _save(_decisive_router(_random_norms(DeepseekV2ForCausalLM(cfg))), path)
 
 
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:

@@ -11,6 +11,7 @@ from asyncpp.model.embedding import VocabParallelEmbedding
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
 from asyncpp.testing.tiny_model import (
     VOCAB,
+    make_deepseek_v3,
     make_gpt2,
     make_llama,
     make_mixtral,
@@ -21,8 +22,8 @@ from asyncpp.testing.tiny_model import (
 from asyncpp.worker.model_runner import ModelRunner
 from helpers.driver import engine_config
 
-__all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_gpt2",
-           "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
+__all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_deepseek_v3",
+           "make_gpt2", "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4

@@ -10,7 +10,7 @@ import pytest
 
 from helpers.parity import mixed_prompts, shared_prefix_prompts, tp_run
 
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3"]
 
 
 @pytest.mark.slow

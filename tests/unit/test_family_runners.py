@@ -13,7 +13,7 @@ from helpers.models import checkpoint_share, make_mixtral, make_phi3, make_qwen3
 from helpers.parity import hf_greedy, mixed_prompts
 
 MAX_NEW = 12
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3"]
 TIED = {"qwen3"}  # the fixtures with a tied LM head
 SPLIT = "2.5,1.5"  # layer 2: attention on stage 0, its MoE block on stage 1
 
