@@ -19,12 +19,21 @@ def test_longrope_past_the_original_context_is_refused_before_stages(tmp_path):
     assert create_engine_config(EngineArgs(**args, max_model_len=512)).max_model_len == 512
 
 
+DEEPSEEK = {"n_routed_experts": 8, "n_group": 4, "topk_group": 2}
+
+
 @pytest.mark.parametrize("arch, fields, named", [
     ("Phi3ForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
     ("Qwen3MoeForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "'dynamic'"),
     ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                 "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
     ("Qwen3ForCausalLM", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("DeepseekV3ForCausalLM", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config.*'fp8'"),
+    ("DeepseekV3ForCausalLM", {**DEEPSEEK, "scoring_func": "softmax"}, "scoring_func 'softmax'"),
+    ("DeepseekV3ForCausalLM", {**DEEPSEEK, "n_group": 3}, r"n_group \(3\) must divide n_routed_experts \(8\)"),
+    ("DeepseekV3ForCausalLM", {**DEEPSEEK, "moe_layer_freq": 2}, "moe_layer_freq"),
+    ("DeepseekV2ForCausalLM", {**DEEPSEEK, "topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+    ("DeepseekV2ForCausalLM", {**DEEPSEEK, "norm_topk_prob": True}, "norm_topk_prob"),
 ])
 def test_unbuilt_variants_name_the_field(arch, fields, named):
     with pytest.raises(ValueError, match=named) as info:

@@ -1,6 +1,7 @@
-"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3) through ModelRunners in this process: greedy fp32 token ids
-must match transformers' generate() exactly at P=1, P=2 with a second virtual engine, P=3
-with stages split inside layers, and each stage must load only its share of the checkpoint.
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3, DeepSeek-V3) through ModelRunners in
+this process: greedy fp32 token ids must match transformers' generate() exactly at P=1, P=2
+with a second virtual engine, P=3 with stages split inside layers, and each stage must load
+only its share of the checkpoint.
 The multi-process layouts (P=2 V=2 with shared prefixes, P=2 x T=2): integration/test_family_engines.py."""
 from __future__ import annotations
 
