@@ -43,6 +43,7 @@ class LatentDecode:
     num_seqs: int
     block_tables: torch.Tensor  # [seqs, blocks of the longest] int64, zero-padded
     pad_mask: torch.Tensor  # [seqs, 1, blocks * block_size] True past the sequence's context
+    pad_rows: torch.Tensor  # the same positions as rows of the gathered [seqs * blocks * block_size, entry]
 
 
 @dataclass(slots=True)
@@ -152,7 +153,7 @@ def _latent_decode(seqs: list[SeqWork], token_index, bs: int, to) -> LatentDecod
     for i, s in enumerate(seqs):
         tables[i, : nblocks[i]] = s.block_table[: nblocks[i]]
     pad = np.arange(tables.shape[1] * bs)[None, None, :] >= ctx[:, None, None]
-    return LatentDecode(token_index, len(seqs), to(tables), to(pad))
+    return LatentDecode(token_index, len(seqs), to(tables), to(pad), to(np.flatnonzero(pad)))
 
 
 def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> DecodeBatch:

@@ -129,8 +129,8 @@ class LatentAttention(nn.Module):
         query = torch.cat([q_latent, q[..., nope:].transpose(0, 1)], dim=-1).transpose(0, 1).mul_(self.scale)
         (latent,) = cache
         context = widen(latent[d.block_tables].flatten(1, 2), q.dtype, fmt)  # [seqs, positions, entry]
-        # Slots past a context were never written (the cache is not zeroed): 0 * nan would leak
-        context.masked_fill_(d.pad_mask.transpose(1, 2), 0.0)
+        # Slots past a context may never have been written (the cache is not zeroed): 0 * nan would leak
+        context.view(-1, context.shape[-1]).index_fill_(0, d.pad_rows, 0.0)
         scores = torch.bmm(query, context.transpose(1, 2)).float()  # [seqs, heads, positions]
         probs = scores.masked_fill_(d.pad_mask, float("-inf")).softmax(dim=-1).to(q.dtype)
         mixed = torch.bmm(probs, context[..., :lora])  # [seqs, heads, kv_lora_rank]
