@@ -26,6 +26,7 @@ from torch import nn
 from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, KernelDecode, PrefillSeq
+from asyncpp.model.eager_attention import eager_attention, sink_softmax
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
 # One layer's cache: (K, V), or (latent,) for multi-head latent attention (mla.py).
@@ -55,10 +56,13 @@ def layer_caches(stage: StageSpec, caches: list[KVCache]) -> list[KVCache | None
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """`sinks`: gpt-oss's learned logit per (local) head, joining each softmax without a value."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sinks: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False) if sinks else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -83,6 +87,9 @@ class PagedAttention(nn.Module):
         else:
             keys, values = gather_context(cache, p.context_blocks, p.context_len, q.dtype, fmt)
             mask = p.mask
+        if self.sinks is not None:
+            return eager_attention(query, keys, values, mask, self.scale, sinks=self.sinks).transpose(0, 1).reshape(
+                b - a, -1)
         # 4-D inputs: with 3-D ones the CPU backend falls back to the slow math kernel.
         out = F.scaled_dot_product_attention(
             query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale,
@@ -104,7 +111,11 @@ class PagedAttention(nn.Module):
         scores = F.embedding_bag(d.score_index, key_cache.view(-1, key_cache.shape[-1]), d.score_offsets,
                                  mode="sum", per_sample_weights=weights.view(-1))
         scores = scores.view(d.num_seqs, self.num_heads, d.padded_len)
-        probs = scores.masked_fill_(d.pad_mask, float("-inf")).softmax(dim=-1)
+        scores = scores.masked_fill_(d.pad_mask, float("-inf"))
+        if self.sinks is None:
+            probs = scores.softmax(dim=-1)
+        else:
+            probs = sink_softmax(scores, self.sinks[None, :, None].expand(d.num_seqs, -1, 1)).to(q.dtype).contiguous()
         out = F.embedding_bag(d.value_index, value_cache.view(-1, self.head_dim), d.value_offsets,
                               mode="sum", per_sample_weights=probs.view(-1).index_select(0, d.prob_index))
         if fmt is not None:
@@ -116,9 +127,11 @@ class PagedAttention(nn.Module):
                        ) -> torch.Tensor:
         q = q.view(d.num_seqs, self.num_heads, self.head_dim)
         if fmt is None:
-            return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale)
+            return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale,
+                                                  sinks=self.sinks)
         return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale * fmt.k_unit,
-                                              fp8_table=fmt.table(), fp8_kind=fmt.kernel_kind, v_unit=fmt.v_unit)
+                                              fp8_table=fmt.table(), fp8_kind=fmt.kernel_kind, v_unit=fmt.v_unit,
+                                              sinks=self.sinks)
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -19,20 +19,23 @@ from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncpp.model.layers import RMSNorm, silu_and_mul
 from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from asyncpp.model.loader import Checkpoint, WeightPlan, whole
+from asyncpp.model.loader import Checkpoint, WeightPlan, WeightSource, rows, whole
 from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import RopeAt, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
+    """`sinks`: gpt-oss's per-head attention sinks (this rank's heads)."""
+
     def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 qk_norm_eps: float | None = None):
+                 qk_norm_eps: float | None = None, sinks: bool = False):
         super().__init__()
         self.head_dim = shape.head_dim
         self.heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, tp)
         self.qkv_proj = QKVParallelLinear(shape.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
         self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, shape.hidden_size, tp, bias=o_bias)
-        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
+        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5,
+                                   sinks)
         # Qwen3: an RMSNorm over each query and key head, before rotary
         with_norm = qk_norm_eps is not None
         self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if with_norm else None
@@ -54,6 +57,9 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             plan[f"{prefix}q_norm.weight"] = whole(f"{name}q_norm.weight")
             plan[f"{prefix}k_norm.weight"] = whole(f"{name}k_norm.weight")
+        if self.attn.sinks is not None:
+            h = self.heads
+            plan[f"{prefix}attn.sinks"] = WeightSource([rows(f"{name}sinks", h.q_start, h.q_start + h.q_local)])
         return plan
 
 
@@ -114,6 +120,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     intermediate_keys = ("hidden_states", "residual")
     qk_norm = False  # Qwen3: RMSNorm over each query and key head
+    checkpoint_quantizations: tuple[str, ...] = ()  # quant_method values whose checkpoints load (gpt-oss: mxfp4)
 
     def __init__(self, cfg: Any, stage: StageSpec, tp: TPGroup, max_positions: int, dtype: torch.dtype):
         super().__init__()

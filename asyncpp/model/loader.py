@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from asyncpp.model import mxfp4
 from asyncpp.model.progress import progress
 
 
@@ -15,13 +16,16 @@ from asyncpp.model.progress import progress
 class TensorSlice:
     """`name[start:stop]` along `dim` (the whole tensor when dim is None), then maybe transposed.
     `expert`: first take this index of the leading dimension (one expert of a fused [experts, ...]
-    tensor); `dim` then counts the dimensions that remain."""
+    tensor); `dim` then counts the dimensions that remain. `mxfp4`: `name` is the `_blocks` half
+    of an MXFP4 weight (mxfp4.py), read with its `_scales` and dequantized to float32; a column
+    slice reads the 32-value groups that cover it."""
     name: str
     dim: int | None = None
     start: int = 0
     stop: int | None = None
     transpose: bool = False
     expert: int | None = None
+    mxfp4: bool = False
 
 
 @dataclass(slots=True)
@@ -85,29 +89,49 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, plan: WeightPlan, *,
     with ExitStack() as stack, torch.no_grad(), progress(desc, total, unit="B", position=position) as shown:
         handles: dict[Path, object] = {}
 
-        def read(sl: TensorSlice) -> torch.Tensor:
-            if sl.name not in ckpt.files:
-                raise ValueError(f"tensor {sl.name!r} not found in checkpoint {ckpt.path}")
-            file = ckpt.files[sl.name]
+        def view(name: str):  # a safetensors slice handle
+            if name not in ckpt.files:
+                raise ValueError(f"tensor {name!r} not found in checkpoint {ckpt.path}")
+            file = ckpt.files[name]
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-            view = handles[file].get_slice(sl.name)
-            if sl.dim is None and sl.expert is None:
-                t = view[:]
-            else:
-                index: list[int | slice] = [slice(None)] * len(view.get_shape())
-                lead = 0 if sl.expert is None else 1
-                if sl.expert is not None:
-                    index[0] = sl.expert
-                if sl.dim is not None:
-                    index[lead + sl.dim] = slice(sl.start, sl.stop)
-                t = view[tuple(index)]
+            return handles[file].get_slice(name)
+
+        def read(sl: TensorSlice) -> torch.Tensor:
+            t = _read_mxfp4(sl, view) if sl.mxfp4 else _read(sl, view(sl.name))
             return t.t() if sl.transpose else t
 
         for name, source in plan.items():
             source = _present(source, ckpt)
             _fill(name, params[name], [read(sl) for sl in source.slices], source.pad_rows)
             shown.update(_nbytes(params[name]))
+
+
+def _read(sl: TensorSlice, view) -> torch.Tensor:
+    if sl.dim is None and sl.expert is None:
+        return view[:]
+    index: list[int | slice] = [slice(None)] * len(view.get_shape())
+    lead = 0 if sl.expert is None else 1
+    if sl.expert is not None:
+        index[0] = sl.expert
+    if sl.dim is not None:
+        index[lead + sl.dim] = slice(sl.start, sl.stop)
+    return view[tuple(index)]
+
+
+def _read_mxfp4(sl: TensorSlice, view) -> torch.Tensor:
+    """Rows as asked; columns by whole 32-value groups, dequantized, then cut to the slice."""
+    blocks, scales = view(sl.name), view(sl.name.removesuffix("_blocks") + "_scales")
+    lead: list[int | slice] = [] if sl.expert is None else [sl.expert]
+    rows, first, cut = slice(None), 0, slice(None)
+    if sl.dim == 0:
+        rows = slice(sl.start, sl.stop)
+    elif sl.dim == 1:
+        stop = sl.stop if sl.stop is not None else blocks.get_shape()[-2] * mxfp4.GROUP
+        first = sl.start // mxfp4.GROUP
+        cut = slice(sl.start - first * mxfp4.GROUP, stop - first * mxfp4.GROUP)
+    groups = slice(first, None if sl.dim != 1 else -(-stop // mxfp4.GROUP))
+    return mxfp4.dequantize(blocks[(*lead, rows, groups)], scales[(*lead, rows, groups)])[:, cut]
 
 
 def _present(source: WeightSource, ckpt: Checkpoint) -> WeightSource:

@@ -19,6 +19,7 @@ which transformers 5 also writes by default; and the fused per-layer one that
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +76,13 @@ class SparseMoeBlock(nn.Module):
     their output added before the block's one all-reduce. `gate`: a router of the model's own."""
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, renormalize: bool, tp: TPGroup,
-                 names: ExpertNames, shared_inner: int = 0, gate: Router | None = None):
+                 names: ExpertNames, shared_inner: int = 0, gate: Router | None = None,
+                 expert: Callable[[], nn.Module] | None = None):
         super().__init__()
         self.tp, self.top_k, self.renormalize, self.names = tp, top_k, renormalize, names
         self.inner = inner
         self.gate = gate or Router(hidden, num_experts)
-        self.experts = nn.ModuleList(Expert(hidden, inner, tp) for _ in range(num_experts))
+        self.experts = nn.ModuleList((expert or (lambda: Expert(hidden, inner, tp)))() for _ in range(num_experts))
         self.shared_experts = Expert(hidden, shared_inner, tp) if shared_inner else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

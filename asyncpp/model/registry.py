@@ -12,6 +12,7 @@ from asyncpp.core.stages import StageSpec
 from asyncpp.model.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from asyncpp.model.gemm import onednn_available, prepare_model
 from asyncpp.model.gpt2 import GPT2LMHeadModel
+from asyncpp.model.gpt_oss import GptOssForCausalLM
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
 from asyncpp.model.mixtral import MixtralForCausalLM
@@ -30,6 +31,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 PHI3_ROPE_TYPES = ("default", "longrope")  # the two Phi-3's transformers code applies
@@ -49,8 +51,8 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
     config is resolved, before any stage starts. `max_model_len` None: the model's own."""
     arch = architecture(hf_config)
     _check_no_sliding_window(hf_config, max_model_len or getattr(hf_config, "max_position_embeddings", 0))
-    _check_unquantized(arch, hf_config)
     cls = MODELS[arch]
+    _check_unquantized(arch, hf_config, getattr(cls, "checkpoint_quantizations", ()))
     if not issubclass(cls, LlamaForCausalLM):
         return
     rope = rope_parameters(hf_config)
@@ -70,10 +72,12 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
         _check_deepseek(arch, hf_config, cls.v3)
 
 
-def _check_unquantized(arch: str, hf_config: Any) -> None:
+def _check_unquantized(arch: str, hf_config: Any, loadable: tuple[str, ...]) -> None:
     quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+    if method not in loadable:
         raise ValueError(f"{arch}: quantized checkpoints (quantization_config, quant_method {method!r}) are not "
                          "supported; use the unquantized (bf16 / fp32) weights")
 

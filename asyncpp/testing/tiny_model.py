@@ -6,11 +6,14 @@ so greedy choices are not near-ties, and the newer families' norms are randomise
 loading them is checked too."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asyncpp.model.mxfp4 import dequantize as mxfp4_dequantize
+from asyncpp.model.mxfp4 import quantize as mxfp4_quantize
 from asyncpp.testing.tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 
 VOCAB = VOCAB_SIZE
@@ -139,6 +142,51 @@ def make_deepseek_v2(path: Path, *, layers: int = 4) -> Path:
     return _save(_decisive_router(_random_norms(DeepseekV2ForCausalLM(cfg))), path)
 
 
+def make_gpt_oss(path: Path, *, layers: int = 4, mxfp4: bool = False) -> Path:
+    """Alternating sliding (window 48) and full layers with attention sinks, q/k/v/o biases,
+    YaRN (factor 4 over 256 positions), 16 experts of 96, top-4, router and expert biases,
+    the clamped SwiGLU. The expert weights are rounded to MXFP4 values, so the dense checkpoint
+    transformers writes and the MXFP4 one (`mxfp4`: the published layout, `*_blocks` and
+    `*_scales` beside `quantization_config`) hold the same model."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, head_dim=16, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4,
+                       sliding_window=48, rope_parameters=rope, max_position_embeddings=1024,
+                       initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = _decisive_router(_random_norms(GptOssForCausalLM(cfg)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.uniform_(-1.0, 2.0)  # enough to take real softmax mass
+            elif name.endswith("_bias"):
+                p.normal_(0.0, 0.2)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [experts, in, out]
+                p.copy_(mxfp4_dequantize(*mxfp4_quantize(p.transpose(1, 2))).transpose(1, 2))
+    _save(model, path)
+    return _as_mxfp4(Path(path)) if mxfp4 else Path(path)
+
+
+def _as_mxfp4(path: Path) -> Path:
+    """Rewrite transformers' dense expert tensors [experts, in, out] as the published MXFP4 ones."""
+    from safetensors.torch import load_file, save_file
+
+    (file,) = path.glob("*.safetensors")
+    tensors = load_file(file)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4_quantize(tensors.pop(name).transpose(1, 2))
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:
     """A folder any asyncpp entry point loads as a model: the tiny Llama and its tokenizer."""
     make_llama(Path(path), layers=layers)
@@ -158,7 +206,7 @@ def _decisive_router(model: Any) -> Any:
     """Router logits spread wide, so no token's k-th and (k+1)-th experts are a near-tie."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.mul_(4)
     return model
 

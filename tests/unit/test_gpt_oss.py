@@ -1,0 +1,84 @@
+"""gpt-oss beyond the shared family tests (test_family_runners, test_family_engines): MXFP4
+experts (the published layout) read by dequantizing each rank's slices, the MoE block against
+transformers' (router bias, interleaved clamped SwiGLU, expert biases)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import GptOssConfig, Mxfp4Config
+
+from asyncpp.core.config import ModelShape
+from asyncpp.model import loader, mxfp4
+from asyncpp.model.gpt_oss import GptOssMoeBlock
+from asyncpp.model.parallel import SingleRankGroup
+from asyncpp.testing.tiny_model import make_gpt_oss
+from helpers.driver import runners_for
+
+
+def test_dequantize_matches_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8)
+    scales = torch.randint(100, 140, (3, 10, 4), dtype=torch.uint8)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [experts, cols, rows]
+    assert torch.equal(mxfp4.dequantize(blocks, scales), theirs.transpose(1, 2))
+
+
+@pytest.mark.parametrize(("dim", "start", "stop"), [(0, 3, 9), (1, 40, 80), (1, 0, 32), (None, 0, None)])
+def test_a_slice_reads_the_groups_that_cover_it(tmp_path, dim, start, stop):
+    """Rows, or columns cutting 32-value groups, of expert 1 of a [3, 10, 128] MXFP4 weight."""
+    torch.manual_seed(0)
+    blocks, scales = mxfp4.quantize(torch.randn(3, 10, 128))
+    save_file({"w_blocks": blocks, "w_scales": scales}, tmp_path / "model.safetensors")
+    full = mxfp4.dequantize(blocks, scales)[1]
+    expected = full if dim is None else full[start:stop] if dim == 0 else full[:, start:stop]
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.empty(expected.shape), requires_grad=False)
+    plan = {"weight": loader.WeightSource([loader.TensorSlice("w_blocks", dim, start, stop, expert=1, mxfp4=True)])}
+    loader.load_weights(holder, loader.Checkpoint.open(tmp_path), plan)
+    assert torch.equal(holder.weight, expected)
+
+
+def test_the_moe_block_matches_transformers():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=8, num_experts_per_tok=3,
+                       num_hidden_layers=1, swiglu_limit=1.5)  # a low limit, so the clamps bite
+    theirs = GptOssMLP(cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.5)
+    ours = GptOssMoeBlock(cfg, ModelShape.of(cfg), SingleRankGroup())
+    ours.gate.weight.data.copy_(theirs.router.weight)
+    ours.gate.bias.data.copy_(theirs.router.bias)
+    for e, expert in enumerate(ours.experts):
+        expert.gate_up_proj.weight.data.copy_(theirs.experts.gate_up_proj[e].T)
+        expert.gate_up_proj.bias.data.copy_(theirs.experts.gate_up_proj_bias[e])
+        expert.down_proj.weight.data.copy_(theirs.experts.down_proj[e].T)
+        expert.down_proj.bias.data.copy_(theirs.experts.down_proj_bias[e])
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        expected = theirs(x[None])[0][0]
+        got = ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_and_dense_checkpoints_load_alike(tmp_path):
+    """The published MXFP4 layout and the dense one transformers writes give the same weights,
+    here with the experts split over two TP-less stages; transformers' own MXFP4 reader
+    (dequantize=True) reads our MXFP4 file to the dense model's weights too."""
+    from transformers import AutoModelForCausalLM
+
+    dense, packed = make_gpt_oss(tmp_path / "dense"), make_gpt_oss(tmp_path / "mxfp4", mxfp4=True)
+    ours, theirs = ([dict(r.model.named_parameters()) for r in runners_for(d, pp=2, pp_layer_partition="2.5,1.5",
+                                                                          onednn=False)] for d in (dense, packed))
+    assert [list(a) for a in ours] == [list(b) for b in theirs]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+    reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).state_dict()
+    read = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32,
+                                                quantization_config=Mxfp4Config(dequantize=True)).state_dict()
+    assert all(torch.equal(reference[k], read[k]) for k in reference)
