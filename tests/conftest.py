@@ -12,6 +12,7 @@ import pytest
 from helpers.models import (
     make_deepseek_v3,
     make_gpt2,
+    make_gpt_oss,
     make_llama,
     make_mixtral,
     make_phi3,
@@ -61,6 +62,12 @@ def phi3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deepseek_v3_dir(tmp_path_factory) -> Path:
     return make_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_dir(tmp_path_factory) -> Path:
+    """The dense layout transformers writes (test_gpt_oss also writes the published MXFP4 one)."""
+    return make_gpt_oss(tmp_path_factory.mktemp("tiny-gpt-oss"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

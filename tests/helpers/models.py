@@ -7,12 +7,14 @@ from pathlib import Path
 from safetensors import safe_open
 
 from asyncpp.core.stages import StageSpec
+from asyncpp.model.attention import PagedAttention
 from asyncpp.model.embedding import VocabParallelEmbedding
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
 from asyncpp.testing.tiny_model import (
     VOCAB,
     make_deepseek_v3,
     make_gpt2,
+    make_gpt_oss,
     make_llama,
     make_mixtral,
     make_phi3,
@@ -23,7 +25,7 @@ from asyncpp.worker.model_runner import ModelRunner
 from helpers.driver import engine_config
 
 __all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_deepseek_v3",
-           "make_gpt2", "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
+           "make_gpt2", "make_gpt_oss", "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
@@ -70,7 +72,8 @@ def expected_rank_bytes(model_dir: Path, pp: int, tp: int, partition: str | None
                 seen.add(id(p))
                 nbytes = p.numel() * p.element_size()
                 sharded = isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
-                    isinstance(module, RowParallelLinear) and name == "weight")
+                    isinstance(module, RowParallelLinear) and name == "weight") or (
+                    isinstance(module, PagedAttention) and name == "sinks")  # per query head
                 split, whole = (split + nbytes, whole) if sharded else (split, whole + nbytes)
         assert split % tp == 0
         expected += [whole + split // tp] * tp
