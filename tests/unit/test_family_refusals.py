@@ -34,6 +34,7 @@ DEEPSEEK = {"n_routed_experts": 8, "n_group": 4, "topk_group": 2}
     ("DeepseekV3ForCausalLM", {**DEEPSEEK, "moe_layer_freq": 2}, "moe_layer_freq"),
     ("DeepseekV2ForCausalLM", {**DEEPSEEK, "topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
     ("DeepseekV2ForCausalLM", {**DEEPSEEK, "norm_topk_prob": True}, "norm_topk_prob"),
+    ("GptOssForCausalLM", {"quantization_config": {"quant_method": "bitsandbytes"}}, "quant_method 'bitsandbytes'"),
 ])
 def test_unbuilt_variants_name_the_field(arch, fields, named):
     with pytest.raises(ValueError, match=named) as info:
