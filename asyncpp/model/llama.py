@@ -1,4 +1,4 @@
-"""Llama family (Llama, Mistral, Qwen2): one pipeline stage's share of the model.
+"""Llama family (Llama, Mistral, Qwen2; their sliding windows): one pipeline stage's share of the model.
 
 Stages exchange the un-normalised hidden states and the residual stream separately
 (vLLM style): each layer's first RMSNorm adds the residual, so nothing is recomputed.
@@ -21,16 +21,18 @@ from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowPar
 from asyncpp.model.loader import Checkpoint, WeightPlan, whole
 from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import RopeAt, RotaryEmbedding
+from asyncpp.model.sliding_window import layer_windows
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool):
+    def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool, window: int | None = None):
         super().__init__()
         self.head_dim = shape.head_dim
         self.heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, tp)
         self.qkv_proj = QKVParallelLinear(shape.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
         self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, shape.hidden_size, tp, bias=o_bias)
-        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
+        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5,
+                                   window)
 
     def forward(self, x: torch.Tensor, rope: RopeAt, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         h, kv = self.heads.q_local, self.heads.kv_local
@@ -63,12 +65,12 @@ class LlamaDecoderLayer(nn.Module):
     """A decoder layer, or one half of it where a stage boundary splits it (stages.py)."""
 
     def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 parts: tuple[bool, bool] = (True, True)):
+                 parts: tuple[bool, bool] = (True, True), window: int | None = None):
         super().__init__()
         attention, mlp = parts
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
-        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias) if attention else None
+        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias, window) if attention else None
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
         self.mlp = LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False))) if mlp else None
 
@@ -104,7 +106,8 @@ class LlamaForCausalLM(nn.Module):
         shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i))
+        windows = layer_windows(cfg, max_positions)[stage.layer_start:stage.layer_end]
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i), windows[i])
                                     for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
         self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None

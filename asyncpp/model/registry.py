@@ -10,17 +10,26 @@ from torch import nn
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.gemm import onednn_available, prepare_model
+from asyncpp.model.gemma3 import GemmaForCausalLM
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
 from asyncpp.model.parallel import SingleRankGroup, TPGroup
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
+from asyncpp.model.sliding_window import layer_windows
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+}
+# Architectures refused with a reason rather than as unknown.
+REFUSED = {
+    "Gemma3ForConditionalGeneration": "the image + text Gemma 3 is not supported; serve a text-only "
+                                      "Gemma3ForCausalLM checkpoint (model_type gemma3_text)",
 }
 
 
@@ -29,12 +38,19 @@ def architecture(hf_config: Any) -> str:
     for arch in archs:
         if arch in MODELS:
             return arch
+    for arch in archs:
+        if arch in REFUSED:
+            raise ValueError(f"{arch}: {REFUSED[arch]}")
     raise ValueError(f"unsupported model architecture {archs or getattr(hf_config, 'model_type', '?')}; "
                      f"asyncpp supports {', '.join(MODELS)}")
 
 
 def check_supported(hf_config: Any) -> None:
     arch = architecture(hf_config)
+    layer_windows(hf_config)  # raises on layer types it does not know
+    check = getattr(MODELS[arch], "check_config", None)
+    if check is not None:
+        check(hf_config)
     if MODELS[arch] is LlamaForCausalLM:
         rope = rope_parameters(hf_config)
         if rope["rope_type"] not in STATIC_ROPE_TYPES:
@@ -47,7 +63,6 @@ def check_supported(hf_config: Any) -> None:
 def build_model(config: EngineConfig, stage: StageSpec, tp_group: TPGroup | None = None) -> nn.Module:
     """This rank's share of the model, weights loaded."""
     cls = MODELS[architecture(config.hf_config)]
-    _check_no_sliding_window(config.hf_config, config.max_model_len)
     tp = tp_group or SingleRankGroup()
     with _default_dtype(config.dtype), torch.device(config.device):
         model = cls(config.hf_config, stage, tp, config.max_model_len, config.dtype)
@@ -64,16 +79,6 @@ def _loading_desc(stage: StageSpec) -> str:
         return "loading weights"
     tp = f", TP rank {stage.tp_rank + 1}/{stage.tp_size}" if stage.tp_size > 1 else ""
     return f"loading weights (stage {stage.pp_rank + 1}/{stage.pp_size}{tp})"
-
-
-def _check_no_sliding_window(hf_config: Any, max_model_len: int) -> None:
-    """Sliding-window attention is not implemented; it only matters past the window."""
-    window = getattr(hf_config, "sliding_window", None)
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        window = None
-    if window and max_model_len > window:
-        raise ValueError(f"sliding-window attention (window {window}) is not supported; "
-                         f"set max_model_len <= {window}")
 
 
 @contextlib.contextmanager
