@@ -106,3 +106,37 @@ def test_8bit_layouts_run_in_processes(llama_dir, prompts, layout, floor):
     split, _ = engine_tokens(llama_dir, prompts, 8, distributed_executor_backend="mp", **layout, **kwargs)
     assert all(len(t) == 8 for t in split)
     assert sum(a[0] == b[0] for a, b in zip(split, single)) >= floor
+
+
+# -- sliding-window families ------------------------------------------------------------
+@pytest.mark.parametrize(("family", "max_diff", "mean_diff", "floor"), [
+    ("mistral_swa", 0.4, 0.04, 0.94),  # measured: max 0.30, mean 0.032, top-1 0.958
+    ("gemma3", 0.25, 0.025, 0.96),  # measured: max 0.16, mean 0.017, top-1 0.979
+    ("gemma2", 0.45, 0.035, 0.94),  # measured: max 0.37, mean 0.029, top-1 0.958
+])
+def test_bf16_window_models_within_tolerance_of_transformers_bf16(request, prompts, family, max_diff, mean_diff,
+                                                                   floor):
+    """Teacher-forced past every window (prompts to 160 tokens, chunks of 48, windows of 32-40)."""
+    model_dir = request.getfixturevalue(f"{family}_dir")
+    forced = hf_greedy(model_dir, prompts, FORCED)
+    ours = forced_logits(runners_for(model_dir, dtype="bfloat16"), prompts, forced, chunk=CHUNK)
+    theirs = hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(ours, theirs)])
+    assert diffs.max() < max_diff and diffs.mean() < mean_diff
+    assert top1_agreement(ours, theirs) >= floor
+
+
+def test_fp8_cache_in_windows_is_fp32_attention_over_the_rounded_values(mistral_swa_dir, prompts, monkeypatch):
+    """The 8-bit decode widens only the blocks each window reads, in table order."""
+    import asyncpp.model.attention as attention
+
+    forced = hf_greedy(mistral_swa_dir, prompts, FORCED)
+    ours = forced_logits(runners_for(mistral_swa_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
+    write = attention.write_kv
+
+    def rounded(cache, k, v, meta):
+        write(cache, k.to(torch.float8_e4m3fn).float(), v.to(torch.float8_e4m3fn).float(), meta)
+
+    monkeypatch.setattr(attention, "write_kv", rounded)
+    reference = forced_logits(runners_for(mistral_swa_dir), prompts, forced, chunk=CHUNK)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, reference))
