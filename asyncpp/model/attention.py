@@ -78,7 +78,7 @@ class PagedAttention(nn.Module):
             keys, values = gather_context(cache, p.context_blocks, p.context_len - p.kv_start, q.dtype, fmt)
         mask = p.mask
         if self.softcap is not None:
-            return self._capped_prefill(query, keys, values, mask).transpose(0, 1).reshape(b - a, -1)
+            return self._capped_prefill(query, keys, values, mask, self.softcap).transpose(0, 1).reshape(b - a, -1)
         # 4-D inputs: with 3-D ones the CPU backend falls back to the slow math kernel.
         out = F.scaled_dot_product_attention(
             query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale,
@@ -86,13 +86,13 @@ class PagedAttention(nn.Module):
         return out[0].transpose(0, 1).reshape(b - a, -1)
 
     def _capped_prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
+                        mask: torch.Tensor | None, cap: float) -> torch.Tensor:
         """Soft-capped attention as transformers' eager path: query [heads, n, d], keys and
         values [kv_heads, m, d]; softmax in float32."""
         group = self.num_heads // self.num_kv_heads
         keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
         scores = torch.matmul(query, keys.transpose(1, 2)).mul_(self.scale)
-        scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
+        scores = scores.div_(cap).tanh_().mul_(cap)
         if mask is None:
             mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=scores.device).tril_()
         probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(query.dtype)

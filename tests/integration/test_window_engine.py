@@ -40,7 +40,7 @@ def test_two_stages_two_virtual_engines(request, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2_swa", "gemma2"])
 def test_two_stages_two_tensor_parallel_ranks(request, family, tmp_path):
     model_dir = request.getfixturevalue(f"{family}_dir")
     prompts = mixed_prompts(4, 1, 150, seed=32)

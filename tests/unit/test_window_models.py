@@ -41,8 +41,8 @@ def test_two_stages_second_virtual_engine(window_model, prompts):
     assert generate(runners, prompts, MAX_NEW, chunk=48, ve_id=1, use_sampler=True) == expected
 
 
-@pytest.mark.parametrize("family,partition", [("mistral_swa", "1.5,1,1.5"), ("gemma3", "1.5,2,1.5"),
-                                              ("gemma2", "1,1.5,1.5")])
+@pytest.mark.parametrize("family,partition", [("mistral_swa", "1.5,1,1.5"), ("qwen2_swa", "1,1.5,1.5"),
+                                              ("gemma3", "1.5,2,1.5"), ("gemma2", "1.5,1,1.5")])
 def test_three_stages_split_inside_layers(request, family, partition, prompts):
     """x.5: a layer's attention (with Gemma's post-attention norm) on one stage, its MLP on the next."""
     torch.set_num_threads(1)
