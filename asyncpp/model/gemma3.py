@@ -28,7 +28,8 @@ from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncpp.model.layers import ACTIVATIONS
 from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from asyncpp.model.loader import Checkpoint, WeightPlan, whole
+from asyncpp.model.llama import LlamaForCausalLM
+from asyncpp.model.loader import WeightPlan, whole
 from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, RopeAt, RotaryEmbedding, rope_parameters
 from asyncpp.model.sliding_window import layer_windows
@@ -206,16 +207,5 @@ class GemmaForCausalLM(nn.Module):
             logits = logits.div_(self.final_softcap).tanh_().mul_(self.final_softcap)
         return logits
 
-    def weight_plan(self, ckpt: Checkpoint) -> WeightPlan:
-        embed = "model.embed_tokens.weight"
-        plan: WeightPlan = {}
-        if self.embed_tokens is not None:
-            plan.update(self.embed_tokens.plan("embed_tokens.", embed))
-        for i, layer in enumerate(self.layers):
-            plan.update(layer.plan(f"layers.{i}.", f"model.layers.{self.stage.layer_start + i}."))
-        if self.norm is not None:
-            plan["norm.weight"] = whole("model.norm.weight")
-            head = embed if self.tie or not ckpt.has("lm_head.weight") else "lm_head.weight"
-            if not (self.tie and self.embed_tokens is not None):
-                plan.update(self.lm_head.plan("lm_head.", head))
-        return plan
+    # The same tensor names as Llama's: model.embed_tokens, model.layers.N., model.norm, lm_head.
+    weight_plan = LlamaForCausalLM.weight_plan

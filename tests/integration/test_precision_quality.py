@@ -77,19 +77,22 @@ def test_8bit_pipeline_stages_compute_what_one_stage_does(llama_dir, prompts, fo
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
-def test_fp8_cache_is_fp32_attention_over_the_rounded_values(llama_dir, prompts, forced, monkeypatch):
+@pytest.mark.parametrize("model", ["llama", "mistral_swa"])  # mistral_swa: only the blocks of each window
+def test_fp8_cache_is_fp32_attention_over_the_rounded_values(request, model, prompts, monkeypatch):
     """The 8-bit path (bytes, integer widening, folded scales, compact decode blocks) adds
     nothing beyond rounding K and V to fp8."""
     import asyncpp.model.attention as attention
 
-    ours = forced_logits(runners_for(llama_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    forced = hf_greedy(model_dir, prompts, FORCED)
+    ours = forced_logits(runners_for(model_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
     write = attention.write_kv
 
     def rounded(cache, k, v, meta):
         write(cache, k.to(torch.float8_e4m3fn).float(), v.to(torch.float8_e4m3fn).float(), meta)
 
     monkeypatch.setattr(attention, "write_kv", rounded)
-    reference = forced_logits(runners_for(llama_dir), prompts, forced, chunk=CHUNK)
+    reference = forced_logits(runners_for(model_dir), prompts, forced, chunk=CHUNK)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, reference))
 
 
@@ -125,18 +128,3 @@ def test_bf16_window_models_within_tolerance_of_transformers_bf16(request, promp
     assert diffs.max() < max_diff and diffs.mean() < mean_diff
     assert top1_agreement(ours, theirs) >= floor
 
-
-def test_fp8_cache_in_windows_is_fp32_attention_over_the_rounded_values(mistral_swa_dir, prompts, monkeypatch):
-    """The 8-bit decode widens only the blocks each window reads, in table order."""
-    import asyncpp.model.attention as attention
-
-    forced = hf_greedy(mistral_swa_dir, prompts, FORCED)
-    ours = forced_logits(runners_for(mistral_swa_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
-    write = attention.write_kv
-
-    def rounded(cache, k, v, meta):
-        write(cache, k.to(torch.float8_e4m3fn).float(), v.to(torch.float8_e4m3fn).float(), meta)
-
-    monkeypatch.setattr(attention, "write_kv", rounded)
-    reference = forced_logits(runners_for(mistral_swa_dir), prompts, forced, chunk=CHUNK)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, reference))
