@@ -99,9 +99,11 @@ def test_mistral_matches_transformers(mistral_dir, prompts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_transformers(llama_dir, prompts):
-    expected = hf_greedy(llama_dir, prompts, MAX_NEW)
-    config = engine_config(llama_dir, device="cuda")
+@pytest.mark.parametrize("model", ["llama", "mistral_swa", "gemma3"])
+def test_cuda_matches_transformers(request, model, prompts):
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    config = engine_config(model_dir, device="cuda")
     runner = ModelRunner(config, config.stages[0])
     assert runner.num_available_blocks() > NUM_BLOCKS
     runner.init_kv_cache(1, NUM_BLOCKS)
