@@ -103,14 +103,13 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
         index = None if len(rows) == num_tokens else to(token_starts[rows])
         decode = _decode_batch(decode_seqs, index, layout, to)
     windows = {}
-    for w in layout.windows:
-        window_prefills = [p if s.start_pos + len(s.token_ids) <= w else _prefill(s, p.token_start, p.token_end, bs,
-                                                                                   device, w)
-                           for s, p in zip(prefill_seqs, prefills)]
+    for w in layout.windows:  # a sequence whose context fits in the window keeps the full view
         window_decode = decode
         if decode is not None and max(s.start_pos + 1 for s in decode_seqs) > w:
             window_decode = _decode_batch(decode_seqs, index, layout, to, w)
-        windows[w] = (window_prefills, window_decode)
+        windows[w] = ([p if s.start_pos + len(s.token_ids) <= w else _prefill(s, p.token_start, p.token_end, bs,
+                                                                             device, w)
+                       for s, p in zip(prefill_seqs, prefills)], window_decode)
     return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
                              to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format, windows)
 
@@ -126,7 +125,7 @@ def _prefill(s: SeqWork, a: int, b: int, bs: int, device, window: int | None = N
     if s.start_pos == 0:
         mask = None if window is None or context <= window else prefill_mask(0, context, 0, window, device)
         return PrefillSeq(a, b, context, None, mask)
-    first = 0 if window is None else int(first_positions(np.int64(s.start_pos), window))
+    first = 0 if window is None else int(first_positions(s.start_pos, window))  # of the chunk's first query
     kv_start = first // bs * bs  # whole blocks: the cache is gathered block by block
     blocks = torch.tensor(s.block_table[kv_start // bs: -(-context // bs)], dtype=torch.long, device=device)
     return PrefillSeq(a, b, context, blocks, prefill_mask(s.start_pos, context, kv_start, window, device), kv_start)

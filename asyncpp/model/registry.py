@@ -16,7 +16,7 @@ from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
 from asyncpp.model.parallel import SingleRankGroup, TPGroup
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
-from asyncpp.model.sliding_window import layer_windows
+from asyncpp.model.sliding_window import check_layer_types
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -47,7 +47,7 @@ def architecture(hf_config: Any) -> str:
 
 def check_supported(hf_config: Any) -> None:
     arch = architecture(hf_config)
-    layer_windows(hf_config)  # raises on layer types it does not know
+    check_layer_types(hf_config)
     check = getattr(MODELS[arch], "check_config", None)
     if check is not None:
         check(hf_config)

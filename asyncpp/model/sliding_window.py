@@ -19,15 +19,9 @@ def layer_windows(hf_config: Any, max_model_len: int | None = None) -> list[int 
     """Each layer's window (None: full attention). A window no context can outgrow
     (>= max_model_len) is full attention."""
     n = hf_config.num_hidden_layers
-    types = getattr(hf_config, "layer_types", None)
-    if getattr(hf_config, "model_type", "") == "mistral":
-        types = None  # transformers' Mistral windows every layer, whatever layer_types says
-    if types is not None:
-        unknown = sorted(set(types) - set(LAYER_TYPES))
-        if unknown:
-            raise ValueError(f"layer_types {unknown} are not supported (supported: {', '.join(LAYER_TYPES)})")
-        if len(types) != n:
-            raise ValueError(f"layer_types has {len(types)} entries for {n} layers (num_hidden_layers)")
+    types = check_layer_types(hf_config)
+    if types is not None and len(types) != n:
+        raise ValueError(f"layer_types has {len(types)} entries for {n} layers (num_hidden_layers)")
     window = getattr(hf_config, "sliding_window", None)
     if getattr(hf_config, "use_sliding_window", True) is False:
         window = None
@@ -40,6 +34,18 @@ def layer_windows(hf_config: Any, max_model_len: int | None = None) -> list[int 
     return [window if t == "sliding_attention" else None for t in types]
 
 
+def check_layer_types(hf_config: Any) -> list[str] | None:
+    """The config's layer_types (None: not given, or ignored as transformers' Mistral does),
+    refusing any type this package does not build."""
+    if getattr(hf_config, "model_type", "") == "mistral":
+        return None  # transformers' Mistral windows every layer, whatever layer_types says
+    types = getattr(hf_config, "layer_types", None)
+    unknown = sorted(set(types or ()) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"layer_types {unknown} are not supported (supported: {', '.join(LAYER_TYPES)})")
+    return types
+
+
 def stage_windows(hf_config: Any, stage: StageSpec, max_model_len: int) -> tuple[int, ...]:
     """The distinct windows among the layers whose attention runs on `stage`."""
     windows = layer_windows(hf_config, max_model_len)[stage.layer_start:stage.layer_end]
@@ -48,6 +54,6 @@ def stage_windows(hf_config: Any, stage: StageSpec, max_model_len: int) -> tuple
     return tuple(sorted({w for w in windows if w is not None}))
 
 
-def first_positions(last: np.ndarray, window: int) -> np.ndarray:
-    """The first position each query reads, for queries at positions `last`."""
-    return np.maximum(last - window + 1, 0)
+def first_positions(query: np.ndarray | int, window: int) -> np.ndarray:
+    """The first position each query reads, for queries at positions `query`."""
+    return np.maximum(np.asarray(query) - window + 1, 0)
