@@ -1,4 +1,4 @@
-"""Paged attention with plain torch ops.
+"""Paged attention: torch ops, and the compiled decode kernel on CPU.
 
 Cache layout per layer (one pair per virtual engine region):
   K: [num_blocks, kv_heads, head_dim, block_size]   (transposed inside a block)
@@ -6,18 +6,20 @@ Cache layout per layer (one pair per virtual engine region):
 Both hold the same bytes as the textbook [num_blocks, block_size, kv_heads, head_dim].
 
 Decode (one new token per sequence) is memory bound: gathering K/V into a padded batch and
-then running SDPA reads the context three times. Instead, two `embedding_bag` calls read the
-cache in place: scores = sum_d q[d] * K[block, head, d, :] (a weighted sum of block_size-long
-rows, hence the transposed K), and out = sum_l p[l] * V[slot_l, head, :]. Prefill is compute
-bound and uses scaled_dot_product_attention per sequence.
+then running SDPA reads the context three times. On CPU the compiled kernel (kernels.py) reads
+each KV head's blocks once for all the query heads that share it. Without it, two
+`embedding_bag` calls read the cache in place: scores = sum_d q[d] * K[block, head, d, :] (a
+weighted sum of block_size-long rows, hence the transposed K), and out = sum_l p[l] *
+V[slot_l, head, :]. Prefill is compute bound and uses scaled_dot_product_attention per sequence.
 
 A sliding-window layer (`window`) reads the metadata's view for its window (attention_metadata.py).
 Gemma 2's soft-capping of the attention logits (`softcap`: cap * tanh(scores / cap), before
 the mask) runs the prefill as explicit matmuls (SDPA cannot cap) and costs one tanh in decode.
 
 An 8-bit cache (kv_quant.py) holds uint8 bytes: new K/V are quantized as they are written;
-a step widens the blocks it reads into a dense copy (decode: every block of the step, in
-table order) and the scales fold into the query and the output.
+the compiled kernel widens each element as it reads it; the torch path widens the blocks a
+step reads into a dense copy (decode: every block of the step, in table order). The scales
+fold into the query and the output.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncpp.core.stages import StageSpec
-from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillSeq
+from asyncpp.model import kernels
+from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, KernelDecode, PrefillSeq
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -98,7 +101,10 @@ class PagedAttention(nn.Module):
         probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
         return torch.matmul(probs, values)
 
-    def _decode(self, q: torch.Tensor, cache: KVCache, d: DecodeBatch, fmt: Fp8Format | None) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, cache: KVCache, d: KernelDecode | DecodeBatch,
+                fmt: Fp8Format | None) -> torch.Tensor:
+        if isinstance(d, KernelDecode):
+            return self._decode_kernel(q, cache, d, fmt)
         key_cache, value_cache = cache
         scale = self.scale
         if fmt is not None:
@@ -118,6 +124,17 @@ class PagedAttention(nn.Module):
         if fmt is not None:
             out.mul_(fmt.v_unit)
         return out.view(d.num_seqs, self.num_heads * self.head_dim)
+
+
+    def _decode_kernel(self, q: torch.Tensor, cache: KVCache, d: KernelDecode, fmt: Fp8Format | None
+                       ) -> torch.Tensor:
+        q = q.view(d.num_seqs, self.num_heads, self.head_dim)
+        window = dict(first_pos=d.first_pos, softcap=self.softcap or 0.0)
+        if fmt is None:
+            return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale, **window)
+        return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale * fmt.k_unit,
+                                              fp8_table=fmt.table(), fp8_kind=fmt.kernel_kind, v_unit=fmt.v_unit,
+                                              **window)
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

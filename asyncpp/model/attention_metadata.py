@@ -1,16 +1,19 @@
 """Per-step index tensors for paged attention, built once per microbatch and shared by all layers.
 
-Decode sequences (one new token) are handled together by two `embedding_bag` passes that read
-the paged cache directly (see attention.py); the index arrays for those passes are built here
-with numpy, which is much cheaper than many small torch ops.
+Decode sequences (one new token) are handled together: by the compiled kernel (kernels.py), which
+needs only their block tables and lengths, or else by two `embedding_bag` passes that read the
+paged cache directly (see attention.py), whose index arrays are built here with numpy, much
+cheaper than many small torch ops.
 
 Sliding-window layers (sliding_window.py) get their own prefill masks and decode batch, built
 once per distinct window: a decode reads only the blocks from the one holding its first
-position in the window (earlier positions of that block are masked), a prefill chunk gathers
-the cache from there. A sequence whose context fits its window shares the full view.
+position in the window (earlier positions of that block are masked; the kernel takes that
+first position per sequence), a prefill chunk gathers the cache from there. A sequence whose
+context fits its window shares the full view.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +33,16 @@ class PrefillSeq:
     context_blocks: torch.Tensor | None  # blocks holding the context (None: no cached tokens)
     mask: torch.Tensor | None  # [tokens, keys] bool, True = attend (None: plain causal)
     kv_start: int = 0  # position of the first key read (a window's: at a block start)
+
+
+@dataclass(slots=True)
+class KernelDecode:
+    """All one-token sequences of the step, for the compiled kernel."""
+    token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
+    num_seqs: int
+    block_tables: torch.Tensor  # [seqs, max blocks] int32, zero-padded
+    context_lens: torch.Tensor  # [seqs] int32: positions each attends to, itself included
+    first_pos: torch.Tensor | None = None  # [seqs] int32: a sliding window's first position attended
 
 
 @dataclass(slots=True)
@@ -56,11 +69,11 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # [tokens] the block of each slot
     slot_offsets: torch.Tensor  # [tokens] the offset inside it
     prefills: list[PrefillSeq]
-    decode: DecodeBatch | None
+    decode: KernelDecode | DecodeBatch | None
     kv_format: Fp8Format | None = None  # None: the cache holds the model's dtype
-    windows: dict[int, tuple[list[PrefillSeq], DecodeBatch | None]] = field(default_factory=dict)
+    windows: dict[int, tuple[list[PrefillSeq], KernelDecode | DecodeBatch | None]] = field(default_factory=dict)
 
-    def view(self, window: int | None) -> tuple[list[PrefillSeq], DecodeBatch | None]:
+    def view(self, window: int | None) -> tuple[list[PrefillSeq], KernelDecode | DecodeBatch | None]:
         """What a layer with this sliding window (None: full attention) reads."""
         return (self.prefills, self.decode) if window is None else self.windows[window]
 
@@ -72,6 +85,7 @@ class HeadLayout:
     head_dim: int
     block_size: int
     kv_format: Fp8Format | None = None
+    decode_kernel: bool = False  # decodes run through the compiled kernel (kernels.py)
     windows: tuple[int, ...] = ()  # the distinct sliding windows of this rank's layers
 
 
@@ -101,12 +115,14 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
     if decode_rows:
         rows = np.asarray(decode_rows)
         index = None if len(rows) == num_tokens else to(token_starts[rows])
-        decode = _decode_batch(decode_seqs, index, layout, to)
+        decode = (_kernel_decode(decode_seqs, index, to) if layout.decode_kernel
+                  else _decode_batch(decode_seqs, index, layout, to))
     windows = {}
     for w in layout.windows:  # a sequence whose context fits in the window keeps the full view
         window_decode = decode
         if decode is not None and max(s.start_pos + 1 for s in decode_seqs) > w:
-            window_decode = _decode_batch(decode_seqs, index, layout, to, w)
+            window_decode = (_kernel_window(decode, decode_seqs, w, to) if isinstance(decode, KernelDecode)
+                             else _decode_batch(decode_seqs, index, layout, to, w))
         windows[w] = ([p if s.start_pos + len(s.token_ids) <= w else _prefill(s, p.token_start, p.token_end, bs,
                                                                              device, w)
                        for s, p in zip(prefill_seqs, prefills)], window_decode)
@@ -138,6 +154,21 @@ def prefill_mask(query_start: int, context: int, kv_start: int, window: int | No
     k = torch.arange(kv_start, context, device=device)[None, :]
     mask = k <= q
     return mask if window is None else mask & (k > q - window)
+
+
+def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int32, count=len(seqs))
+    widest = max(len(s.block_table) for s in seqs)
+    tables = np.zeros((len(seqs), widest), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = s.block_table
+    return KernelDecode(token_index, len(seqs), to(tables), to(ctx))
+
+
+def _kernel_window(full: KernelDecode, seqs: list[SeqWork], window: int, to) -> KernelDecode:
+    """The same tables and lengths, with the first position each sequence attends to."""
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=len(seqs))
+    return dataclasses.replace(full, first_pos=to(first_positions(ctx - 1, window).astype(np.int32)))
 
 
 def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to, window: int | None = None

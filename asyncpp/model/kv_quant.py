@@ -8,6 +8,7 @@ subnormals included). The 256 and the scales fold into the query and the attenti
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,21 @@ class Fp8Format:
         else:
             bits.bitwise_left_shift_(8)
         return bits.view(torch.float16).to(dtype)
+
+
+    @property
+    def kernel_kind(self) -> int:
+        """The compiled kernel's code for this format (csrc/decode_attention.h KVKind)."""
+        return 2 if self.dtype == torch.float8_e4m3fn else 3
+
+    def table(self) -> torch.Tensor:
+        """Every byte widened as `widen` does: the compiled kernel looks its elements up here."""
+        return _tables(self.dtype)
+
+
+@functools.cache
+def _tables(dtype: torch.dtype) -> torch.Tensor:
+    return Fp8Format(dtype).widen(torch.arange(256, dtype=torch.uint8), torch.float32)
 
 
 def kv_format(kv_dtype: torch.dtype) -> Fp8Format | None:

@@ -7,6 +7,7 @@ import torch
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
+from asyncpp.model import kernels
 from asyncpp.model.attention import KVCache, allocate_kv_cache
 from asyncpp.model.attention_metadata import HeadLayout, build_metadata
 from asyncpp.model.gemm import quantized_bytes
@@ -29,7 +30,8 @@ class ModelRunner:
         heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, self.tp)
         self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size,
                                  kv_format(config.kv_cache_dtype),
-                                 stage_windows(config.hf_config, stage, config.max_model_len))
+                                 kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim),
+                                 windows=stage_windows(config.hf_config, stage, config.max_model_len))
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
         self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 

@@ -11,7 +11,9 @@ import torch
 from asyncpp.config import EngineArgs, create_engine_config
 from asyncpp.core.microbatch import SeqWork
 from asyncpp.core.stages import StageSpec
-from asyncpp.model.attention_metadata import HeadLayout, build_metadata
+from asyncpp.model import kernels
+from asyncpp.model.attention import PagedAttention, allocate_kv_cache
+from asyncpp.model.attention_metadata import HeadLayout, KernelDecode, build_metadata
 from asyncpp.model.registry import check_supported
 from asyncpp.model.sliding_window import layer_windows, stage_windows
 
@@ -150,3 +152,26 @@ def test_multimodal_gemma3_is_refused_by_name(tmp_path):
                                                       "architectures": ["Gemma3ForConditionalGeneration"]}))
     with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration: .*Gemma3ForCausalLM"):
         create_engine_config(EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, device="cpu"))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_windowed_decode_kernel_matches_the_torch_path(softcap):
+    """The compiled kernel takes each sequence's first position in the window (and the cap);
+    the torch path reads the blocks from there: the same attention."""
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, window = 4, 2, 16, 40
+    contexts = [1, 16, 39, 40, 41, 57, 100, 300]
+    seqs = [SeqWork(i, [7], c - 1, table_for(c), None) for i, c in enumerate(contexts)]
+    cache = allocate_kv_cache(1, 97, BS, kv_heads, head_dim, torch.float32, "cpu")[0]
+    for t in cache:
+        t.copy_(torch.randn(t.shape) * 3)
+    q = torch.randn(len(seqs), heads, head_dim) * 3
+    attention = PagedAttention(heads, kv_heads, head_dim, head_dim ** -0.5, window, softcap)
+    outs = []
+    for kernel in (False, True):
+        layout = HeadLayout(heads, kv_heads, head_dim, BS, decode_kernel=kernel, windows=(window,))
+        _, decode = build_metadata(seqs, layout, "cpu").view(window)
+        assert isinstance(decode, KernelDecode) == kernel
+        outs.append(attention._decode(q, cache, decode, None))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

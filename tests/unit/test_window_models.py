@@ -4,6 +4,8 @@ layers windowed), Gemma 3 (local and global layers, 32 tokens) and Gemma 2 (soft
 Prompts run past the windows, generation crosses them, prompt chunks start past them."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,6 +34,17 @@ def test_single_stage_matches_transformers(window_model, prompts, chunk):
     torch.set_num_threads(1)
     expected = hf_greedy(window_model, prompts, MAX_NEW)
     assert generate(runners_for(window_model), prompts, MAX_NEW, chunk=chunk, admit_per_step=3) == expected
+
+
+@pytest.mark.parametrize("family", ["mistral_swa", "gemma2"])
+def test_torch_decode_path_matches_transformers(request, family, prompts):
+    """Where the compiled kernel runs the decodes (CPU), the torch path (GPU, no compiler) too."""
+    torch.set_num_threads(1)
+    model_dir = request.getfixturevalue(f"{family}_dir")
+    runners = runners_for(model_dir)
+    runners[0].layout = dataclasses.replace(runners[0].layout, decode_kernel=False)
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    assert generate(runners, prompts, MAX_NEW, chunk=100, admit_per_step=3) == expected
 
 
 def test_two_stages_second_virtual_engine(window_model, prompts):
