@@ -11,11 +11,15 @@ import pytest
 
 from helpers.models import (
     make_deepseek_v3,
+    make_gemma2,
+    make_gemma3,
     make_gpt2,
     make_gpt_oss,
     make_llama,
+    make_mistral_swa,
     make_mixtral,
     make_phi3,
+    make_qwen2_swa,
     make_qwen3,
     make_qwen3_moe,
 )
@@ -68,6 +72,30 @@ def deepseek_v3_dir(tmp_path_factory) -> Path:
 def gpt_oss_dir(tmp_path_factory) -> Path:
     """The dense layout transformers writes (test_gpt_oss also writes the published MXFP4 one)."""
     return make_gpt_oss(tmp_path_factory.mktemp("tiny-gpt-oss"))
+
+
+@pytest.fixture(scope="session")
+def mistral_swa_dir(tmp_path_factory) -> Path:
+    """Every layer windowed: 40 tokens."""
+    return make_mistral_swa(tmp_path_factory.mktemp("tiny-mistral-swa"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_swa_dir(tmp_path_factory) -> Path:
+    """Layers 2 and 3 windowed (40 tokens), 0 and 1 full."""
+    return make_qwen2_swa(tmp_path_factory.mktemp("tiny-qwen2-swa"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """Local (32-token window), local, global, local, local."""
+    return make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory) -> Path:
+    """Local (32-token window) and global layers alternating; soft-capped logits."""
+    return make_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -79,7 +79,8 @@ class DeepseekMoeBlock(SparseMoeBlock):
 class DeepseekV3ForCausalLM(LlamaForCausalLM):
     v3 = True
 
-    def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
+    def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int, window: int | None
+                        ) -> nn.Module | None:
         return LatentAttention(cfg, shape, tp)
 
     def mlp_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:

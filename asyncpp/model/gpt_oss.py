@@ -87,9 +87,10 @@ class GptOssMoeBlock(SparseMoeBlock):
 class GptOssForCausalLM(LlamaForCausalLM):
     checkpoint_quantizations = ("mxfp4",)  # its experts' published format, dequantized while loading
 
-    def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
+    def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int, window: int | None
+                        ) -> nn.Module | None:
         qkv_bias, o_bias = self._biases(cfg)
-        return LlamaAttention(shape, tp, qkv_bias, o_bias, sinks=True)
+        return LlamaAttention(shape, tp, qkv_bias, o_bias, window=window, sinks=True)
 
     def mlp_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
         return GptOssMoeBlock(cfg, shape, tp)

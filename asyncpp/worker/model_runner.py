@@ -14,6 +14,7 @@ from asyncpp.model.gemm import quantized_bytes
 from asyncpp.model.kv_quant import kv_format
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
+from asyncpp.model.sliding_window import stage_windows
 from asyncpp.worker.sampler import Sampler
 
 
@@ -30,7 +31,8 @@ class ModelRunner:
         latent = shape.latent is not None
         kernel = not latent and kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim)
         self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size,
-                                 kv_format(config.kv_cache_dtype), kernel, latent)
+                                 kv_format(config.kv_cache_dtype), kernel, latent,
+                                 stage_windows(config.hf_config, stage, config.max_model_len))
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
         self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 

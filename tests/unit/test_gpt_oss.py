@@ -14,7 +14,8 @@ from asyncpp.model import loader, mxfp4
 from asyncpp.model.gpt_oss import GptOssMoeBlock
 from asyncpp.model.parallel import SingleRankGroup
 from asyncpp.testing.tiny_model import make_gpt_oss
-from helpers.driver import runners_for
+from asyncpp.worker.model_runner import ModelRunner
+from helpers.driver import GlooGroup, engine_config
 
 
 def test_dequantize_matches_transformers():
@@ -68,17 +69,26 @@ def test_the_moe_block_matches_transformers():
 
 
 def test_mxfp4_and_dense_checkpoints_load_alike(tmp_path):
-    """The published MXFP4 layout and the dense one transformers writes give the same weights,
-    here with the experts split over two TP-less stages; transformers' own MXFP4 reader
-    (dequantize=True) reads our MXFP4 file to the dense model's weights too."""
+    """The published MXFP4 layout and the dense one transformers writes give the same weights:
+    at P=2 with layer 2 split, and on each rank of T=2 (its 48 of the 96 inner columns cut
+    32-value groups); transformers' own MXFP4 reader (dequantize=True) reads our MXFP4 file to
+    the dense model's weights too."""
     from transformers import AutoModelForCausalLM
 
     dense, packed = make_gpt_oss(tmp_path / "dense"), make_gpt_oss(tmp_path / "mxfp4", mxfp4=True)
-    ours, theirs = ([dict(r.model.named_parameters()) for r in runners_for(d, pp=2, pp_layer_partition="2.5,1.5",
-                                                                          onednn=False)] for d in (dense, packed))
-    assert [list(a) for a in ours] == [list(b) for b in theirs]
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+    for layout in [dict(pp=2, pp_layer_partition="2.5,1.5"), dict(tensor_parallel_size=2)]:
+        ours, theirs = (_params(d, **layout) for d in (dense, packed))
+        assert [list(a) for a in ours] == [list(b) for b in theirs]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
     reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).state_dict()
     read = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32,
                                                 quantization_config=Mxfp4Config(dequantize=True)).state_dict()
     assert all(torch.equal(reference[k], read[k]) for k in reference)
+
+
+def _params(model_dir, tensor_parallel_size: int = 1, **layout) -> list[dict[str, torch.Tensor]]:
+    """Every rank's parameters (T > 1: each rank built alone; loading needs no collective)."""
+    config = engine_config(model_dir, tensor_parallel_size=tensor_parallel_size, onednn=False,
+                           distributed_executor_backend="mp" if tensor_parallel_size > 1 else None, **layout)
+    return [dict(ModelRunner(config, stage, GlooGroup(stage.tp_rank, stage.tp_size)).model.named_parameters())
+            for stage in config.stages]
