@@ -247,12 +247,12 @@ def _generation_config_eos(model_path: Path) -> Any:
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     model_path = resolve_model_path(args.model)
     hf_config = AutoConfig.from_pretrained(model_path)
+    check_supported(hf_config, args.max_model_len)  # first: a config it cannot even read is named
     shape = ModelShape.of(hf_config)
     device = _resolve_device(args)
     max_model_len = args.max_model_len or shape.max_positions
     if max_model_len > shape.max_positions:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {shape.max_positions}")
-    check_supported(hf_config, max_model_len)
     batched = args.max_num_batched_tokens or _default_budget(device, args.enable_chunked_prefill, max_model_len,
                                                              args.pipeline_parallel_size)
     while_decoding = min(batched, args.max_prefill_tokens_while_decoding

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.core.microbatch import SeqWork
 from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
