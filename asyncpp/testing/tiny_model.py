@@ -147,9 +147,10 @@ def make_deepseek_v2(path: Path, *, layers: int = 4) -> Path:
 def make_gpt_oss(path: Path, *, layers: int = 4, mxfp4: bool = False) -> Path:
     """Alternating sliding (window 48) and full layers with attention sinks, q/k/v/o biases,
     YaRN (factor 4 over 256 positions), 16 experts of 96, top-4, router and expert biases,
-    the clamped SwiGLU. The expert weights are rounded to MXFP4 values, so the dense checkpoint
-    transformers writes and the MXFP4 one (`mxfp4`: the published layout, `*_blocks` and
-    `*_scales` beside `quantization_config`) hold the same model."""
+    the clamped SwiGLU (limit 3 rather than 7, so the clamps bite in a tiny model). The
+    expert weights are rounded to MXFP4 values, so the dense checkpoint transformers writes
+    and the MXFP4 one (`mxfp4`: the published layout, `*_blocks` and `*_scales` beside
+    `quantization_config`) hold the same model."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
@@ -157,7 +158,7 @@ def make_gpt_oss(path: Path, *, layers: int = 4, mxfp4: bool = False) -> Path:
             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
     cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, head_dim=16, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4,
-                       sliding_window=48, rope_parameters=rope, max_position_embeddings=1024,
+                       sliding_window=48, swiglu_limit=3.0, rope_parameters=rope, max_position_embeddings=1024,
                        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = _decisive_router(_random_norms(GptOssForCausalLM(cfg)))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3, DeepSeek-V3) through the whole engine in
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3, DeepSeek-V3, gpt-oss) through the whole engine in
 stage processes, one run each: P=2 x T=2 with two virtual engines, stages split inside layer 1 (its
 attention sharded on stage 0's ranks, its MLP or MoE block on stage 1's), prompts of mixed
 lengths and prompts sharing prefixes (prefix-cache hits); greedy fp32 parity with
@@ -10,7 +10,7 @@ import pytest
 
 from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, shared_prefix_prompts, tp_run
 
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3", "gpt_oss"]
 
 
 @pytest.mark.slow

@@ -119,6 +119,7 @@ def test_8bit_layouts_run_in_processes(llama_dir, prompts, layout, floor):
     ("mixtral", 0.74),  # measured 0.760; transformers bf16 itself agrees with its fp32 on 0.776
     ("phi3", 0.87),  # measured 0.896; transformers bf16 vs its fp32: 0.865
     ("deepseek_v3", 0.84),  # measured 0.865; transformers bf16 vs its fp32: 0.823
+    ("gpt_oss", 0.82),  # measured 0.844; transformers bf16 vs its fp32: 0.698 (its softmax in bf16)
 ])
 def test_bf16_families_agree_with_transformers_bf16(request, prompts, family, floor):
     model_dir = request.getfixturevalue(f"{family}_dir")

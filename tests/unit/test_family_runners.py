@@ -1,4 +1,4 @@
-"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3, DeepSeek-V3) through ModelRunners in
+"""The newer families (Qwen3, Qwen3-MoE, Mixtral, Phi-3, DeepSeek-V3, gpt-oss) through ModelRunners in
 this process: greedy fp32 token ids must match transformers' generate() exactly at P=1, P=2
 with a second virtual engine, P=3 with stages split inside layers, and each stage must load
 only its share of the checkpoint.
@@ -14,7 +14,7 @@ from helpers.models import checkpoint_share, make_mixtral, make_phi3, make_qwen3
 from helpers.parity import hf_greedy, mixed_prompts
 
 MAX_NEW = 12
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3"]
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "deepseek_v3", "gpt_oss"]
 TIED = {"qwen3"}  # the fixtures with a tied LM head
 SPLIT = "2.5,1.5"  # layer 2: attention on stage 0, its MoE block on stage 1
 

@@ -1,7 +1,10 @@
 """gpt-oss beyond the shared family tests (test_family_runners, test_family_engines): MXFP4
 experts (the published layout) read by dequantizing each rank's slices, the MoE block against
-transformers' (router bias, interleaved clamped SwiGLU, expert biases)."""
+transformers' (router bias, interleaved clamped SwiGLU, expert biases), the torch decode path
+with sinks in windows (where the compiled kernel runs the decodes)."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from asyncpp.model.gpt_oss import GptOssMoeBlock
 from asyncpp.model.parallel import SingleRankGroup
 from asyncpp.testing.tiny_model import make_gpt_oss
 from asyncpp.worker.model_runner import ModelRunner
-from helpers.driver import GlooGroup, engine_config
+from helpers.driver import GlooGroup, engine_config, generate, runners_for
+from helpers.parity import hf_greedy, mixed_prompts
 
 
 def test_dequantize_matches_transformers():
@@ -80,6 +84,10 @@ def test_mxfp4_and_dense_checkpoints_load_alike(tmp_path):
         ours, theirs = (_params(d, **layout) for d in (dense, packed))
         assert [list(a) for a in ours] == [list(b) for b in theirs]
         assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+    torch.set_num_threads(1)
+    prompts = mixed_prompts(8, 1, 300)
+    runners = runners_for(packed, pp=2, pp_layer_partition="2.5,1.5")
+    assert generate(runners, prompts, 12, chunk=64) == hf_greedy(dense, prompts, 12)
     reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).state_dict()
     read = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32,
                                                 quantization_config=Mxfp4Config(dequantize=True)).state_dict()
@@ -92,3 +100,13 @@ def _params(model_dir, tensor_parallel_size: int = 1, **layout) -> list[dict[str
                            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None, **layout)
     return [dict(ModelRunner(config, stage, GlooGroup(stage.tp_rank, stage.tp_size)).model.named_parameters())
             for stage in config.stages]
+
+
+def test_torch_decode_path_matches_transformers(gpt_oss_dir):
+    """Sinks and windows where the compiled kernel does not run (GPU, no compiler): the
+    embedding_bag decode with its extra softmax column."""
+    torch.set_num_threads(1)
+    prompts = mixed_prompts(8, 1, 300)
+    runners = runners_for(gpt_oss_dir)
+    runners[0].layout = dataclasses.replace(runners[0].layout, decode_kernel=False)
+    assert generate(runners, prompts, 12, chunk=64) == hf_greedy(gpt_oss_dir, prompts, 12)

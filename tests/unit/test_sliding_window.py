@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.core.microbatch import SeqWork
 from asyncpp.core.stages import StageSpec
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.model import kernels
 from asyncpp.model.attention import PagedAttention, allocate_kv_cache
 from asyncpp.model.attention_metadata import HeadLayout, KernelDecode, build_metadata
