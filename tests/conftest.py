@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import make_gpt2, make_llama, make_mixtral, make_phi3, make_qwen3, make_qwen3_moe
+from helpers.models import (
+    make_gemma2,
+    make_gemma3,
+    make_gpt2,
+    make_llama,
+    make_mistral_swa,
+    make_mixtral,
+    make_phi3,
+    make_qwen2_swa,
+    make_qwen3,
+    make_qwen3_moe,
+)
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,6 +59,30 @@ def mixtral_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phi3_dir(tmp_path_factory) -> Path:
     return make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+@pytest.fixture(scope="session")
+def mistral_swa_dir(tmp_path_factory) -> Path:
+    """Every layer windowed: 40 tokens."""
+    return make_mistral_swa(tmp_path_factory.mktemp("tiny-mistral-swa"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_swa_dir(tmp_path_factory) -> Path:
+    """Layers 2 and 3 windowed (40 tokens), 0 and 1 full."""
+    return make_qwen2_swa(tmp_path_factory.mktemp("tiny-qwen2-swa"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """Local (32-token window), local, global, local, local."""
+    return make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory) -> Path:
+    """Local (32-token window) and global layers alternating; soft-capped logits."""
+    return make_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -12,6 +12,10 @@ each KV head's blocks once for all the query heads that share it. Without it, tw
 weighted sum of block_size-long rows, hence the transposed K), and out = sum_l p[l] *
 V[slot_l, head, :]. Prefill is compute bound and uses scaled_dot_product_attention per sequence.
 
+A sliding-window layer (`window`) reads the metadata's view for its window (attention_metadata.py).
+Gemma 2's soft-capping of the attention logits (`softcap`: cap * tanh(scores / cap), before
+the mask) runs the prefill as explicit matmuls (SDPA cannot cap) and costs one tanh in decode.
+
 An 8-bit cache (kv_quant.py) holds uint8 bytes: new K/V are quantized as they are written;
 the compiled kernel widens each element as it reads it; the torch path widens the blocks a
 step reads into a dense copy (decode: every block of the step, in table order). The scales
@@ -47,20 +51,21 @@ def layer_caches(stage: StageSpec, caches: list[KVCache]) -> list[KVCache | None
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = scale
+        self.scale, self.window, self.softcap = scale, window, softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [tokens, heads, head_dim]; k, v [tokens, kv_heads, head_dim] -> [tokens, heads*head_dim]."""
         write_kv(cache, k, v, meta)
-        d = meta.decode
+        prefills, d = meta.view(self.window)
         if d is not None and d.token_index is None:  # decodes only
             return self._decode(q, cache, d, meta.kv_format)
         out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)
-        for p in meta.prefills:
+        for p in prefills:
             out[p.token_start:p.token_end] = self._prefill(q, k, v, cache, p, meta.kv_format)
         if d is not None:
             out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), cache, d,
@@ -71,15 +76,30 @@ class PagedAttention(nn.Module):
         a, b = p.token_start, p.token_end
         query = q[a:b].transpose(0, 1)
         if p.context_blocks is None:
-            keys, values, mask = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), None
+            keys, values = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
         else:
-            keys, values = gather_context(cache, p.context_blocks, p.context_len, q.dtype, fmt)
-            mask = p.mask
+            keys, values = gather_context(cache, p.context_blocks, p.context_len - p.kv_start, q.dtype, fmt)
+        mask = p.mask
+        if self.softcap is not None:
+            return self._capped_prefill(query, keys, values, mask, self.softcap).transpose(0, 1).reshape(b - a, -1)
         # 4-D inputs: with 3-D ones the CPU backend falls back to the slow math kernel.
         out = F.scaled_dot_product_attention(
             query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)
         return out[0].transpose(0, 1).reshape(b - a, -1)
+
+    def _capped_prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor | None, cap: float) -> torch.Tensor:
+        """Soft-capped attention as transformers' eager path: query [heads, n, d], keys and
+        values [kv_heads, m, d]; softmax in float32."""
+        group = self.num_heads // self.num_kv_heads
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        scores = torch.matmul(query, keys.transpose(1, 2)).mul_(self.scale)
+        scores = scores.div_(cap).tanh_().mul_(cap)
+        if mask is None:
+            mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=scores.device).tril_()
+        probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs, values)
 
     def _decode(self, q: torch.Tensor, cache: KVCache, d: KernelDecode | DecodeBatch,
                 fmt: Fp8Format | None) -> torch.Tensor:
@@ -96,6 +116,8 @@ class PagedAttention(nn.Module):
         scores = F.embedding_bag(d.score_index, key_cache.view(-1, key_cache.shape[-1]), d.score_offsets,
                                  mode="sum", per_sample_weights=weights.view(-1))
         scores = scores.view(d.num_seqs, self.num_heads, d.padded_len)
+        if self.softcap is not None:
+            scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
         probs = scores.masked_fill_(d.pad_mask, float("-inf")).softmax(dim=-1)
         out = F.embedding_bag(d.value_index, value_cache.view(-1, self.head_dim), d.value_offsets,
                               mode="sum", per_sample_weights=probs.view(-1).index_select(0, d.prob_index))
@@ -107,10 +129,12 @@ class PagedAttention(nn.Module):
     def _decode_kernel(self, q: torch.Tensor, cache: KVCache, d: KernelDecode, fmt: Fp8Format | None
                        ) -> torch.Tensor:
         q = q.view(d.num_seqs, self.num_heads, self.head_dim)
+        window = dict(first_pos=d.first_pos, softcap=self.softcap or 0.0)
         if fmt is None:
-            return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale)
+            return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale, **window)
         return kernels.paged_decode_attention(q, *cache, d.block_tables, d.context_lens, self.scale * fmt.k_unit,
-                                              fp8_table=fmt.table(), fp8_kind=fmt.kernel_kind, v_unit=fmt.v_unit)
+                                              fp8_table=fmt.table(), fp8_kind=fmt.kernel_kind, v_unit=fmt.v_unit,
+                                              **window)
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -4,16 +4,24 @@ Decode sequences (one new token) are handled together: by the compiled kernel (k
 needs only their block tables and lengths, or else by two `embedding_bag` passes that read the
 paged cache directly (see attention.py), whose index arrays are built here with numpy, much
 cheaper than many small torch ops.
+
+Sliding-window layers (sliding_window.py) get their own prefill masks and decode batch, built
+once per distinct window: a decode reads only the blocks from the one holding its first
+position in the window (earlier positions of that block are masked; the kernel takes that
+first position per sequence), a prefill chunk gathers the cache from there. A sequence whose
+context fits its window shares the full view.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from asyncpp.core.microbatch import SeqWork
 from asyncpp.model.kv_quant import Fp8Format
+from asyncpp.model.sliding_window import first_positions
 
 
 @dataclass(slots=True)
@@ -23,7 +31,8 @@ class PrefillSeq:
     token_end: int
     context_len: int  # tokens it attends to: cached ones + its own
     context_blocks: torch.Tensor | None  # blocks holding the context (None: no cached tokens)
-    mask: torch.Tensor | None  # [tokens, context_len] bool, True = attend (None: plain causal)
+    mask: torch.Tensor | None  # [tokens, keys] bool, True = attend (None: plain causal)
+    kv_start: int = 0  # position of the first key read (a window's: at a block start)
 
 
 @dataclass(slots=True)
@@ -33,6 +42,7 @@ class KernelDecode:
     num_seqs: int
     block_tables: torch.Tensor  # [seqs, max blocks] int32, zero-padded
     context_lens: torch.Tensor  # [seqs] int32: positions each attends to, itself included
+    first_pos: torch.Tensor | None = None  # [seqs] int32: a sliding window's first position attended
 
 
 @dataclass(slots=True)
@@ -40,11 +50,11 @@ class DecodeBatch:
     """All one-token sequences of the step, for the two embedding_bag passes."""
     token_index: torch.Tensor | None  # their rows in the token batch (None: every row, in order)
     num_seqs: int
-    padded_len: int  # context length rounded up to whole blocks, for the longest sequence
+    padded_len: int  # the most blocks a sequence reads, in positions
     score_index: torch.Tensor  # K pass: rows of the K cache viewed [blocks*kv_heads*head_dim, block_size]
     score_offsets: torch.Tensor  # one bag per (seq, head, block); empty bags pad short sequences
     query_rows: torch.Tensor  # for each non-empty bag, its (seq, head) query row
-    pad_mask: torch.Tensor  # [seqs, 1, padded_len] True where the position is past the context
+    pad_mask: torch.Tensor  # [seqs, 1, padded_len] True where the position is not attended
     value_index: torch.Tensor  # V pass: rows of the V cache viewed [slots*kv_heads, head_dim]
     value_offsets: torch.Tensor  # one bag per (seq, head)
     prob_index: torch.Tensor  # for each V row, its probability in the flattened [seqs*heads, padded_len]
@@ -61,6 +71,11 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     decode: KernelDecode | DecodeBatch | None
     kv_format: Fp8Format | None = None  # None: the cache holds the model's dtype
+    windows: dict[int, tuple[list[PrefillSeq], KernelDecode | DecodeBatch | None]] = field(default_factory=dict)
+
+    def view(self, window: int | None) -> tuple[list[PrefillSeq], KernelDecode | DecodeBatch | None]:
+        """What a layer with this sliding window (None: full attention) reads."""
+        return (self.prefills, self.decode) if window is None else self.windows[window]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,7 @@ class HeadLayout:
     block_size: int
     kv_format: Fp8Format | None = None
     decode_kernel: bool = False  # decodes run through the compiled kernel (kernels.py)
+    windows: tuple[int, ...] = ()  # the distinct sliding windows of this rank's layers
 
 
 def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device | str) -> AttentionMetadata:
@@ -86,23 +102,32 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
     slot_offsets = positions % bs
 
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    prefills = []
-    decode_rows = []
+    prefills, prefill_seqs, decode_rows = [], [], []
     for i, s in enumerate(seqs):
         a, b = int(token_starts[i]), int(token_starts[i + 1])
         if b - a == 1:
             decode_rows.append(i)
             continue
         prefills.append(_prefill(s, a, b, bs, device))
-    decode = None
+        prefill_seqs.append(s)
+    decode_seqs = [seqs[i] for i in decode_rows]
+    decode = index = None
     if decode_rows:
         rows = np.asarray(decode_rows)
         index = None if len(rows) == num_tokens else to(token_starts[rows])
-        decoding = [seqs[i] for i in decode_rows]
-        decode = (_kernel_decode(decoding, index, to) if layout.decode_kernel
-                  else _decode_batch(decoding, index, layout, to))
+        decode = (_kernel_decode(decode_seqs, index, to) if layout.decode_kernel
+                  else _decode_batch(decode_seqs, index, layout, to))
+    windows = {}
+    for w in layout.windows:  # a sequence whose context fits in the window keeps the full view
+        window_decode = decode
+        if decode is not None and max(s.start_pos + 1 for s in decode_seqs) > w:
+            window_decode = (_kernel_window(decode, decode_seqs, w, to) if isinstance(decode, KernelDecode)
+                             else _decode_batch(decode_seqs, index, layout, to, w))
+        windows[w] = ([p if s.start_pos + len(s.token_ids) <= w else _prefill(s, p.token_start, p.token_end, bs,
+                                                                             device, w)
+                       for s, p in zip(prefill_seqs, prefills)], window_decode)
     return AttentionMetadata(num_tokens, to(positions), to(slot_blocks * bs + slot_offsets),
-                             to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format)
+                             to(slot_blocks), to(slot_offsets), prefills, decode, layout.kv_format, windows)
 
 
 def _flat_tables(seqs: list[SeqWork]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,14 +136,24 @@ def _flat_tables(seqs: list[SeqWork]) -> tuple[np.ndarray, np.ndarray]:
     return flat, np.concatenate([[0], np.cumsum(sizes)])[:-1]
 
 
-def _prefill(s: SeqWork, a: int, b: int, bs: int, device) -> PrefillSeq:
+def _prefill(s: SeqWork, a: int, b: int, bs: int, device, window: int | None = None) -> PrefillSeq:
     context = s.start_pos + b - a
     if s.start_pos == 0:
-        return PrefillSeq(a, b, context, None, None)
-    blocks = torch.tensor(s.block_table[: -(-context // bs)], dtype=torch.long, device=device)
-    query_pos = torch.arange(s.start_pos, context, device=device)
-    mask = torch.arange(context, device=device)[None, :] <= query_pos[:, None]
-    return PrefillSeq(a, b, context, blocks, mask)
+        mask = None if window is None or context <= window else prefill_mask(0, context, 0, window, device)
+        return PrefillSeq(a, b, context, None, mask)
+    first = 0 if window is None else int(first_positions(s.start_pos, window))  # of the chunk's first query
+    kv_start = first // bs * bs  # whole blocks: the cache is gathered block by block
+    blocks = torch.tensor(s.block_table[kv_start // bs: -(-context // bs)], dtype=torch.long, device=device)
+    return PrefillSeq(a, b, context, blocks, prefill_mask(s.start_pos, context, kv_start, window, device), kv_start)
+
+
+def prefill_mask(query_start: int, context: int, kv_start: int, window: int | None, device) -> torch.Tensor:
+    """[queries, keys] True where query position q (query_start..context-1) attends key
+    position k (kv_start..context-1): k <= q, and inside the window."""
+    q = torch.arange(query_start, context, device=device)[:, None]
+    k = torch.arange(kv_start, context, device=device)[None, :]
+    mask = k <= q
+    return mask if window is None else mask & (k > q - window)
 
 
 def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
@@ -130,17 +165,29 @@ def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
     return KernelDecode(token_index, len(seqs), to(tables), to(ctx))
 
 
-def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> DecodeBatch:
+def _kernel_window(full: KernelDecode, seqs: list[SeqWork], window: int, to) -> KernelDecode:
+    """The same tables and lengths, with the first position each sequence attends to."""
+    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=len(seqs))
+    return dataclasses.replace(full, first_pos=to(first_positions(ctx - 1, window).astype(np.int32)))
+
+
+def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to, window: int | None = None
+                  ) -> DecodeBatch:
+    """Each sequence reads positions first..ctx-1 (first = 0 without a window) from the
+    blocks that hold them; the positions before `first` in its first block are masked."""
     H, hd, bs = layout.num_heads, layout.head_dim, layout.block_size
     group = H // layout.num_kv_heads
     D = len(seqs)
     ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=D)
-    nblocks = -(-ctx // bs)
+    first = np.zeros(D, dtype=np.int64) if window is None else first_positions(ctx - 1, window)
+    skip = first // bs  # blocks wholly before the window: not read
+    nblocks = -(-ctx // bs) - skip
+    lo, hi = first - skip * bs, ctx - skip * bs  # the attended positions, counted from the first block read
     maxb = int(nblocks.max())
     padded = maxb * bs
     table = np.zeros((D, maxb), dtype=np.int64)
     for i, s in enumerate(seqs):
-        table[i, : nblocks[i]] = s.block_table[: nblocks[i]]
+        table[i, : nblocks[i]] = s.block_table[skip[i]: skip[i] + nblocks[i]]
     blocks = None
     if layout.kv_format is not None:  # index the step's blocks, widened into a dense copy, in table order
         used = np.arange(maxb)[None, :] < nblocks[:, None]
@@ -157,15 +204,17 @@ def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to) -> D
         + np.minimum(np.arange(maxb)[None, None, :], nblocks[:, None, None])
     query_rows = np.broadcast_to((np.arange(D)[:, None] * H + np.arange(H)[None, :])[:, :, None], (D, H, maxb))
 
-    # V pass: bag (seq, head) = V rows of every context position, weighted by its probability.
+    # V pass: bag (seq, head) = V rows of every attended position, weighted by its probability.
     pos = np.arange(padded)
-    pos_ok = np.broadcast_to((pos[None, :] < ctx[:, None])[:, None, :], (D, H, padded))
+    attended = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])  # [D, padded]
+    pos_ok = np.broadcast_to(attended[:, None, :], (D, H, padded))
     slot = table[:, pos // bs] * bs + pos % bs  # [D, padded]
     value_index = (slot[:, None, :] * layout.num_kv_heads + kv_head)[pos_ok]
     prob_index = ((np.arange(D)[:, None, None] * H + np.arange(H)[None, :, None]) * padded + pos)[pos_ok]
-    value_offsets = (np.concatenate([[0], np.cumsum(ctx)[:-1]])[:, None] * H
-                     + np.arange(H)[None, :] * ctx[:, None]).reshape(-1)
-    pad_mask = (pos[None, None, :] >= ctx[:, None, None])
+    count = hi - lo
+    value_offsets = (np.concatenate([[0], np.cumsum(count)[:-1]])[:, None] * H
+                     + np.arange(H)[None, :] * count[:, None]).reshape(-1)
+    pad_mask = ~attended[:, None, :]
     score_offsets = (bags_before * hd).reshape(-1)
     # int32 bag indices when they fit: ~10% faster embedding_bag (less index traffic).
     small = max(score_index.max(), value_index.max(), len(score_index)) < 2**31

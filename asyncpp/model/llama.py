@@ -1,5 +1,5 @@
-"""Llama family (Llama, Mistral, Qwen2; Qwen3, Phi-3 and the MoE models build on it): one
-pipeline stage's share of the model.
+"""Llama family (Llama, Mistral, Qwen2 and their sliding windows; Qwen3, Phi-3 and the MoE
+models build on it): one pipeline stage's share of the model.
 
 Stages exchange the un-normalised hidden states and the residual stream separately
 (vLLM style): each layer's first RMSNorm adds the residual, so nothing is recomputed.
@@ -22,17 +22,19 @@ from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowPar
 from asyncpp.model.loader import Checkpoint, WeightPlan, whole
 from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import RopeAt, RotaryEmbedding
+from asyncpp.model.sliding_window import layer_windows
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 qk_norm_eps: float | None = None):
+                 qk_norm_eps: float | None = None, window: int | None = None):
         super().__init__()
         self.head_dim = shape.head_dim
         self.heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, tp)
         self.qkv_proj = QKVParallelLinear(shape.hidden_size, self.head_dim, self.heads, tp, bias=qkv_bias)
         self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, shape.hidden_size, tp, bias=o_bias)
-        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5)
+        self.attn = PagedAttention(self.heads.q_local, self.heads.kv_local, self.head_dim, self.head_dim ** -0.5,
+                                   window)
         # Qwen3: an RMSNorm over each query and key head, before rotary
         with_norm = qk_norm_eps is not None
         self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if with_norm else None
@@ -77,12 +79,14 @@ class LlamaDecoderLayer(nn.Module):
     `block`: the MLP half when it is not the dense Llama MLP (a sparse MoE block)."""
 
     def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
-                 parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None):
+                 parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None,
+                 window: int | None = None):
         super().__init__()
         attention, mlp = parts
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
-        self.self_attn = LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None) if attention else None
+        self.self_attn = (LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None, window)
+                          if attention else None)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
         self.mlp = (block or LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))) if mlp else None
 
@@ -119,9 +123,11 @@ class LlamaForCausalLM(nn.Module):
         shape = ModelShape.of(cfg)
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp) if stage.is_first else None
+        windows = layer_windows(cfg, max_positions)[stage.layer_start:stage.layer_end]
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, stage.parts(i), self.qk_norm,
-                              self.mlp_block(cfg, shape, tp, stage.layer_start + i) if stage.parts(i)[1] else None)
+                              self.mlp_block(cfg, shape, tp, stage.layer_start + i) if stage.parts(i)[1] else None,
+                              windows[i])
             for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
         self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None

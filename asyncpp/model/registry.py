@@ -10,6 +10,7 @@ from torch import nn
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.gemm import onednn_available, prepare_model
+from asyncpp.model.gemma3 import GemmaForCausalLM
 from asyncpp.model.gpt2 import GPT2LMHeadModel
 from asyncpp.model.llama import LlamaForCausalLM
 from asyncpp.model.loader import Checkpoint, load_weights
@@ -18,6 +19,7 @@ from asyncpp.model.parallel import SingleRankGroup, TPGroup
 from asyncpp.model.phi3 import Phi3ForCausalLM
 from asyncpp.model.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, rope_parameters
+from asyncpp.model.sliding_window import check_layer_types
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -28,6 +30,13 @@ MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+}
+# Architectures refused with a reason rather than as unknown.
+REFUSED = {
+    "Gemma3ForConditionalGeneration": "the image + text Gemma 3 is not supported; serve a text-only "
+                                      "Gemma3ForCausalLM checkpoint (model_type gemma3_text)",
 }
 PHI3_ROPE_TYPES = ("default", "longrope")  # the two Phi-3's transformers code applies
 
@@ -37,6 +46,9 @@ def architecture(hf_config: Any) -> str:
     for arch in archs:
         if arch in MODELS:
             return arch
+    for arch in archs:
+        if arch in REFUSED:
+            raise ValueError(f"{arch}: {REFUSED[arch]}")
     raise ValueError(f"unsupported model architecture {archs or getattr(hf_config, 'model_type', '?')}; "
                      f"asyncpp supports {', '.join(MODELS)}")
 
@@ -45,8 +57,11 @@ def check_supported(hf_config: Any, max_model_len: int | None = None) -> None:
     """Refuse, naming the config field, what asyncpp does not build; called while the engine
     config is resolved, before any stage starts. `max_model_len` None: the model's own."""
     arch = architecture(hf_config)
-    _check_no_sliding_window(hf_config, max_model_len or getattr(hf_config, "max_position_embeddings", 0))
+    check_layer_types(hf_config)
     cls = MODELS[arch]
+    check = getattr(cls, "check_config", None)
+    if check is not None:
+        check(hf_config)
     if not issubclass(cls, LlamaForCausalLM):
         return
     rope = rope_parameters(hf_config)
@@ -93,16 +108,6 @@ def _loading_desc(stage: StageSpec) -> str:
         return "loading weights"
     tp = f", TP rank {stage.tp_rank + 1}/{stage.tp_size}" if stage.tp_size > 1 else ""
     return f"loading weights (stage {stage.pp_rank + 1}/{stage.pp_size}{tp})"
-
-
-def _check_no_sliding_window(hf_config: Any, max_model_len: int) -> None:
-    """Sliding-window attention is not implemented; it only matters past the window."""
-    window = getattr(hf_config, "sliding_window", None)
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        window = None
-    if window and max_model_len > window:
-        raise ValueError(f"sliding-window attention (window {window}) is not supported; "
-                         f"set max_model_len <= {window}")
 
 
 @contextlib.contextmanager

@@ -11,10 +11,13 @@ from torch import nn
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """rope_theta and scaling from either layout: transformers >= 5 keeps them in
-    `rope_parameters`; older configs have `rope_theta` and `rope_scaling`."""
+    `rope_parameters`; older configs have `rope_theta` and `rope_scaling`. Models with a
+    rotary per layer type (Gemma 3) key them by `layer_type`."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type] or {})
     scaling = getattr(hf_config, "rope_scaling", None) or {}
     if not params:
         params = dict(scaling)
@@ -23,32 +26,34 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-def rotary_dim(hf_config: Any, head_dim: int) -> int:
+def rotary_dim(hf_config: Any, head_dim: int, layer_type: str | None = None) -> int:
     """The leading part of each head that rotates (transformers: int(head_dim * factor))."""
-    return int(head_dim * rope_parameters(hf_config).get("partial_rotary_factor", 1.0))
+    return int(head_dim * rope_parameters(hf_config, layer_type).get("partial_rotary_factor", 1.0))
 
 
-def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(hf_config)
+def inverse_frequencies(hf_config: Any, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config, layer_type)
     if params["rope_type"] == "default":
-        base, dim = float(params["rope_theta"]), rotary_dim(hf_config, head_dim)
+        base, dim = float(params["rope_theta"]), rotary_dim(hf_config, head_dim, layer_type)
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"))
+    by_type = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, torch.device("cpu"), **by_type)
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin for every position computed once; a step only indexes the table."""
 
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, dtype: torch.dtype):
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, dtype: torch.dtype,
+                 layer_type: str | None = None):
         super().__init__()
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim, layer_type)
         positions = torch.arange(max_positions, dtype=torch.float)
         freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
         table = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
         self.register_buffer("cos_sin", table.to(dtype), persistent=False)
-        self.half = rotary_dim(hf_config, head_dim) // 2
+        self.half = rotary_dim(hf_config, head_dim, layer_type) // 2
 
     def at(self, positions: torch.Tensor) -> "RopeAt":
         return RopeAt(self, positions)

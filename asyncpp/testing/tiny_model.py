@@ -3,7 +3,9 @@ Qwen2, the same layers with q/k/v biases), a GPT-2, a Qwen3, a Qwen3-MoE, a Mixt
 Phi-3, 4 layers of width 64, vocabulary `VOCAB`, bos id 1, eos id 2; `make_tiny_model` puts
 the Llama and the tiny tokenizer in one folder. Weights are scaled up (initializer_range 0.2)
 so greedy choices are not near-ties, and the newer families' norms are randomised so that
-loading them is checked too."""
+loading them is checked too. Sliding windows: a Mistral (every layer windowed), a Qwen2 (its
+upper layers windowed), a Gemma 3 and a Gemma 2 (local and global layers interleaved),
+windows of 32-40 tokens."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,6 +93,70 @@ def make_phi3(path: Path, *, layers: int = 4, tie: bool = False, longrope: bool 
                      partial_rotary_factor=partial_rotary_factor, tie_word_embeddings=tie, initializer_range=0.2,
                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return _save(_random_norms(Phi3ForCausalLM(cfg)), path)
+
+
+def make_mistral_swa(path: Path, *, window: int = 40, layers: int = 4) -> Path:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        sliding_window=window, rope_theta=10000.0, initializer_range=0.2,
+                        bos_token_id=1, eos_token_id=2)
+    return _save(MistralForCausalLM(cfg).eval(), path)
+
+
+def make_qwen2_swa(path: Path, *, window: int = 40, layers: int = 4) -> Path:
+    """Layers from `max_window_layers` (2) on are windowed, as Qwen2's config decides."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      use_sliding_window=True, sliding_window=window, max_window_layers=2,
+                      initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return _save(Qwen2ForCausalLM(cfg).eval(), path)
+
+
+def make_gemma3(path: Path, *, window: int = 32, layers: int = 5, tie: bool = False) -> Path:
+    """Gemma 3 text: local, local, global, local, local (sliding_window_pattern 3); head_dim 32
+    (not hidden / heads), query_pre_attn_scalar 24, linear rope scaling on the global layers
+    with their own base; norm weights random (transformers starts them at 0, i.e. scale 1).
+    Untied by default: a random tied head with Gemma's scaled embeddings repeats the last
+    token forever, which would hide attention errors."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                           max_position_embeddings=1024, sliding_window=window, sliding_window_pattern=3,
+                           rope_theta=100000.0, rope_local_base_freq=10000.0,
+                           rope_scaling={"rope_type": "linear", "factor": 8.0},
+                           tie_word_embeddings=tie, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+    return _save(_random_gemma_norms(Gemma3ForCausalLM(cfg).eval()), path)
+
+
+def make_gemma2(path: Path, *, window: int = 32, layers: int = 4) -> Path:
+    """Gemma 2: local and global layers alternating, attention logits soft-capped at 50 and
+    final logits at 30 (its defaults); untied as make_gemma3."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(6)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                       max_position_embeddings=1024, sliding_window=window, tie_word_embeddings=False,
+                       initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _save(_random_gemma_norms(Gemma2ForCausalLM(cfg).eval()), path)
+
+
+def _random_gemma_norms(model: Any) -> Any:
+    """Gemma's norms scale by (1 + w): weights around 0, each norm a little different."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    return model
 
 
 def make_tiny_model(path: Path, *, layers: int = 4) -> Path:

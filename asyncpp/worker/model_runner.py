@@ -14,6 +14,7 @@ from asyncpp.model.gemm import quantized_bytes
 from asyncpp.model.kv_quant import kv_format
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
+from asyncpp.model.sliding_window import stage_windows
 from asyncpp.worker.sampler import Sampler
 
 
@@ -29,7 +30,8 @@ class ModelRunner:
         heads = HeadSplit.of(shape.num_heads, shape.num_kv_heads, self.tp)
         self.layout = HeadLayout(heads.q_local, heads.kv_local, shape.head_dim, config.block_size,
                                  kv_format(config.kv_cache_dtype),
-                                 kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim))
+                                 kernels.decode_kernel_fits(self.device, config.block_size, shape.head_dim),
+                                 windows=stage_windows(config.hf_config, stage, config.max_model_len))
         self.kv_caches: list[list[KVCache]] = []  # [virtual engine][layer]
         self.sampler = Sampler(shape.vocab_size, base_seed=config.seed) if stage.is_last else None
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import torch
+import torch.multiprocessing as mp
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError
@@ -200,6 +201,15 @@ def tp_worker(rank: int, world: int, model_dir: str, pp: int, prompts: list[list
     # The work is done and written: skip gloo's teardown, which now and then aborts the
     # process ("terminate called without an active exception") as its threads are destroyed.
     os._exit(0)
+
+
+def run_tensor_parallel(model_dir: Path, tmp_path: Path, prompts: list[list[int]], max_new: int, tp: int,
+                        pp: int = 1) -> list[dict]:
+    """`tp_worker` on `tp` spawned processes; each rank's tokens and parameter bytes."""
+    result = tmp_path / "result"
+    mp.spawn(tp_worker, args=(tp, str(model_dir), pp, prompts, max_new, f"file://{tmp_path}/rdzv", str(result)),
+             nprocs=tp, join=True)
+    return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(tp)]
 
 
 # -- through an Executor ------------------------------------------------------------------

@@ -11,18 +11,23 @@ from asyncpp.model.embedding import VocabParallelEmbedding
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
 from asyncpp.testing.tiny_model import (
     VOCAB,
+    make_gemma2,
+    make_gemma3,
     make_gpt2,
     make_llama,
+    make_mistral_swa,
     make_mixtral,
     make_phi3,
+    make_qwen2_swa,
     make_qwen3,
     make_qwen3_moe,
 )
 from asyncpp.worker.model_runner import ModelRunner
 from helpers.driver import engine_config
 
-__all__ = ["TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes", "make_gpt2",
-           "make_llama", "make_mixtral", "make_phi3", "make_qwen3", "make_qwen3_moe"]
+__all__ = ["GEMMA_ATTENTION_HALF", "TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes",
+           "make_gemma2", "make_gemma3", "make_gpt2", "make_llama", "make_mistral_swa", "make_mixtral", "make_phi3",
+           "make_qwen2_swa", "make_qwen3", "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4
@@ -32,11 +37,15 @@ _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 _FIRST = ("embed_tokens", "wte", "wpe")
 _LAST = ("model.norm", "ln_f", "lm_head")
 _ATTENTION_HALF = ("self_attn.", "input_layernorm", ".attn.", ".ln_1.")
+# Gemma normalises the attention output before the residual add: that norm goes with the attention.
+GEMMA_ATTENTION_HALF = (*_ATTENTION_HALF, "post_attention_layernorm")
 
 
-def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool) -> int:
+def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool,
+                     attention_half: tuple[str, ...] = _ATTENTION_HALF) -> int:
     """Parameter bytes a stage should load: its layers, the embedding on the first, the
-    final norm and head on the last (a tied head counts the embedding there again)."""
+    final norm and head on the last (a tied head counts the embedding there again).
+    `attention_half`: the names of a split layer's weights that stay with its attention."""
     total = 0
     for path in Path(model_dir).glob("*.safetensors"):
         with safe_open(path, "pt") as f:
@@ -45,7 +54,7 @@ def checkpoint_share(model_dir: Path, stage: StageSpec, tied: bool) -> int:
                 size = _nbytes(t.get_shape(), t.get_dtype())
                 m = _LAYER.search(name)
                 if m:
-                    total += size if _held(stage, int(m.group(1)), name) else 0
+                    total += size if _held(stage, int(m.group(1)), name, attention_half) else 0
                 elif any(k in name for k in _FIRST):
                     owners = stage.is_first or (tied and stage.is_last and "wpe" not in name)
                     total += size if owners else 0
@@ -76,13 +85,13 @@ def expected_rank_bytes(model_dir: Path, pp: int, tp: int, partition: str | None
     return expected
 
 
-def _held(stage: StageSpec, layer: int, name: str) -> bool:
+def _held(stage: StageSpec, layer: int, name: str, attention_half: tuple[str, ...]) -> bool:
     """Whether a layer's weight is on the stage: a split layer's attention half (and its
     norm) stays on the earlier stage, its MLP half goes to the later one."""
     if not stage.layer_start <= layer < stage.layer_end:
         return False
     attention, mlp = stage.parts(layer - stage.layer_start)
-    return attention if any(k in name for k in _ATTENTION_HALF) else mlp
+    return attention if any(k in name for k in attention_half) else mlp
 
 
 def _nbytes(shape: list[int], dtype: str) -> int:

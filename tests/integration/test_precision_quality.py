@@ -77,19 +77,22 @@ def test_8bit_pipeline_stages_compute_what_one_stage_does(llama_dir, prompts, fo
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
-def test_fp8_cache_is_fp32_attention_over_the_rounded_values(llama_dir, prompts, forced, monkeypatch):
+@pytest.mark.parametrize("model", ["llama", "mistral_swa"])  # mistral_swa: only the blocks of each window
+def test_fp8_cache_is_fp32_attention_over_the_rounded_values(request, model, prompts, monkeypatch):
     """The 8-bit path (bytes, integer widening, folded scales, compact decode blocks) adds
     nothing beyond rounding K and V to fp8."""
     import asyncpp.model.attention as attention
 
-    ours = forced_logits(runners_for(llama_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    forced = hf_greedy(model_dir, prompts, FORCED)
+    ours = forced_logits(runners_for(model_dir, kv_cache_dtype="fp8"), prompts, forced, chunk=CHUNK)
     write = attention.write_kv
 
     def rounded(cache, k, v, meta):
         write(cache, k.to(torch.float8_e4m3fn).float(), v.to(torch.float8_e4m3fn).float(), meta)
 
     monkeypatch.setattr(attention, "write_kv", rounded)
-    reference = forced_logits(runners_for(llama_dir), prompts, forced, chunk=CHUNK)
+    reference = forced_logits(runners_for(model_dir), prompts, forced, chunk=CHUNK)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, reference))
 
 
@@ -117,8 +120,27 @@ def test_8bit_layouts_run_in_processes(llama_dir, prompts, layout, floor):
     ("phi3", 0.87),  # measured 0.896; transformers bf16 vs its fp32: 0.865
 ])
 def test_bf16_families_agree_with_transformers_bf16(request, prompts, family, floor):
-    model_dir = request.getfixturevalue(f"{family}_dir")
+    ours, theirs = _bf16_forced(request.getfixturevalue(f"{family}_dir"), prompts)
+    assert top1_agreement(ours, theirs) >= floor
+
+
+# -- sliding-window families ------------------------------------------------------------
+@pytest.mark.parametrize(("family", "max_diff", "mean_diff", "floor"), [
+    ("mistral_swa", 0.4, 0.04, 0.94),  # measured: max 0.30, mean 0.032, top-1 0.958
+    ("gemma3", 0.25, 0.025, 0.96),  # measured: max 0.16, mean 0.017, top-1 0.979
+    ("gemma2", 0.45, 0.035, 0.94),  # measured: max 0.37, mean 0.029, top-1 0.958
+])
+def test_bf16_window_models_within_tolerance_of_transformers_bf16(request, prompts, family, max_diff, mean_diff,
+                                                                   floor):
+    """Teacher-forced past every window (prompts to 160 tokens, chunks of 48, windows of 32-40)."""
+    ours, theirs = _bf16_forced(request.getfixturevalue(f"{family}_dir"), prompts)
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(ours, theirs)])
+    assert diffs.max() < max_diff and diffs.mean() < mean_diff
+    assert top1_agreement(ours, theirs) >= floor
+
+
+def _bf16_forced(model_dir, prompts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     forced = hf_greedy(model_dir, prompts, FORCED)
     ours = forced_logits(runners_for(model_dir, dtype="bfloat16"), prompts, forced, chunk=CHUNK)
-    theirs = hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
-    assert top1_agreement(ours, theirs) >= floor
+    return ours, hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
+

@@ -3,13 +3,11 @@ through the engine, and through ModelRunners driven by hand in a gloo world, eac
 holding only its slice; the CPU collectives. (Invalid layouts: unit/test_config.py.)"""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers.driver import runners_for, tp_worker
+from helpers.driver import run_tensor_parallel, runners_for
 from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, tp_run
 
 MAX_TOKENS = 8
@@ -54,20 +52,13 @@ def make_odd_vocab_llama(path, vocab: int = 1001):
     return path
 
 
-def run_tensor_parallel(model_dir, tmp_path, prompts, tp: int, pp: int = 1) -> list[dict]:
-    result = tmp_path / "result"
-    mp.spawn(tp_worker, args=(tp, str(model_dir), pp, prompts, MAX_NEW, f"file://{tmp_path}/rdzv", str(result)),
-             nprocs=tp, join=True)
-    return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(tp)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model,pp", [("llama", 2), ("qwen2", 1), ("gpt2", 2)])
 def test_tensor_parallel_two_ranks(model, pp, llama_dir, qwen2_dir, gpt2_dir, tmp_path):
     model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gpt2": gpt2_dir}[model]
     prompts = mixed_prompts(4, 1, 150, seed=1)
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
-    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2, pp=pp)
+    results = run_tensor_parallel(model_dir, tmp_path, prompts, MAX_NEW, tp=2, pp=pp)
     assert [r["tokens"] for r in results] == [expected, expected]
     whole = sum(r.param_bytes() for r in runners_for(model_dir, pp=pp))
     for r in results:  # sharded: only norms, row-parallel biases (and GPT-2 positions) are replicated
@@ -80,7 +71,7 @@ def test_tensor_parallel_replicated_kv_heads_and_padded_vocab(tmp_path):
     model_dir = make_odd_vocab_llama(tmp_path / "odd")
     prompts = mixed_prompts(3, 1, 120, seed=2)
     expected = hf_greedy(model_dir, prompts, MAX_NEW)
-    results = run_tensor_parallel(model_dir, tmp_path, prompts, tp=2)
+    results = run_tensor_parallel(model_dir, tmp_path, prompts, MAX_NEW, tp=2)
     assert [r["tokens"] for r in results] == [expected, expected]
 
 

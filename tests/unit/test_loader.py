@@ -107,8 +107,3 @@ def test_rope_theta_from_either_config_layout():
     assert rope_parameters(old) == {"rope_theta": 500000.0, "rope_type": "default"}
     assert rope_parameters(new)["rope_theta"] == 100000.0
 
-
-def test_sliding_window_beyond_max_model_len_is_refused():
-    hf = SimpleNamespace(architectures=["MistralForCausalLM"], sliding_window=64)
-    with pytest.raises(ValueError, match="sliding-window"):
-        check_supported(hf, 1024)

@@ -99,9 +99,11 @@ def test_mistral_matches_transformers(mistral_dir, prompts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_transformers(llama_dir, prompts):
-    expected = hf_greedy(llama_dir, prompts, MAX_NEW)
-    config = engine_config(llama_dir, device="cuda")
+@pytest.mark.parametrize("model", ["llama", "mistral_swa", "gemma3"])
+def test_cuda_matches_transformers(request, model, prompts):
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    expected = hf_greedy(model_dir, prompts, MAX_NEW)
+    config = engine_config(model_dir, device="cuda")
     runner = ModelRunner(config, config.stages[0])
     assert runner.num_available_blocks() > NUM_BLOCKS
     runner.init_kv_cache(1, NUM_BLOCKS)
@@ -123,11 +125,13 @@ def test_cpu_weights_are_prepacked(qwen2_dir):
     assert model.lm_head.packed is not None and model.lm_head.packed.is_mkldnn  # ... the head gets a packed copy
 
 
-def test_unwritten_cache_slots_are_never_read(gpt2_dir, prompts):
+@pytest.mark.parametrize("model", ["gpt2", "mistral_swa"])  # mistral_swa: the reads of 40-token windows
+def test_unwritten_cache_slots_are_never_read(request, model, prompts):
     """The cache is allocated uninitialised: NaN everywhere must not reach any output."""
     torch.set_num_threads(1)
-    runners = runners_for(gpt2_dir)
+    model_dir = request.getfixturevalue(f"{model}_dir")
+    runners = runners_for(model_dir)
     for keys, values in runners[0].kv_caches[0]:
         keys.fill_(float("nan"))
         values.fill_(float("nan"))
-    assert generate(runners, prompts, MAX_NEW, chunk=50) == hf_greedy(gpt2_dir, prompts, MAX_NEW)
+    assert generate(runners, prompts, MAX_NEW, chunk=50) == hf_greedy(model_dir, prompts, MAX_NEW)
