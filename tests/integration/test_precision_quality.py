@@ -122,10 +122,7 @@ def test_8bit_layouts_run_in_processes(llama_dir, prompts, layout, floor):
     ("gpt_oss", 0.82),  # measured 0.844; transformers bf16 vs its fp32: 0.698 (its softmax in bf16)
 ])
 def test_bf16_families_agree_with_transformers_bf16(request, prompts, family, floor):
-    model_dir = request.getfixturevalue(f"{family}_dir")
-    forced = hf_greedy(model_dir, prompts, FORCED)
-    ours = forced_logits(runners_for(model_dir, dtype="bfloat16"), prompts, forced, chunk=CHUNK)
-    theirs = hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
+    ours, theirs = _bf16_forced(request.getfixturevalue(f"{family}_dir"), prompts)
     assert top1_agreement(ours, theirs) >= floor
 
 
@@ -138,11 +135,14 @@ def test_bf16_families_agree_with_transformers_bf16(request, prompts, family, fl
 def test_bf16_window_models_within_tolerance_of_transformers_bf16(request, prompts, family, max_diff, mean_diff,
                                                                    floor):
     """Teacher-forced past every window (prompts to 160 tokens, chunks of 48, windows of 32-40)."""
-    model_dir = request.getfixturevalue(f"{family}_dir")
-    forced = hf_greedy(model_dir, prompts, FORCED)
-    ours = forced_logits(runners_for(model_dir, dtype="bfloat16"), prompts, forced, chunk=CHUNK)
-    theirs = hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
+    ours, theirs = _bf16_forced(request.getfixturevalue(f"{family}_dir"), prompts)
     diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(ours, theirs)])
     assert diffs.max() < max_diff and diffs.mean() < mean_diff
     assert top1_agreement(ours, theirs) >= floor
+
+
+def _bf16_forced(model_dir, prompts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    forced = hf_greedy(model_dir, prompts, FORCED)
+    ours = forced_logits(runners_for(model_dir, dtype="bfloat16"), prompts, forced, chunk=CHUNK)
+    return ours, hf_forced_logits(model_dir, prompts, forced, torch.bfloat16)
 
