@@ -117,7 +117,7 @@ class AsyncLLM:
     async def _close(self, *exc_info: Any) -> bool | None:
         self._started = False
         if self._dead is None:
-            self._dead = EngineDeadError("the engine was shut down")
+            self._dead = EngineDeadError("the engine was shut down", permanent=True)
         for ve in self._ves:
             ve.fail_all(self._dead)
         with anyio.CancelScope(shield=True):
@@ -128,7 +128,9 @@ class AsyncLLM:
 
     def _mark_dead(self, error: BaseException) -> None:
         if self._dead is None:
-            log.error("engine failed: %s", error)
+            if not (isinstance(error, EngineDeadError) and error.permanent):  # else the supervisor logged it
+                log.error("engine failed for good: %s", error)
+                error = EngineDeadError(str(error), permanent=True)
             self._dead = error
         for ve in self._ves:
             ve.fail_all(self._dead)
@@ -169,7 +171,7 @@ class AsyncLLM:
 
     def _executor(self) -> Executor:
         if self._supervisor is None or self._supervisor.executor is None:
-            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
         return self._supervisor.executor
 
     def stats(self) -> EngineStats:
@@ -197,9 +199,9 @@ class AsyncLLM:
 
     def _check_accepting(self) -> None:
         if not self._started:
-            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
-        if (error := self.dead_error()) is not None:
-            raise EngineDeadError(f"the engine is unhealthy: {error}")
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
+        if (error := self.dead_error()) is not None:  # a new exception each time: a raised one keeps its traceback
+            raise EngineDeadError(str(error), permanent=getattr(error, "permanent", False))
 
     def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams) -> RequestStream:
         self._check_accepting()  # again: the engine may have failed while the prompt was resolved

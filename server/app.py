@@ -140,7 +140,7 @@ async def models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if not engine.is_healthy():
-        raise engine_unhealthy(engine.dead_error() or EngineDeadError("the engine is not running"))
+        raise engine_unhealthy(engine.dead_error() or EngineDeadError("the engine is not running", permanent=True))
     return Response(status_code=200)
 
 

@@ -154,7 +154,7 @@ class VirtualEngine:
                         return self.supervisor.dead or e
         except Exception as e:  # a bug must fail requests loudly, not hang them
             log.exception("virtual engine %d crashed", self.ve_id)
-            dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}")
+            dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}", permanent=True)
             self.fail_all(dead)
             return dead
 
