@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TypeVar
 
 import anyio
@@ -63,7 +64,7 @@ def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
             yield
             tasks.cancel_scope.cancel()
 
-    table = endpoints()
+    table = served_endpoints(settings)
     maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs}
     document = openapi_document([e for e, _ in table], auth=settings.api_key is not None, maxima=maxima)
 
@@ -99,9 +100,22 @@ def endpoints() -> list[tuple[Endpoint, Handler]]:
         (Endpoint("/detokenize", "POST", "Turn token ids into text", DetokenizeRequest, errors=(404,)),
          _with_body(DetokenizeRequest, detokenize)),
         (Endpoint("/metrics", "GET", "Prometheus metrics", ok_media=(CONTENT_TYPE_LATEST,), open=True), metrics),
-        (Endpoint("/reset_prefix_cache", "POST", "Forget every cached prefix (running requests keep theirs)"),
-         reset_prefix_cache),
+        (Endpoint("/reset_prefix_cache", "POST", "Forget every cached prefix (running requests keep theirs)",
+                  dev=True), reset_prefix_cache),
     ]
+
+def served_endpoints(settings: ServerSettings) -> list[tuple[Endpoint, Handler]]:
+    """The routes these settings serve: the dev ones only when enabled (else 404, as vLLM
+    without VLLM_SERVER_DEV_MODE); /metrics behind the key when so asked."""
+    table = []
+    for e, handler in endpoints():
+        if e.dev and not settings.enable_dev_endpoints:
+            continue
+        if e.path == "/metrics" and settings.metrics_require_key:
+            e = replace(e, open=False)
+        table.append((e, handler))
+    return table
+
 
 Body = TypeVar("Body", bound=BaseModel)
 

@@ -37,6 +37,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                             "address, localhost, 127.0.0.1 and ::1; on 0.0.0.0 or :: any; else the bound address)")
     group.add_argument("--trust-request-chat-template", action="store_true",
                        help="render chat templates that requests bring (chat_template); off: refused with 400")
+    group.add_argument("--enable-dev-endpoints", action="store_true", default=_env_flag("VLLM_SERVER_DEV_MODE"),
+                       help="serve POST /reset_prefix_cache, which lets any client slow every other one down "
+                            "(default: off, 404; also on with VLLM_SERVER_DEV_MODE=1, as vLLM)")
+    group.add_argument("--metrics-require-key", action="store_true",
+                       help="with --api-key, GET /metrics needs the key too (it shows every client's volume); "
+                            "default: open, as vLLM, for scrapers without credentials")
     group.add_argument("--max-request-body-bytes", type=_size, metavar="SIZE",
                        help="largest request body, e.g. 8MiB; larger ones get 413 (default: 4 MiB plus 192 bytes "
                             "per token of max_model_len)")
@@ -55,6 +61,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log one line per HTTP request")
+
+
+def _env_flag(name: str) -> bool:
+    """vLLM's reading of a flag variable: an integer, true when not 0."""
+    try:
+        return bool(int(os.environ.get(name, "0")))
+    except ValueError:
+        return False
 
 
 def _number(kind: type, minimum: float | None = None) -> Any:
@@ -94,7 +108,8 @@ def settings_from(ns: argparse.Namespace) -> ServerSettings:
         api_key=ns.api_key, allowed_hosts=None if hosts is None or "*" in hosts else hosts,
         trust_request_chat_template=ns.trust_request_chat_template,
         max_request_body_bytes=ns.max_request_body_bytes, timeout_request_body_s=ns.timeout_request_body,
-        log_stats_interval_s=ns.log_stats_interval)
+        log_stats_interval_s=ns.log_stats_interval, enable_dev_endpoints=ns.enable_dev_endpoints,
+        metrics_require_key=ns.metrics_require_key)
 
 
 def uvicorn_options(ns: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ idle connections and the log, body limits, bad fields, hosts, auth), the stats l
 OpenAPI document."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import select
@@ -26,6 +27,7 @@ from asyncpp.engine_args import EngineArgs
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.prompts import PROMPT_CHARS_PER_TOKEN
 from asyncpp.server.app import build_app
+from asyncpp.server.cli import add_serve_args, settings_from
 from asyncpp.server.log_hygiene import LogHygiene, printable
 from asyncpp.server.metrics import ServerMetrics
 from asyncpp.server.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
@@ -40,7 +42,8 @@ BODY_LIMIT = 64 * 1024
 LIMITS = {"max_num_seqs": 4, "max_waiting_requests": 8, "max_logprobs": 5}
 TRUSTING = ServerSettings(api_key=API_KEY, trust_request_chat_template=True, chat_template_timeout_s=1,
                           allowed_hosts=["127.0.0.1", "localhost"], max_request_body_bytes=BODY_LIMIT,
-                          timeout_request_body_s=1, log_stats_interval_s=0)
+                          timeout_request_body_s=1, log_stats_interval_s=0, enable_dev_endpoints=True,
+                          metrics_require_key=True)
 SLOW_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 GREEDY = {"temperature": 0, "max_tokens": 4}
 
@@ -373,6 +376,32 @@ def test_401_names_the_scheme_and_the_scheme_is_case_insensitive(hardened):
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         for scheme in ("bearer", "BEARER", "Bearer"):
             assert http.get("/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
+
+
+# -- endpoints that let one client see or slow the others --------------------------------------
+def test_reset_prefix_cache_with_dev_endpoints_and_metrics_behind_the_key(hardened):
+    assert post(hardened, "/v1/completions", {"prompt": "a b c d e f g h i j k l m n o p q r", **GREEDY}).status_code \
+        == 200
+    with httpx.Client(base_url=hardened.url, timeout=30) as http:
+        assert http.get("/metrics").status_code == 401
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert metrics.status_code == 200
+    cached = next(float(line.rsplit(None, 1)[1]) for line in metrics.text.splitlines()
+                  if line.startswith("asyncpp:kv_cache_blocks_cached"))
+    reset = post(hardened, "/reset_prefix_cache", b"")
+    assert reset.status_code == 200 and reset.json()["freed_blocks"] == cached > 0
+
+
+def test_dev_endpoints_follow_vllm_server_dev_mode(monkeypatch):
+    parser = argparse.ArgumentParser()
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    add_serve_args(parser)
+    assert settings_from(parser.parse_args([])).enable_dev_endpoints
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "0")
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert not settings_from(parser.parse_args([])).enable_dev_endpoints
+    assert settings_from(parser.parse_args(["--enable-dev-endpoints", "--metrics-require-key"])).metrics_require_key
 
 
 # -- the periodic stats line ------------------------------------------------------------------
