@@ -121,6 +121,7 @@ class AsyncLLM:
         for ve in self._ves:
             ve.fail_all(self._dead)
         with anyio.CancelScope(shield=True):
+            await self._prompts.aclose()
             if self._supervisor is not None:
                 await self._supervisor.shutdown()
         self._task_group.cancel_scope.cancel()
@@ -162,6 +163,15 @@ class AsyncLLM:
     def rank_pids(self) -> list[int]:
         """Each rank's process id, by global rank (the engine's own with the uni backend)."""
         return self._executor().rank_pids()
+
+    async def start_template_renderers(self) -> None:
+        """Start the processes that render the chat templates requests bring now, rather than
+        at the first such request (the server does when it trusts request templates)."""
+        await self._prompts.sandbox.start()
+
+    def template_renderer_pids(self) -> list[int]:
+        """The chat-template renderer processes alive now."""
+        return self._prompts.sandbox.pids()
 
     def placement(self) -> list[RankPlacement]:
         """Each rank's node (Ray node id and address; this host outside Ray), its network

@@ -59,6 +59,8 @@ def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
         async with llm, anyio.create_task_group() as tasks:
             app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name), settings)
             body_limit.max_bytes = settings.body_limit(llm.config.max_model_len)
+            if settings.trust_request_chat_template:
+                await llm.start_template_renderers()
             if settings.log_stats_interval_s:
                 tasks.start_soon(log_stats_every, settings.log_stats_interval_s, llm.stats)
             yield

@@ -169,6 +169,38 @@ def test_trusted_template_renders_off_the_loop_and_in_bounded_time(hardened):
     assert post(hardened, "/v1/chat/completions", chat()).status_code == 200
 
 
+MEMORY_BOMB = "{{ 'x' * 1000000000 }}{{ 'y' * 1000000000 }}"  # the issue's: 2 GB of text in the server
+
+
+def vm(pid: int | str, field: str) -> int:
+    """VmHWM (peak resident size) or VmRSS (now) of a process, in bytes."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+
+def test_four_memory_bombs_get_400_from_a_capped_renderer_and_leave_the_server_alone(hardened):
+    server_rss = vm("self", "VmRSS")  # the server runs in this process
+    engine = hardened.app.state.server.engine
+    renderers = engine.template_renderer_pids()
+    assert len(renderers) == 2  # started with the server, as it trusts request templates
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(post(hardened, "/v1/chat/completions",
+                                                                   chat(chat_template=MEMORY_BOMB))))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=hardened.url) as http:
+        assert http.get("/health").status_code == 200
+    for thread in threads:
+        thread.join()
+    for response in answers:
+        assert "more memory than a renderer may use" in error_of(response, 400, "chat_template")["message"]
+    assert engine.template_renderer_pids() == renderers  # each answered (and was kept)
+    cap = engine._prompts.sandbox.memory_bytes
+    assert all(vm(pid, "VmHWM") < cap for pid in renderers)
+    assert vm("self", "VmRSS") - server_rss < 64 * 2**20
+    assert post(hardened, "/v1/chat/completions", chat()).status_code == 200
+
+
 # -- 4: logprobs and prompt size -------------------------------------------------------------
 def test_logprobs_over_max_logprobs_name_their_field(hardened):
     error_of(post(hardened, "/v1/completions", {"prompt": "x", "logprobs": 6}), 400, "logprobs")
