@@ -127,6 +127,14 @@ class AsyncLLM:
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
+    def stop(self, error: EngineDeadError) -> int:
+        """Refuse new requests and end every one running or waiting with `error` (their
+        streams raise it): what a server does as it begins to shut down. Returns how many
+        requests it ended. The stages stay up until the engine closes."""
+        ended = len(self._router)
+        self._mark_dead(error)
+        return ended
+
     def _mark_dead(self, error: BaseException) -> None:
         if self._dead is None:
             if not (isinstance(error, EngineDeadError) and error.permanent):  # else the supervisor logged it

@@ -19,6 +19,7 @@ from asyncpp.server.app import build_app
 from asyncpp.server.connections import GuardedH11Protocol
 from asyncpp.server.log_hygiene import log_config
 from asyncpp.server.settings import ServerSettings, default_allowed_hosts
+from asyncpp.server.shutdown import GracefulServer
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 WANTED_OPEN_FILES = 65536
@@ -128,7 +129,13 @@ def run_serve(ns: argparse.Namespace) -> None:
     if ns.limit_concurrency > open_files // 2:
         logger.warning("--limit-concurrency %d is close to the open-file limit (%d): connections may fail",
                        ns.limit_concurrency, open_files)
-    uvicorn.run(app, host=ns.host, port=ns.port, **options)
+    server = GracefulServer(uvicorn.Config(app, host=ns.host, port=ns.port, **options))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the app did not start
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,8 +55,17 @@ def _type_from_phrase(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
+class ServerShuttingDown(EngineDeadError):
+    """What requests in flight end with as the server begins to shut down."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down", permanent=True)
+
+
 def to_server_error(exc: Exception) -> ServerError:
     """The status a client gets for what the engine (or SamplingParams) raised, by its type."""
+    if isinstance(exc, ServerShuttingDown):  # logged once, not once per request
+        return ServerError(503, str(exc))
     if isinstance(exc, InvalidRequest):
         return ServerError(400, str(exc), exc.param)
     if isinstance(exc, QueueFullError):
