@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.server.log_hygiene import printable
@@ -30,8 +40,9 @@ Positive = Annotated[int, Field(ge=1, le=INT64)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 TokenId = Annotated[int, Field(ge=0, le=INT64)]
-TokenIds = list[TokenId]
-PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+# Lists stop at their first bad item: a million bad ones would cost seconds of error objects.
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 PromptText = Annotated[str, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
@@ -113,9 +124,24 @@ class SamplingFields(RequestModel):
         return values
 
 
+def _prompt_form(value: Any) -> str:
+    """Which form a prompt takes, from its type and its first item's: pydantic then validates
+    that form only (trying each form of a union on a list of a million ids costs a second on
+    the event loop). The tags are the forms' names, which error locations leave out."""
+    if isinstance(value, list) and value:
+        return {str: "list[str]", list: "list[list[int]]"}.get(type(value[0]), "list[int]")
+    return "str" if isinstance(value, str) else "list[int]"
+
+
+PromptForms = Annotated[
+    Annotated[PromptText, Tag("str")] | Annotated[PromptIds, Tag("list[int]")]
+    | Annotated[list[PromptText], Field(min_length=1, fail_fast=True), Tag("list[str]")]
+    | Annotated[list[PromptIds], Field(min_length=1, fail_fast=True), Tag("list[list[int]]")],
+    Discriminator(_prompt_form)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: (PromptText | Annotated[list[PromptText], Field(min_length=1)] | PromptIds
-             | Annotated[list[PromptIds], Field(min_length=1)]) = Field(
+    prompt: PromptForms = Field(
         description="a non-empty string, a list of them, a non-empty list of token ids, or a list of those")
     max_tokens: Positive | None = 16
     logprobs: Count | None = None
@@ -169,7 +195,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: Positive | None = None
     max_completion_tokens: Positive | None = None
     logprobs: bool = False
@@ -219,7 +245,7 @@ class TokenizeRequest(RequestModel):
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, fail_fast=True)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
