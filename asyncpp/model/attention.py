@@ -26,6 +26,7 @@ from torch import nn
 from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, KernelDecode, PrefillSeq
+from asyncpp.model.host_memory import resident_zeros
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -33,11 +34,16 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
-    # Uninitialised on purpose: every read is either of a written slot or masked out, and
-    # zero-filling gigabytes takes seconds at start.
+    # Every read is of a written slot or masked out, so the contents do not matter: on a GPU
+    # the memory is uninitialised; on a CPU it is made resident now (host_memory.py).
     dtype = storage_dtype(dtype)
-    keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
-    values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    key_shape = (num_layers, num_blocks, kv_heads, head_dim, block_size)
+    value_shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+    if torch.device(device).type == "cpu":
+        keys, values = resident_zeros(key_shape, dtype), resident_zeros(value_shape, dtype)
+    else:
+        keys = torch.empty(key_shape, dtype=dtype, device=device)
+        values = torch.empty(value_shape, dtype=dtype, device=device)
     return [(keys[i], values[i]) for i in range(num_layers)]
 
 
