@@ -67,7 +67,8 @@ def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
             tasks.cancel_scope.cancel()
 
     table = served_endpoints(settings)
-    maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs}
+    maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs,
+              "prompt_logprobs": args.max_logprobs}
     document = openapi_document([e for e, _ in table], auth=settings.api_key is not None, maxima=maxima)
 
     async def openapi(request: Request) -> Response:

@@ -392,12 +392,33 @@ BAD_FIELDS = [
     ("tool_choice required", "/v1/chat/completions", chat(tool_choice="required"), "tool_choice"),
     ("tools", "/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
     ("bools to detokenize", "/detokenize", {"tokens": [True]}, "tokens"),
+    ("prompt_logprobs over max_logprobs", "/v1/completions", {"prompt": "x", "prompt_logprobs": 6}, "prompt_logprobs"),
+    ("prompt_logprobs streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+     "prompt_logprobs"),
+    ("beam search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("structured outputs", "/v1/chat/completions", chat(structured_outputs={"json": {}}), "structured_outputs"),
+    ("chat echo", "/v1/chat/completions", chat(echo=True), "echo"),
 ]
 
 
 @pytest.mark.parametrize("name,path,body,param", BAD_FIELDS, ids=[case[0] for case in BAD_FIELDS])
 def test_bad_fields_are_400_naming_the_field(hardened, name, path, body, param):
     error_of(post(hardened, path, body), 400, param)
+
+
+def test_prompt_logprobs_as_vllm_gives_them(hardened):
+    whole = post(hardened, "/v1/completions", {"prompt": "San Francisco is a", "prompt_logprobs": 2, "n": 2,
+                                               "return_token_ids": True, **GREEDY}).json()
+    ids = post(hardened, "/tokenize", {"prompt": "San Francisco is a"}).json()["tokens"]
+    for choice in whole["choices"]:  # each choice carries its prompt's
+        positions = choice["prompt_logprobs"]
+        assert positions[0] is None and len(positions) == len(ids)
+        for token, entry in zip(ids[1:], positions[1:]):
+            assert str(token) in entry and 2 <= len(entry) <= 3
+            assert all(e["logprob"] <= 0 and e["rank"] >= 1 and e["decoded_token"] for e in entry.values())
+    chat_response = post(hardened, "/v1/chat/completions", chat(prompt_logprobs=0)).json()
+    assert chat_response["prompt_logprobs"][0] is None
+    assert all(len(entry) == 1 for entry in chat_response["prompt_logprobs"][1:])  # the prompt's token alone
 
 
 def test_a_megabyte_stop_string_is_400(plain):
