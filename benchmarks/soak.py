@@ -469,15 +469,26 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_server_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after `--`, for `asyncpp serve`)."""
     argv = sys.argv[1:] if argv is None else argv
-    server_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, server_args = argv[:i], argv[i + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def server_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the server's model and pipeline size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, server_args = split_server_args(argv)
+    parser = server_parser(__doc__)
     parser.add_argument("--duration", type=float, default=180, help="seconds of load")
     parser.add_argument("--concurrency", type=int, default=256, help="concurrent streaming requests")
     parser.add_argument("--min-words", type=int, default=12, help="prompt length in words, at least")

@@ -14,7 +14,6 @@ recursion (a macro calling itself), range (range(10**9)). The deadline is the se
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.soak import children, cmdline, server_parser, split_server_args  # noqa: E402
 
 KEY = "attack-key"
 KINDS = {
@@ -52,8 +52,6 @@ def status_kb(pid: int, field: str) -> int:
 
 
 def renderer_pids(server_pid: int) -> list[int]:
-    from benchmarks.soak import children, cmdline
-
     return [p for p in children(server_pid) if "template_renderer" in cmdline(p)]
 
 
@@ -100,14 +98,8 @@ async def attack(url: str, server_pid: int, template: str, requests: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    server_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, server_args = argv[:i], argv[i + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=2)
+    argv, server_args = split_server_args(argv)
+    parser = server_parser(__doc__)
     parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS))
     parser.add_argument("--requests", type=int, default=4, help="requests at once per kind")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here")
