@@ -117,18 +117,29 @@ class AsyncLLM:
     async def _close(self, *exc_info: Any) -> bool | None:
         self._started = False
         if self._dead is None:
-            self._dead = EngineDeadError("the engine was shut down")
+            self._dead = EngineDeadError("the engine was shut down", permanent=True)
         for ve in self._ves:
             ve.fail_all(self._dead)
         with anyio.CancelScope(shield=True):
+            await self._prompts.aclose()
             if self._supervisor is not None:
                 await self._supervisor.shutdown()
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
+    def stop(self, error: EngineDeadError) -> int:
+        """Refuse new requests and end every one running or waiting with `error` (their
+        streams raise it): what a server does as it begins to shut down. Returns how many
+        requests it ended. The stages stay up until the engine closes."""
+        ended = len(self._router)
+        self._mark_dead(error)
+        return ended
+
     def _mark_dead(self, error: BaseException) -> None:
         if self._dead is None:
-            log.error("engine failed: %s", error)
+            if not (isinstance(error, EngineDeadError) and error.permanent):  # else the supervisor logged it
+                log.error("engine failed for good: %s", error)
+                error = EngineDeadError(str(error), permanent=True)
             self._dead = error
         for ve in self._ves:
             ve.fail_all(self._dead)
@@ -161,6 +172,15 @@ class AsyncLLM:
         """Each rank's process id, by global rank (the engine's own with the uni backend)."""
         return self._executor().rank_pids()
 
+    async def start_template_renderers(self) -> None:
+        """Start the processes that render the chat templates requests bring now, rather than
+        at the first such request (the server does when it trusts request templates)."""
+        await self._prompts.sandbox.start()
+
+    def template_renderer_pids(self) -> list[int]:
+        """The chat-template renderer processes alive now."""
+        return self._prompts.sandbox.pids()
+
     def placement(self) -> list[RankPlacement]:
         """Each rank's node (Ray node id and address; this host outside Ray), its network
         interface, and how its stage receives the previous stage's tensors (shm, gloo,
@@ -169,7 +189,7 @@ class AsyncLLM:
 
     def _executor(self) -> Executor:
         if self._supervisor is None or self._supervisor.executor is None:
-            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
         return self._supervisor.executor
 
     def stats(self) -> EngineStats:
@@ -197,9 +217,9 @@ class AsyncLLM:
 
     def _check_accepting(self) -> None:
         if not self._started:
-            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)")
-        if (error := self.dead_error()) is not None:
-            raise EngineDeadError(f"the engine is unhealthy: {error}")
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
+        if (error := self.dead_error()) is not None:  # a new exception each time: a raised one keeps its traceback
+            raise EngineDeadError(str(error), permanent=getattr(error, "permanent", False))
 
     def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams) -> RequestStream:
         self._check_accepting()  # again: the engine may have failed while the prompt was resolved

@@ -1,33 +1,27 @@
-"""Chat templates: messages to prompt text. Run in a worker thread (`asyncpp/prompts.py` does).
+"""Chat templates: messages to prompt text.
 
-The tokenizer's own template is the operator's and renders in this process. A template that
-comes with the request (`chat_template`, or `chat_template_kwargs["chat_template"]`) is
-someone else's code: whether to accept it at all is the caller's decision (the server's
+The tokenizer's own template is the operator's and renders in this process, in a worker
+thread (`asyncpp/prompts.py` runs it there). A template that comes with the request
+(`chat_template`, or `chat_template_kwargs["chat_template"]`) is someone else's code:
+whether to accept it at all is the caller's decision (the server's
 --trust-request-chat-template); once accepted it renders through `render_request_template`,
-under a deadline. That function is the one place to change to render such templates
-elsewhere (a sandboxed process). `chat_template_kwargs` may only set template variables:
-its keys must not be parameters of transformers' `apply_chat_template` (`tokenize`,
-`return_dict`, ... change what it returns) or of the renderer (`messages`, ...)."""
+in a renderer process bounded in time and memory (`template_sandbox.py`).
+`chat_template_kwargs` may only set template variables: its keys must not be parameters of
+transformers' `apply_chat_template` (`tokenize`, `return_dict`, ... change what it returns)
+or of the renderer (`messages`, ...)."""
 from __future__ import annotations
 
 import inspect
-import sys
-import time
-from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from asyncpp.core.errors import InvalidRequest
+from asyncpp.template_sandbox import TemplateSandbox
 
 if TYPE_CHECKING:  # transformers loads only with the engine's tokenizer
     from transformers import PreTrainedTokenizerBase
 
 RENDERER_NAMES = frozenset({"messages", "conversation", "conversations", "chat_template"})
-T = TypeVar("T")
-
-
-class RenderTimeout(Exception):
-    pass
 
 
 def request_template(template: str | None, kwargs: dict[str, Any]) -> str | None:
@@ -50,40 +44,22 @@ def reserved_names(tokenizer_type: type) -> frozenset[str]:
     return frozenset(named | RENDERER_NAMES)
 
 
+def template_variables(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k != "chat_template"}
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template: str | None, kwargs: dict[str, Any], timeout_s: float) -> str:
-    """The rendered text: with the tokenizer's template, or with the request's one through
-    `render_request_template`."""
-    variables = {k: v for k, v in kwargs.items() if k != "chat_template"}
-    own = request_template(template, kwargs)
-    if own is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **variables)
-    return render_request_template(tokenizer, own, messages, add_generation_prompt, variables, timeout_s)
+                kwargs: dict[str, Any]) -> str:
+    """The text with the tokenizer's own template (blocking: call it in a worker thread)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_variables(kwargs))
 
 
-def render_request_template(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool, variables: dict[str, Any], timeout_s: float) -> str:
-    """A template that came with the request, rendered within `timeout_s` (RenderTimeout past it)."""
-    return call_with_deadline(lambda: tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
-        **variables), timeout_s)
-
-
-def call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
-    """`fn()`, raising RenderTimeout inside it once `timeout_s` has passed. A template compiles
-    to Python, so a line tracer sees its every loop step; the thread is freed, not abandoned.
-    (A single C-level operation, such as one huge string repeat, is not interrupted.)"""
-    deadline = time.monotonic() + timeout_s
-
-    def trace(frame: Any, event: str, arg: Any) -> Callable | None:
-        if time.monotonic() > deadline:
-            raise RenderTimeout(f"the chat template took longer than {timeout_s:g} s to render")
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return fn()
-    finally:
-        sys.settrace(previous)
+async def render_request_template(sandbox: TemplateSandbox, tokenizer: PreTrainedTokenizerBase, template: str,
+                                  messages: list[dict[str, Any]], add_generation_prompt: bool,
+                                  kwargs: dict[str, Any], timeout_s: float) -> str:
+    """A template that came with the request, rendered in the sandbox within `timeout_s`
+    (InvalidRequest naming `chat_template` past it, or past the renderer's memory cap). Its
+    variables are the tokenizer's special tokens and the request's, as apply_chat_template's."""
+    variables = {**tokenizer.special_tokens_map, **template_variables(kwargs)}
+    return await sandbox.render(template, messages, add_generation_prompt, variables, timeout_s)

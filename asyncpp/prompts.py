@@ -1,7 +1,8 @@
 """The engine's one way in for a prompt: text, token ids, vLLM-style dicts, or chat messages,
 resolved to checked token ids. What can be refused without a tokenizer (the shape, text
 far too long for max_model_len, too many ids) is refused at once; tokenizing and rendering
-a chat template run in a worker thread, so no prompt holds up the event loop."""
+the tokenizer's chat template run in a worker thread, a request's own template in a
+renderer process (`template_sandbox.py`), so no prompt holds up the event loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,9 @@ from typing import Any, Union
 import anyio
 from jinja2 import TemplateError
 
-from asyncpp.chat_template import RenderTimeout, check_template_kwargs, render_chat
+from asyncpp.chat_template import check_template_kwargs, render_chat, render_request_template, request_template
 from asyncpp.core.errors import InvalidRequest
+from asyncpp.template_sandbox import TemplateSandbox
 
 # Text longer than this many characters per token of max_model_len is refused before it is
 # tokenized (no tokenizer in use packs more into one token but for pathological text).
@@ -47,6 +49,10 @@ class PromptResolver:
         self.tokenizer = tokenizer  # None: token ids only (skip_tokenizer_init)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.sandbox = TemplateSandbox(PROMPT_CHARS_PER_TOKEN * max_model_len)  # starts renderers on first use
+
+    async def aclose(self) -> None:
+        await self.sandbox.aclose()
 
     async def resolve(self, prompt: PromptInput) -> ResolvedPrompt:
         """Token ids that exist and leave room for one output token, or InvalidRequest."""
@@ -65,14 +71,14 @@ class PromptResolver:
             raise InvalidRequest(f"prompt must be a string, a list of token ids, a dict or a ChatPrompt, got "
                                  f"{type(prompt).__name__}", param="prompt")
         self._check_before_tokenizing(prompt)
-        text, ids = await anyio.to_thread.run_sync(self._encode_and_check, prompt)
+        text, ids = await self._encode(prompt, True, check=True)
         return ResolvedPrompt(text, ids, salt)
 
     async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool = True) -> list[int]:
         """The token ids of a text or a chat, unchecked against the model (what /tokenize
         shows). A chat's template writes its own special tokens."""
         self._check_before_tokenizing(prompt)
-        return (await anyio.to_thread.run_sync(self._encode, prompt, add_special_tokens))[1]
+        return (await self._encode(prompt, add_special_tokens, check=False))[1]
 
     def _check_before_tokenizing(self, prompt: str | ChatPrompt) -> None:
         if isinstance(prompt, str):
@@ -92,23 +98,29 @@ class PromptResolver:
         ids = self._sized(ids)
         return self._valid(ids) if len(ids) <= CHECK_IDS_INLINE else await anyio.to_thread.run_sync(self._valid, ids)
 
-    # -- in a worker thread --------------------------------------------------------------
-    def _encode_and_check(self, prompt: str | ChatPrompt) -> tuple[str, list[int]]:
-        text, ids = self._encode(prompt, True)
-        return text, self._valid(self._sized(ids))
+    async def _encode(self, prompt: str | ChatPrompt, add_special_tokens: bool, check: bool
+                      ) -> tuple[str, list[int]]:
+        """The text and its ids (checked against the model with `check`), off the event loop."""
+        if isinstance(prompt, ChatPrompt):
+            template = request_template(prompt.chat_template, prompt.chat_template_kwargs)
+            if template is not None:
+                text = await render_request_template(self.sandbox, self.tokenizer, template, prompt.messages,
+                                                     prompt.add_generation_prompt, prompt.chat_template_kwargs,
+                                                     prompt.chat_template_timeout_s)
+                return await anyio.to_thread.run_sync(self._encode_text, text, False, check)
+        return await anyio.to_thread.run_sync(self._encode_text, prompt, add_special_tokens, check)
 
-    def _encode(self, prompt: str | ChatPrompt, add_special_tokens: bool) -> tuple[str, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        text = self._render(prompt)
-        return text, self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote them
+    # -- in a worker thread --------------------------------------------------------------
+    def _encode_text(self, prompt: str | ChatPrompt, add_special_tokens: bool, check: bool) -> tuple[str, list[int]]:
+        if isinstance(prompt, ChatPrompt):
+            prompt, add_special_tokens = self._render(prompt), False  # the template wrote them
+        ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return prompt, self._valid(self._sized(ids)) if check else ids
 
     def _render(self, chat: ChatPrompt) -> str:
+        """With the tokenizer's own template."""
         try:
-            text = render_chat(self.tokenizer, chat.messages, chat.add_generation_prompt, chat.chat_template,
-                               chat.chat_template_kwargs, chat.chat_template_timeout_s)
-        except RenderTimeout as exc:
-            raise InvalidRequest(str(exc), param="chat_template") from exc
+            text = render_chat(self.tokenizer, chat.messages, chat.add_generation_prompt, chat.chat_template_kwargs)
         except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or messages it cannot take
             raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from exc
         self._check_chars(len(text), "messages")

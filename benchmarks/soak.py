@@ -1,6 +1,7 @@
 """Soak test of `asyncpp serve`: minutes of concurrent streaming load with clients that
-disconnect, bad requests mixed in, and one stage process SIGKILLed halfway; then what is
-left: failures by reason, the recovery time, KV blocks still in use, RSS and log volume.
+disconnect, bad requests mixed in, and a stage process SIGKILLed halfway, then one of the
+stages its restart spawns (twice in a row); then what is left: failures by reason, the
+recovery time, KV blocks still in use, each process's RSS and the log volume.
 
     python benchmarks/soak.py                                    # bundled model, P=2, 180 s, 256 streams
     python benchmarks/soak.py --duration 30 --concurrency 32     # a quick smoke run
@@ -16,11 +17,14 @@ A worker whose request failed waits --backoff seconds (or the answer's Retry-Aft
 10 s) before its next one, so 503s during the restart do not spin the shared cores.
 
 At --kill-at of the run (default halfway) one stage process (the last spawned child of the
-server running multiprocessing's spawn_main) gets SIGKILL; the recovery time is from the
-kill until /health answers 200 again after it has answered anything else (polled every
-0.2 s). At --duration new requests stop; those still streaming get --grace seconds, then are
+server running multiprocessing's spawn_main) gets SIGKILL; with --kills 2 (the default) the
+first stage process the restart spawns gets SIGKILL too, as soon as it exists (a death
+during the restart, which costs a second of the --max-stage-restarts). The recovery time
+is from the first kill until /health answers 200 again after it has answered anything else
+(polled every 0.2 s). At --duration new requests stop; those still streaming get --grace seconds, then are
 cut. After that /metrics `asyncpp:kv_cache_blocks_used` is polled until 0 (--drain-timeout).
-RSS is the sum of VmRSS of the server and all its descendants. The server's stdout and stderr
+RSS is each process's VmRSS (the server; its stage processes, by rank order; the chat
+template renderers, when any) after the warm-up, at the kill and at the end. The server's stdout and stderr
 go to a log file (kept; its path is printed). The server is stopped with SIGINT (SIGKILL
 after 60 s) and any descendant still alive afterwards is killed and reported.
 
@@ -53,7 +57,8 @@ WORDS = ("the quick brown fox jumps over lazy dog river mountain city light nigh
          "cloud market teacher doctor planet signal number letter question answer reason travel "
          "kitchen library village castle dragon robot coffee bread apple orange yellow purple").split()
 
-BAD_KINDS = ("invalid JSON", "temperature -1", "unknown model", "64 stop strings", "text/plain body")
+BAD_KINDS = ("invalid JSON", "temperature -1", "unknown model", "64 stop strings", "text/plain body",
+             "streamed prompt_logprobs", "a million ids")
 
 
 # -- processes -----------------------------------------------------------------------
@@ -87,15 +92,23 @@ def cmdline(pid: int) -> str:
 
 
 def rss_bytes(pid: int) -> int:
-    total = 0
-    for p in [pid, *descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-    return total
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def rss_by_process(server_pid: int) -> dict[str, int]:
+    """VmRSS of the server and each of its workers, named by role (stages by rank order)."""
+    out = {"server": rss_bytes(server_pid)}
+    for i, pid in enumerate(stage_pids(server_pid)):
+        out[f"stage {i}"] = rss_bytes(pid)
+    for i, pid in enumerate(sorted(p for p in children(server_pid) if "template_renderer" in cmdline(p))):
+        out[f"renderer {i}"] = rss_bytes(pid)
+    return out
 
 
 def alive(pid: int) -> bool:
@@ -163,7 +176,7 @@ class Run:
     stopping: bool = False
     killed_at: float | None = None
     kill: dict[str, Any] = field(default_factory=dict)
-    rss: dict[str, int] = field(default_factory=dict)
+    rss: dict[str, dict[str, int]] = field(default_factory=dict)  # when -> process -> bytes
     seen_pids: set[int] = field(default_factory=set)
     t_start: float = 0.0
 
@@ -229,6 +242,10 @@ class Run:
             content = json.dumps(good | {"model": "no-such-model"}).encode()
         elif kind == "64 stop strings":
             content = json.dumps(good | {"stop": [f"stop{i}" for i in range(64)]}).encode()
+        elif kind == "streamed prompt_logprobs":
+            content = json.dumps(good | {"prompt_logprobs": 1, "stream": True}).encode()
+        elif kind == "a million ids":
+            content = json.dumps(good | {"prompt": [1] * 1_000_000}, separators=(",", ":")).encode()
         else:
             content, headers = json.dumps(good).encode(), {"content-type": "text/plain"}
         try:
@@ -250,7 +267,7 @@ class Run:
     async def killer(self, health: httpx.AsyncClient, at: float) -> None:
         await anyio.sleep(max(0.0, at - time.monotonic()))
         pid = self.server.pid
-        self.rss["middle"] = rss_bytes(pid)
+        self.rss["middle"] = rss_by_process(pid)
         stages = stage_pids(pid)
         self.seen_pids.update(descendants(pid))
         if not stages:
@@ -261,8 +278,26 @@ class Run:
         os.kill(victim, signal.SIGKILL)
         self.killed_at = t0 = time.monotonic()
         print(f"[soak] t={t0 - self.t_start:.1f}s SIGKILL stage pid {victim}", flush=True)
-        while not self.recovery_step(await self.health_code(health)):
-            await anyio.sleep(0.2)
+        async with anyio.create_task_group() as tg:
+            if self.ns.kills > 1:
+                tg.start_soon(self.kill_a_restarting_stage, set(stages))
+            while not self.recovery_step(await self.health_code(health)):
+                await anyio.sleep(0.2)
+
+    async def kill_a_restarting_stage(self, old: set[int]) -> None:
+        """SIGKILL the first stage process the restart spawns, as soon as it exists."""
+        assert self.killed_at is not None
+        while time.monotonic() - self.killed_at < self.ns.recovery_timeout:
+            fresh = [p for p in stage_pids(self.server.pid) if p not in old]
+            if fresh:
+                self.seen_pids.update(fresh)
+                os.kill(fresh[0], signal.SIGKILL)
+                self.kill["second_pid"] = fresh[0]
+                self.kill["second_after_s"] = round(time.monotonic() - self.killed_at, 2)
+                print(f"[soak] {self.kill['second_after_s']} s later SIGKILL the restarting stage pid {fresh[0]}",
+                      flush=True)
+                return
+            await anyio.sleep(0.01)
 
     async def health_code(self, health: httpx.AsyncClient) -> int | None:
         try:
@@ -403,6 +438,8 @@ def report_rows(ns: argparse.Namespace, run: Run, end: dict[str, Any]) -> list[t
         rows.append(("stage kill", k.get("error", "not reached")))
     else:
         rows.append(("stage killed (SIGKILL)", f"pid {k['pid']} of stages {k['stages_before']}"))
+        if "second_pid" in k:
+            rows.append(("  then a restarting stage", f"pid {k['second_pid']}, {k['second_after_s']} s after"))
         rows.append(("  /health not 200 after", f"{k.get('health_down_after_s', '-')} s "
                                                 f"(status {k.get('health_status_while_down', '-')})"))
         rec = k.get("recovery_s")
@@ -411,8 +448,7 @@ def report_rows(ns: argparse.Namespace, run: Run, end: dict[str, Any]) -> list[t
             rows.append(("  stages after", str(k["stages_after"])))
     rows += [("/health at the end", end["health"]),
              ("KV blocks used at the end", f"{end['kv_blocks_used']} (after {end['drain_s']:.1f} s of polling)"),
-             ("server RSS start / middle / end",
-              " / ".join(mib(run.rss.get(w)) for w in ("start", "middle", "end"))),
+             *rss_rows(run.rss),
              ("server log", f"{end['log_bytes']} bytes, {end['log_lines']} lines "
                             f"({end['log_warnings']} WARNING, {end['log_errors']} ERROR, "
                             f"{end['log_tracebacks']} Traceback)"),
@@ -421,20 +457,38 @@ def report_rows(ns: argparse.Namespace, run: Run, end: dict[str, Any]) -> list[t
     return rows
 
 
+def rss_rows(rss: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
+    """One row per process: its RSS after the warm-up / at the kill / at the end."""
+    names = list(dict.fromkeys(name for when in rss.values() for name in when))
+    return [(f"RSS {name} (warm-up / middle / end)",
+             " / ".join(mib(rss.get(when, {}).get(name)) for when in ("start", "middle", "end"))) for name in names]
+
+
 def format_rows(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_server_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after `--`, for `asyncpp serve`)."""
     argv = sys.argv[1:] if argv is None else argv
-    server_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, server_args = argv[:i], argv[i + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def server_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the server's model and pipeline size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, server_args = split_server_args(argv)
+    parser = server_parser(__doc__)
     parser.add_argument("--duration", type=float, default=180, help="seconds of load")
     parser.add_argument("--concurrency", type=int, default=256, help="concurrent streaming requests")
     parser.add_argument("--min-words", type=int, default=12, help="prompt length in words, at least")
@@ -446,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-fraction", type=float, default=0.03, help="share of bad requests")
     parser.add_argument("--kill-at", type=float, default=0.5, help="when to SIGKILL a stage (fraction of --duration)")
     parser.add_argument("--no-kill", action="store_true", help="kill no stage")
+    parser.add_argument("--kills", type=int, choices=(1, 2), default=2,
+                        help="2: also kill a stage the restart spawns, while it starts (default)")
     parser.add_argument("--request-timeout", type=float, default=120, help="seconds per request, at most")
     parser.add_argument("--backoff", type=float, default=0.5, help="a worker's pause after a failed request")
     parser.add_argument("--grace", type=float, default=10, help="seconds streams may finish after --duration")
@@ -474,13 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         run.seen_pids.update(descendants(server.pid))
         print(f"[soak] server pid {server.pid}, children {[(p, cmdline(p)[:60]) for p in children(server.pid)]}",
               flush=True)
-        run.rss["start"] = rss_bytes(server.pid)
+        run.rss["start"] = rss_by_process(server.pid)
         print(f"[soak] model {model}; {ns.concurrency} streams for {ns.duration:.0f} s; log {log_path}", flush=True)
         anyio.run(run.load)
         run.finish_recovery()
         end["kv_blocks_used"], end["drain_s"] = drain(url, ns.drain_timeout)
         end["health"] = health(url)
-        run.rss["end"] = rss_bytes(server.pid)
+        run.rss["end"] = rss_by_process(server.pid)
         run.seen_pids.update(descendants(server.pid))
     finally:
         seen = (run.seen_pids if run else set()) | set(descendants(server.pid))

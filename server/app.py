@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TypeVar
 
 import anyio
@@ -58,13 +59,16 @@ def build_app(engine: AsyncLLM | EngineArgs, *, api_key: str | None = None,
         async with llm, anyio.create_task_group() as tasks:
             app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name), settings)
             body_limit.max_bytes = settings.body_limit(llm.config.max_model_len)
+            if settings.trust_request_chat_template:
+                await llm.start_template_renderers()
             if settings.log_stats_interval_s:
                 tasks.start_soon(log_stats_every, settings.log_stats_interval_s, llm.stats)
             yield
             tasks.cancel_scope.cancel()
 
-    table = endpoints()
-    maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs}
+    table = served_endpoints(settings)
+    maxima = {"n": args.max_num_seqs, "logprobs": args.max_logprobs, "top_logprobs": args.max_logprobs,
+              "prompt_logprobs": args.max_logprobs}
     document = openapi_document([e for e, _ in table], auth=settings.api_key is not None, maxima=maxima)
 
     async def openapi(request: Request) -> Response:
@@ -99,9 +103,22 @@ def endpoints() -> list[tuple[Endpoint, Handler]]:
         (Endpoint("/detokenize", "POST", "Turn token ids into text", DetokenizeRequest, errors=(404,)),
          _with_body(DetokenizeRequest, detokenize)),
         (Endpoint("/metrics", "GET", "Prometheus metrics", ok_media=(CONTENT_TYPE_LATEST,), open=True), metrics),
-        (Endpoint("/reset_prefix_cache", "POST", "Forget every cached prefix (running requests keep theirs)"),
-         reset_prefix_cache),
+        (Endpoint("/reset_prefix_cache", "POST", "Forget every cached prefix (running requests keep theirs)",
+                  dev=True), reset_prefix_cache),
     ]
+
+def served_endpoints(settings: ServerSettings) -> list[tuple[Endpoint, Handler]]:
+    """The routes these settings serve: the dev ones only when enabled (else 404, as vLLM
+    without VLLM_SERVER_DEV_MODE); /metrics behind the key when so asked."""
+    table = []
+    for e, handler in endpoints():
+        if e.dev and not settings.enable_dev_endpoints:
+            continue
+        if e.path == "/metrics" and settings.metrics_require_key:
+            e = replace(e, open=False)
+        table.append((e, handler))
+    return table
+
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -140,7 +157,7 @@ async def models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if not engine.is_healthy():
-        raise engine_unhealthy(engine.dead_error() or EngineDeadError("the engine is not running"))
+        raise engine_unhealthy(engine.dead_error() or EngineDeadError("the engine is not running", permanent=True))
     return Response(status_code=200)
 
 

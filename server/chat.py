@@ -2,14 +2,16 @@
 assistant role first, then content deltas). The engine renders the chat template."""
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
 from asyncpp.chat_template import request_template
-from asyncpp.core.outputs import CompletionOutput
+from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.prompts import ChatPrompt
 from asyncpp.server.errors import ServerError
-from asyncpp.server.logprobs import chat_logprobs
+from asyncpp.server.logprobs import chat_logprobs, prompt_logprobs
 from asyncpp.server.protocol import ChatCompletionRequest, ChatMessage
 from asyncpp.server.serving import ResponseShape, ServerState, respond
 
@@ -28,6 +30,12 @@ class ChatShape(ResponseShape):
             return None
         return chat_logprobs(c.token_ids[first_token:], c.logprobs[first_token:], self.body.top_logprobs or 0,
                              self.state.engine.tokenizer)
+
+    def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        response = super().whole(outs)
+        if self.body.prompt_logprobs is not None:  # vLLM's: beside the choices
+            response["prompt_logprobs"] = prompt_logprobs(outs[0].prompt_logprobs)
+        return response
 
     def opening_choices(self, num_choices: int) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -19,6 +19,7 @@ from asyncpp.server.app import build_app
 from asyncpp.server.connections import GuardedH11Protocol
 from asyncpp.server.log_hygiene import log_config
 from asyncpp.server.settings import ServerSettings, default_allowed_hosts
+from asyncpp.server.shutdown import GracefulServer
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 WANTED_OPEN_FILES = 65536
@@ -37,6 +38,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                             "address, localhost, 127.0.0.1 and ::1; on 0.0.0.0 or :: any; else the bound address)")
     group.add_argument("--trust-request-chat-template", action="store_true",
                        help="render chat templates that requests bring (chat_template); off: refused with 400")
+    group.add_argument("--enable-dev-endpoints", action="store_true", default=_env_flag("VLLM_SERVER_DEV_MODE"),
+                       help="serve POST /reset_prefix_cache, which lets any client slow every other one down "
+                            "(default: off, 404; also on with VLLM_SERVER_DEV_MODE=1, as vLLM)")
+    group.add_argument("--metrics-require-key", action="store_true",
+                       help="with --api-key, GET /metrics needs the key too (it shows every client's volume); "
+                            "default: open, as vLLM, for scrapers without credentials")
     group.add_argument("--max-request-body-bytes", type=_size, metavar="SIZE",
                        help="largest request body, e.g. 8MiB; larger ones get 413 (default: 4 MiB plus 192 bytes "
                             "per token of max_model_len)")
@@ -55,6 +62,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log one line per HTTP request")
+
+
+def _env_flag(name: str) -> bool:
+    """vLLM's reading of a flag variable: an integer, true when not 0."""
+    try:
+        return bool(int(os.environ.get(name, "0")))
+    except ValueError:
+        return False
 
 
 def _number(kind: type, minimum: float | None = None) -> Any:
@@ -94,7 +109,8 @@ def settings_from(ns: argparse.Namespace) -> ServerSettings:
         api_key=ns.api_key, allowed_hosts=None if hosts is None or "*" in hosts else hosts,
         trust_request_chat_template=ns.trust_request_chat_template,
         max_request_body_bytes=ns.max_request_body_bytes, timeout_request_body_s=ns.timeout_request_body,
-        log_stats_interval_s=ns.log_stats_interval)
+        log_stats_interval_s=ns.log_stats_interval, enable_dev_endpoints=ns.enable_dev_endpoints,
+        metrics_require_key=ns.metrics_require_key)
 
 
 def uvicorn_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -113,7 +129,13 @@ def run_serve(ns: argparse.Namespace) -> None:
     if ns.limit_concurrency > open_files // 2:
         logger.warning("--limit-concurrency %d is close to the open-file limit (%d): connections may fail",
                        ns.limit_concurrency, open_files)
-    uvicorn.run(app, host=ns.host, port=ns.port, **options)
+    server = GracefulServer(uvicorn.Config(app, host=ns.host, port=ns.port, **options))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the app did not start
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,14 @@
 """POST /v1/completions: plain and streamed `text_completion` objects."""
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
-from asyncpp.core.outputs import CompletionOutput
+from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.server.errors import ServerError
-from asyncpp.server.logprobs import completion_logprobs
+from asyncpp.server.logprobs import completion_logprobs, prompt_logprobs
 from asyncpp.server.protocol import CompletionRequest, Prompt
 from asyncpp.server.serving import ResponseShape, ServerState, respond
 
@@ -24,6 +26,14 @@ class CompletionShape(ResponseShape):
             return None
         return completion_logprobs(c.token_ids[first_token:], c.logprobs[first_token:], self.body.logprobs,
                                    self.state.engine.tokenizer, text_offset=len(c.text) - len(text))
+
+
+    def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        response = super().whole(outs)
+        if self.body.prompt_logprobs is not None:  # vLLM's: in each choice, its prompt's
+            for choice in response["choices"]:
+                choice["prompt_logprobs"] = prompt_logprobs(outs[choice["index"] // self.body.n].prompt_logprobs)
+        return response
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:

@@ -55,8 +55,17 @@ def _type_from_phrase(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
+class ServerShuttingDown(EngineDeadError):
+    """What requests in flight end with as the server begins to shut down."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down", permanent=True)
+
+
 def to_server_error(exc: Exception) -> ServerError:
     """The status a client gets for what the engine (or SamplingParams) raised, by its type."""
+    if isinstance(exc, ServerShuttingDown):  # logged once, not once per request
+        return ServerError(503, str(exc))
     if isinstance(exc, InvalidRequest):
         return ServerError(400, str(exc), exc.param)
     if isinstance(exc, QueueFullError):
@@ -75,15 +84,19 @@ def internal_error(exc: BaseException) -> ServerError:
 
 
 def engine_unhealthy(exc: BaseException) -> ServerError:
-    """A 503 with the first line of the engine's error, file paths taken out."""
+    """A 503 with the first line of the engine's error, file paths taken out; `Retry-After`
+    only while the engine can recover (not once its restarts are spent or it stopped)."""
     error_id = new_error_id()
     logger.error("engine unhealthy [error_id %s]: %s", error_id, exc)
-    return unavailable(f"the engine is not healthy: {summary(exc)} (error_id {error_id}; the server log "
-                       "has the details)", error_id)
+    permanent = getattr(exc, "permanent", False)
+    state = "down for good" if permanent else "not healthy"
+    return unavailable(f"the engine is {state}: {summary(exc)} (error_id {error_id}; the server log has the "
+                       "details)", error_id, retry=not permanent)
 
 
-def unavailable(message: str, error_id: str | None = None) -> ServerError:
-    return ServerError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)}, error_id=error_id)
+def unavailable(message: str, error_id: str | None = None, retry: bool = True) -> ServerError:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else {}
+    return ServerError(503, message, headers=headers, error_id=error_id)
 
 
 def summary(exc: BaseException) -> str:

@@ -37,6 +37,17 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
             "text_offset": offsets}
 
 
+def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> list[dict[str, dict] | None] | None:
+    """vLLM's `prompt_logprobs`: by prompt position (None first), token id -> its logprob,
+    rank and text."""
+    if entries is None:
+        return None
+    def shown(lp: Logprob) -> dict[str, Any]:
+        return {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+
+    return [None if entry is None else {str(t): shown(lp) for t, lp in entry.items()} for entry in entries]
+
+
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int,
                   tokenizer: PreTrainedTokenizerBase | None) -> dict[str, list]:
     def entry(token_id: int, lp: Logprob) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class Endpoint:
     ok_media: tuple[str, ...] = ("application/json",)
     errors: tuple[int, ...] = ()
     open: bool = False  # needs no API key
+    dev: bool = False  # served only with --enable-dev-endpoints (as vLLM's VLLM_SERVER_DEV_MODE)
 
 
 class ErrorDetail(BaseModel):

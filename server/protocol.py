@@ -6,7 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.server.log_hygiene import printable
@@ -30,8 +40,9 @@ Positive = Annotated[int, Field(ge=1, le=INT64)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 TokenId = Annotated[int, Field(ge=0, le=INT64)]
-TokenIds = list[TokenId]
-PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+# Lists stop at their first bad item: a million bad ones would cost seconds of error objects.
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 PromptText = Annotated[str, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
@@ -66,6 +77,26 @@ def unsupported(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def default_only(default: Any) -> Any:
+    """A vLLM field this server does not implement: accepted at its default value only (any
+    other would change what comes back, and is refused naming the field)."""
+    return Field(default=default, json_schema_extra={"const": default})
+
+
+def only_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    default = cls.model_fields[info.field_name or ""].default
+    if value != default or isinstance(value, bool) != isinstance(default, bool):  # 0 is no False
+        raise ValueError(f"{info.field_name} is not supported by this server (only {default!r})")
+    return value
+
+
+# vLLM's request fields this server does not implement, with their defaults.
+VLLM_UNIMPLEMENTED = ("use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids",
+                      "bad_words", "logits_processors", "structured_outputs", "guided_json", "guided_regex",
+                      "guided_choice", "guided_grammar", "prompt_embeds", "return_tokens_as_token_ids",
+                      "spaces_between_special_tokens")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
@@ -95,13 +126,37 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its (new) token ids
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # shares cached KV only within a salt
+    prompt_logprobs: Count | None = None  # per prompt token, not with stream (the response carries them whole)
+    use_beam_search: Any = default_only(False)
+    length_penalty: Any = default_only(1.0)
+    truncate_prompt_tokens: Any = default_only(None)
+    allowed_token_ids: Any = default_only(None)
+    bad_words: Any = default_only(None)
+    logits_processors: Any = default_only(None)
+    structured_outputs: Any = default_only(None)
+    guided_json: Any = default_only(None)
+    guided_regex: Any = default_only(None)
+    guided_choice: Any = default_only(None)
+    guided_grammar: Any = default_only(None)
+    prompt_embeds: Any = default_only(None)
+    return_tokens_as_token_ids: Any = default_only(False)
+    spaces_between_special_tokens: Any = default_only(True)
+
+    _vllm_unimplemented = field_validator(*VLLM_UNIMPLEMENTED)(classmethod(only_default))
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs is not supported with stream (a whole response carries them)")
+        return value
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _common_sampling(self) -> dict[str, Any]:
-        values = dict(n=self.n, presence_penalty=self.presence_penalty,
+        values = dict(n=self.n, presence_penalty=self.presence_penalty, prompt_logprobs=self.prompt_logprobs,
                       frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens,
                       ignore_eos=self.ignore_eos, seed=self.seed, stop=self.stop or [],
                       stop_token_ids=self.stop_token_ids or [],
@@ -113,9 +168,24 @@ class SamplingFields(RequestModel):
         return values
 
 
+def _prompt_form(value: Any) -> str:
+    """Which form a prompt takes, from its type and its first item's: pydantic then validates
+    that form only (trying each form of a union on a list of a million ids costs a second on
+    the event loop). The tags are the forms' names, which error locations leave out."""
+    if isinstance(value, list) and value:
+        return {str: "list[str]", list: "list[list[int]]"}.get(type(value[0]), "list[int]")
+    return "str" if isinstance(value, str) else "list[int]"
+
+
+PromptForms = Annotated[
+    Annotated[PromptText, Tag("str")] | Annotated[PromptIds, Tag("list[int]")]
+    | Annotated[list[PromptText], Field(min_length=1, fail_fast=True), Tag("list[str]")]
+    | Annotated[list[PromptIds], Field(min_length=1, fail_fast=True), Tag("list[list[int]]")],
+    Discriminator(_prompt_form)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: (PromptText | Annotated[list[PromptText], Field(min_length=1)] | PromptIds
-             | Annotated[list[PromptIds], Field(min_length=1)]) = Field(
+    prompt: PromptForms = Field(
         description="a non-empty string, a list of them, a non-empty list of token ids, or a list of those")
     max_tokens: Positive | None = 16
     logprobs: Count | None = None
@@ -123,8 +193,10 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = Field(default=None, json_schema_extra=EMPTY)
     best_of: Positive | None = None
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=EMPTY)
+    add_special_tokens: Any = default_only(True)
 
     _unsupported = field_validator("echo", "suffix", "logit_bias")(unsupported)
+    _default_only = field_validator("add_special_tokens")(classmethod(only_default))
 
     @field_validator("best_of")
     @classmethod
@@ -169,7 +241,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: Positive | None = None
     max_completion_tokens: Positive | None = None
     logprobs: bool = False
@@ -182,8 +254,14 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"enum": [None, "none", "auto"]})
     response_format: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"properties": {"type": {"const": "text"}}})
+    echo: Any = default_only(False)
+    continue_final_message: Any = default_only(False)
+    documents: Any = default_only(None)
+    add_special_tokens: Any = default_only(False)
 
     _unsupported = field_validator("logit_bias", "tools")(unsupported)
+    _default_only = field_validator("echo", "continue_final_message", "documents", "add_special_tokens")(
+        classmethod(only_default))
 
     @field_validator("tool_choice")
     @classmethod
@@ -219,7 +297,7 @@ class TokenizeRequest(RequestModel):
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, fail_fast=True)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

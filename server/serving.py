@@ -180,6 +180,12 @@ class ResponseShape:
         """Chunks sent before any output (chat's role deltas)."""
         return []
 
+    def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        """A whole (not streamed) response."""
+        choices = [self.choice(i * self.body.n + c.index, c, c.text, 0, chunk=False)
+                   for i, out in enumerate(outs) for c in out.outputs]
+        return self.envelope(choices, chunk=False, usage=usage(outs))
+
     def http_error(self, exc: Exception) -> ServerError:
         error = to_server_error(exc)
         error.param = self.field_names.get(error.param or "", error.param)
@@ -211,10 +217,7 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
     finished, _ = await cancel_on_disconnect(request.receive, collect)
     if not finished:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    outs = [finals[i] for i in sorted(finals)]
-    choices = [shape.choice(i * body.n + c.index, c, c.text, 0, chunk=False)
-               for i, out in enumerate(outs) for c in out.outputs]
-    return JSONResponse(shape.envelope(choices, chunk=False, usage=usage(outs)))
+    return JSONResponse(shape.whole([finals[i] for i in sorted(finals)]))
 
 
 async def _stream(state: ServerState, streams: list[RequestStream], body: SamplingFields, shape: ResponseShape,

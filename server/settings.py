@@ -22,6 +22,8 @@ class ServerSettings:
     timeout_request_body_s: float = 60.0
     chat_template_timeout_s: float = 5.0
     log_stats_interval_s: float = 10.0  # 0: off
+    enable_dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM: VLLM_SERVER_DEV_MODE=1)
+    metrics_require_key: bool = False  # GET /metrics behind the API key too
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:

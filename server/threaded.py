@@ -11,6 +11,8 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from asyncpp.server.shutdown import GracefulServer
+
 
 @contextmanager
 def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
@@ -20,7 +22,7 @@ def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_le
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **options))
+    server = GracefulServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:

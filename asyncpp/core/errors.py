@@ -2,7 +2,12 @@
 
 
 class EngineDeadError(RuntimeError):
-    """The engine can no longer serve (a stage process died, or it was shut down)."""
+    """The engine cannot serve now: a stage process died (the stages restart, then it serves
+    again), or, when `permanent`, for good (its restarts are spent, it was shut down)."""
+
+    def __init__(self, message: str = "", permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class StageDiedError(EngineDeadError):

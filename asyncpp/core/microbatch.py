@@ -24,6 +24,23 @@ class SampleSpec:
 
 
 @dataclass(slots=True)
+class PromptLogprobsSpec:
+    """The prompt's logprobs this chunk yields (read by the last stage only): its first
+    `len(targets)` rows predict `targets`, the prompt tokens after them."""
+    num: int  # top logprobs per position besides the prompt's own token
+    targets: list[int]
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """One chunk's prompt logprobs, per target token: its logprob and rank (1: the most
+    likely), and the `num` most likely tokens with theirs."""
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass(slots=True)
 class SeqWork:
     """One sequence's share of a microbatch."""
     seq_id: int
@@ -31,6 +48,7 @@ class SeqWork:
     start_pos: int  # position of token_ids[0] == tokens already in the KV cache
     block_table: list[int]  # physical blocks (in the VE's region) covering start_pos + len(token_ids)
     sample: SampleSpec | None  # set when this step ends with sampling a token
+    prompt_logprobs: PromptLogprobsSpec | None = None  # set when the request asks for them
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +72,7 @@ class StepOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None  # logprob of each sampled token (when any asked)
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per sampled token, best first
+    prompt_logprobs: dict[int, PromptLogprobs] | None = None  # by the sequence's index in the microbatch
 
 
 # Tensors passed from one stage to the next: "hidden_states" and, for models that keep

@@ -46,3 +46,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None: not scheduled yet)
+    # With SamplingParams.prompt_logprobs: by prompt position, None first; complete from the
+    # first output on (every prompt token is computed before the first is sampled).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

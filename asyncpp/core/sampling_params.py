@@ -27,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top logprobs per token besides the sampled one
+    prompt_logprobs: int | None = None  # the same for each prompt token (besides the prompt's own)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -71,8 +72,10 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "must be > 0")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "must be an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise bad(name, "must be an integer >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -88,9 +91,11 @@ class SamplingParams:
         if bad_ids:
             raise InvalidRequest(f"SamplingParams.stop_token_ids holds {bad_ids[0]}, not a token id in "
                                  f"[0, {vocab_size})", param="stop_token_ids")
-        if max_logprobs is not None and self.logprobs is not None and self.logprobs > max_logprobs:
-            raise InvalidRequest(f"SamplingParams.logprobs asks for {self.logprobs} per token; this engine "
-                                 f"allows at most max_logprobs = {max_logprobs}", param="logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(self, name)
+            if max_logprobs is not None and asked is not None and asked > max_logprobs:
+                raise InvalidRequest(f"SamplingParams.{name} asks for {asked} per token; this engine allows at "
+                                     f"most max_logprobs = {max_logprobs}", param=name)
         if max_num_seqs is not None and self.n > max_num_seqs:
             raise InvalidRequest(f"SamplingParams.n is {self.n}; this engine runs at most max_num_seqs = "
                                  f"{max_num_seqs} sequences at once", param="n")

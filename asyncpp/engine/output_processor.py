@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asyncpp.core.microbatch import PromptLogprobs
 from asyncpp.core.outputs import CompletionOutput, Logprob, RequestOutput
 from asyncpp.engine.detokenizer import IncrementalDetokenizer
 from asyncpp.engine.sequence import Request, Sequence
@@ -77,6 +78,23 @@ class OutputProcessor:
         seq.logprobs.append(entry)
         seq.cumulative_logprob += sampled.logprob
 
+    def add_prompt_logprobs(self, request: Request, first: int, chunk: PromptLogprobs) -> None:
+        """A chunk's prompt logprobs, from prompt position `first` on (again after a
+        preemption recomputed them: the same values)."""
+        assert request.prompt_logprobs is not None
+        for offset, (value, rank, top) in enumerate(zip(chunk.logprobs, chunk.ranks, chunk.top)):
+            position = first + offset
+            token = request.prompt_token_ids[position]
+            entry = {token: Logprob(value, rank=rank)}
+            for top_rank, (tok, top_value) in enumerate(top, start=1):
+                entry.setdefault(tok, Logprob(top_value, rank=top_rank))
+            if self.tokenizer is not None:
+                for tok, logprob in entry.items():
+                    logprob.decoded_token = self.tokenizer.convert_ids_to_tokens(tok)
+            if request.prompt_logprobs[position] is None:
+                request.prompt_logprobs_missing -= 1
+            request.prompt_logprobs[position] = entry
+
     @staticmethod
     def _visible_text(seq: Sequence) -> str:
         """Text a user may see now: never a tail that may still become a stop string."""
@@ -95,4 +113,5 @@ class OutputProcessor:
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in request.seqs]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
                              finished=request.finished, metrics=request.metrics,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens,
+                             prompt_logprobs=request.prompt_logprobs)

@@ -18,6 +18,10 @@ class Router:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._where
 
+    def __len__(self) -> int:
+        """Requests running or waiting."""
+        return len(self._where)
+
     def route(self, request_id: str, seq: Sequence) -> VirtualEngine:
         """The VE holding the longest cached prefix of the prompt, among those not
         overloaded: at most `slack` more unfinished sequences than the least loaded one

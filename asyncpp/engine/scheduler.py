@@ -131,7 +131,9 @@ class Scheduler:
     def _admit(self, seq: Sequence, batch: _Batch) -> bool:
         """Start seq after its longest cached prefix and add its first chunk to the batch;
         False (and nothing taken) if the chunk or its blocks do not fit."""
-        hit = self.blocks.take_cached_prefix(seq) if self.blocks.enable_caching else 0
+        # A prompt whose logprobs are asked for is computed whole: a cached block has no logits.
+        hit = self.blocks.take_cached_prefix(seq) if self.blocks.enable_caching and not seq.wants_prompt_logprobs \
+            else 0
         seq.num_computed = seq.num_scheduled = hit
         room = batch.room(seq)
         num_new = min(seq.num_pending, room) if self.limits.chunked_prefill else seq.num_pending

@@ -75,6 +75,12 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are asked for and not all known yet (the first sequence of a
+        request computes them; it skips the prefix cache then, as vLLM does)."""
+        return self.index == 0 and self.request.prompt_logprobs_missing > 0
+
+    @property
     def seed(self) -> int | None:
         seed = self.request.params.seed
         if seed is None or self.index == 0:
@@ -97,6 +103,14 @@ class Request:
     metrics: RequestMetrics
     cache_salt: str | None = None  # only requests with the same salt share cached KV
     seqs: list[Sequence] = field(default_factory=list)
+    # By position: None first (nothing predicts the first token), then each prompt token's.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_missing: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+            self.prompt_logprobs_missing = len(self.prompt_token_ids) - 1
 
     @property
     def finished(self) -> bool:

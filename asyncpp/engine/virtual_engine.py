@@ -12,7 +12,7 @@ import anyio
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError
-from asyncpp.core.microbatch import MicroBatch, SampleSpec, SeqWork, StepOutput
+from asyncpp.core.microbatch import MicroBatch, PromptLogprobsSpec, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
@@ -154,7 +154,7 @@ class VirtualEngine:
                         return self.supervisor.dead or e
         except Exception as e:  # a bug must fail requests loudly, not hang them
             log.exception("virtual engine %d crashed", self.ve_id)
-            dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}")
+            dead = EngineDeadError(f"virtual engine {self.ve_id} crashed: {e!r}", permanent=True)
             self.fail_all(dead)
             return dead
 
@@ -212,7 +212,8 @@ class VirtualEngine:
             seq, start = item.seq, item.start
             # Copies: later scheduling grows the live block table while this one is in flight.
             seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new), start,
-                                list(seq.block_table), self._sample_spec(seq) if item.samples else None))
+                                list(seq.block_table), self._sample_spec(seq) if item.samples else None,
+                                _prompt_logprobs_spec(seq, start, item.num_new)))
         return MicroBatch(self.ve_id, seqs)
 
     def _sample_spec(self, seq: Sequence) -> SampleSpec:
@@ -230,7 +231,7 @@ class VirtualEngine:
     def _apply(self, batch: list[ScheduledSeq], output: StepOutput) -> None:
         touched: dict[str, Request] = {}
         sample_index = 0
-        for item in batch:
+        for index, item in enumerate(batch):
             seq = item.seq
             sampled = None
             if item.samples:
@@ -239,6 +240,8 @@ class VirtualEngine:
             if seq.finished or item.epoch != seq.epoch:  # aborted, or preempted, while in flight
                 continue
             seq.num_computed = item.start + item.num_new
+            if output.prompt_logprobs and index in output.prompt_logprobs:
+                self.processor.add_prompt_logprobs(seq.request, item.start + 1, output.prompt_logprobs[index])
             if sampled is None:
                 continue
             seq.awaiting_sample = False
@@ -269,3 +272,14 @@ class VirtualEngine:
             output.token_ids[i],
             output.logprobs[i] if output.logprobs is not None else None,
             output.top_logprobs[i] if output.top_logprobs is not None else None)
+
+
+def _prompt_logprobs_spec(seq: Sequence, start: int, num_new: int) -> PromptLogprobsSpec | None:
+    """Row i of the chunk [start, start + num_new) predicts prompt token start + i + 1."""
+    if not seq.wants_prompt_logprobs:
+        return None
+    prompt = seq.prompt_token_ids
+    end = min(start + num_new, len(prompt) - 1)
+    if end <= start:
+        return None
+    return PromptLogprobsSpec(seq.request.params.prompt_logprobs or 0, prompt[start + 1:end + 1])

@@ -56,47 +56,66 @@ class Supervisor:
         if executor is not self.executor or self.dead is not None or self.restarting is not None:
             return
         if isinstance(error, NodeLostError):  # a restart would wait for the node's resources forever
-            self.dead = EngineDeadError(f"{error} (not restarted: the stage's node is gone; start the engine "
-                                        "again once the cluster has room for every stage)")
-            log.error("engine failed: %s", self.dead)
+            self._die(EngineDeadError(f"{error} (not restarted: the stage's node is gone; start the engine again "
+                                      "once the cluster has room for every stage)", permanent=True))
             return
-        now, window = time.monotonic(), self.config.stage_restart_window_s
-        while self._restarts and now - self._restarts[0] > window:
-            self._restarts.popleft()
-        if len(self._restarts) >= self.config.max_stage_restarts:
-            self.dead = EngineDeadError(f"{error} (not restarted: {len(self._restarts)} stage restart(s) in the "
-                                        f"last {window:g} s, --max-stage-restarts {self.config.max_stage_restarts})")
-            log.error("engine failed: %s", self.dead)
+        if not self._spend_restart(error):
             return
-        self._restarts.append(now)
         self.restarting = error
         self._restarted = anyio.Event()
         assert self._task_group is not None
         self._task_group.start_soon(self._restart, executor, name="asyncpp-stage-restart")
 
+    def _spend_restart(self, error: BaseException) -> bool:
+        """Counts one restart against the window; False (and the engine dead for good) when
+        none is left."""
+        now, window, most = time.monotonic(), self.config.stage_restart_window_s, self.config.max_stage_restarts
+        while self._restarts and now - self._restarts[0] > window:
+            self._restarts.popleft()
+        if len(self._restarts) >= most:
+            self._die(EngineDeadError(f"{error} (not restarted: {len(self._restarts)} stage restart(s) in the last "
+                                      f"{window:g} s, --max-stage-restarts {most})", permanent=True))
+            return False
+        self._restarts.append(now)
+        return True
+
+    def _die(self, error: EngineDeadError) -> None:
+        self.dead = error
+        log.error("engine failed for good: %s", error)
+
     async def _restart(self, failed: Executor) -> None:
-        log.error("pipeline failed: %s; restarting the stages (%d of at most %d in %g s)", self.restarting,
-                  len(self._restarts), self.config.max_stage_restarts, self.config.stage_restart_window_s)
-        started = time.monotonic()
+        """New stages until some start: a stage that dies while they start is one more
+        failure, tried again while the window has restarts left."""
         try:
             await failed.shutdown()  # nothing of the failed generation is left after this
-            fresh = create_executor(self.config, self.runner_factory)
-            try:
-                assert self._task_group is not None
-                await fresh.start(self._task_group)
-                await fresh.init_kv_cache(self._blocks_per_ve)
-            except BaseException:
-                await fresh.shutdown()
-                raise
-            fresh.on_dead = self._on_dead
-            self.executor = fresh
-            log.info("pipeline stages restarted in %.1f s", time.monotonic() - started)
-        except Exception as exc:
-            self.dead = EngineDeadError(f"restarting the stages after '{self.restarting}' failed: {exc}")
-            log.error("engine failed: %s", self.dead)
+            while True:
+                log.error("pipeline failed: %s; restarting the stages (%d of at most %d in %g s)", self.restarting,
+                          len(self._restarts), self.config.max_stage_restarts, self.config.stage_restart_window_s)
+                started = time.monotonic()
+                try:
+                    self.executor = await self._fresh_executor()
+                except Exception as exc:
+                    if not self._spend_restart(exc):
+                        return
+                    self.restarting = exc
+                    continue
+                log.info("pipeline stages restarted in %.1f s", time.monotonic() - started)
+                return
         finally:
             self.restarting = None
             self._restarted.set()
+
+    async def _fresh_executor(self) -> Executor:
+        fresh = create_executor(self.config, self.runner_factory)
+        try:
+            assert self._task_group is not None
+            await fresh.start(self._task_group)
+            await fresh.init_kv_cache(self._blocks_per_ve)
+        except BaseException:
+            await fresh.shutdown()
+            raise
+        fresh.on_dead = self._on_dead
+        return fresh
 
     async def recovered(self, failed: Executor) -> bool:
         """After `failed` raised EngineDeadError: wait for its restart; False when the

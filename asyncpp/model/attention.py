@@ -33,6 +33,7 @@ from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
 from asyncpp.model.attention_metadata import AttentionMetadata, DecodeBatch, KernelDecode, PrefillSeq
 from asyncpp.model.eager_attention import eager_attention, sink_softmax
+from asyncpp.model.host_memory import resident_zeros
 from asyncpp.model.kv_quant import Fp8Format, storage_dtype
 
 # One layer's cache: (K, V), or (latent,) for multi-head latent attention (mla.py).
@@ -41,19 +42,24 @@ KVCache = tuple[torch.Tensor, ...]
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
-    # Uninitialised on purpose: every read is either of a written slot or masked out, and
-    # zero-filling gigabytes takes seconds at start.
-    dtype = storage_dtype(dtype)
-    keys = torch.empty(num_layers, num_blocks, kv_heads, head_dim, block_size, dtype=dtype, device=device)
-    values = torch.empty(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    keys = _cache_tensor((num_layers, num_blocks, kv_heads, head_dim, block_size), dtype, device)
+    values = _cache_tensor((num_layers, num_blocks, block_size, kv_heads, head_dim), dtype, device)
     return [(keys[i], values[i]) for i in range(num_layers)]
 
 
 def allocate_latent_cache(num_layers: int, num_blocks: int, block_size: int, dim: int, dtype: torch.dtype,
                           device: torch.device | str) -> list[KVCache]:
     """Multi-head latent attention: one [num_blocks, block_size, dim] tensor per layer."""
-    latent = torch.empty(num_layers, num_blocks, block_size, dim, dtype=storage_dtype(dtype), device=device)
+    latent = _cache_tensor((num_layers, num_blocks, block_size, dim), dtype, device)
     return [(latent[i],) for i in range(num_layers)]
+
+
+def _cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    # Every read is of a written slot or masked out, so the contents do not matter: on a GPU
+    # the memory is uninitialised; on a CPU it is made resident now (host_memory.py).
+    if torch.device(device).type == "cpu":
+        return resident_zeros(shape, storage_dtype(dtype))
+    return torch.empty(shape, dtype=storage_dtype(dtype), device=device)
 
 
 def layer_caches(stage: StageSpec, caches: list[KVCache]) -> list[KVCache | None]:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
+from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, PromptLogprobs, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
 from asyncpp.model import kernels
 from asyncpp.model.attention import KVCache, allocate_kv_cache, allocate_latent_cache
@@ -15,7 +15,9 @@ from asyncpp.model.kv_quant import kv_format
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
 from asyncpp.model.sliding_window import stage_windows
-from asyncpp.worker.sampler import Sampler
+from asyncpp.worker.sampler import Sampler, prompt_logprobs
+
+PROMPT_LOGITS_ELEMENTS = 2**24  # logits computed at once for prompt logprobs: 64 MiB of float32
 
 
 class ModelRunner:
@@ -79,14 +81,18 @@ class ModelRunner:
                 ) -> IntermediateTensors | torch.Tensor:
         """Non-last stage: the tensors for the next stage. Last stage: float32 logits
         [sampling sequences, vocab], in microbatch order."""
+        states = self._states(mb, intermediate)
+        return states if not self.stage.is_last else self._logits(mb, states)
+
+    def _states(self, mb: MicroBatch, intermediate: IntermediateTensors | None) -> IntermediateTensors:
         meta = build_metadata(mb.seqs, self.layout, self.device)
         input_ids = None
         if self.stage.is_first:
             ids = [t for s in mb.seqs for t in s.token_ids]
             input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        states = self.model(input_ids, intermediate, self.kv_caches[mb.ve_id], meta)
-        if not self.stage.is_last:
-            return states
+        return self.model(input_ids, intermediate, self.kv_caches[mb.ve_id], meta)
+
+    def _logits(self, mb: MicroBatch, states: IntermediateTensors) -> torch.Tensor:
         return self.model.compute_logits(states, self._sampling_rows(mb)).float()
 
     def _sampling_rows(self, mb: MicroBatch) -> torch.Tensor | None:
@@ -97,13 +103,32 @@ class ModelRunner:
             return None
         return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
+    @torch.inference_mode()
     def execute(self, mb: MicroBatch, intermediate: IntermediateTensors | None
                 ) -> IntermediateTensors | StepOutput:
-        out = self.forward(mb, intermediate)
+        states = self._states(mb, intermediate)
         if not self.stage.is_last:
-            return out
+            return states
         specs = [s.sample for s in mb.seqs if s.sample is not None]
-        if not specs:
-            return StepOutput([])
-        with torch.inference_mode():
-            return self.sampler(out, specs)
+        out = self.sampler(self._logits(mb, states), specs) if specs else StepOutput([])
+        if any(s.prompt_logprobs is not None for s in mb.seqs):
+            out.prompt_logprobs = self._prompt_logprobs(mb, states)
+        return out
+
+    def _prompt_logprobs(self, mb: MicroBatch, states: IntermediateTensors) -> dict[int, PromptLogprobs]:
+        """For each sequence that asks: the logits of its chunk's rows that predict a prompt
+        token, a slice of rows at a time (a whole chunk's would be tokens x vocab floats)."""
+        out: dict[int, PromptLogprobs] = {}
+        start = 0
+        for index, seq in enumerate(mb.seqs):
+            spec = seq.prompt_logprobs
+            if spec is not None:
+                rows = torch.arange(start, start + len(spec.targets))
+                step = max(1, PROMPT_LOGITS_ELEMENTS // self.config.shape.vocab_size)
+                parts = [prompt_logprobs(self.model.compute_logits(states, rows[i:i + step].to(self.device)).float(),
+                                         spec.targets[i:i + step], spec.num, self.config.shape.vocab_size)
+                         for i in range(0, len(rows), step)]
+                out[index] = PromptLogprobs([v for p in parts for v in p.logprobs], [r for p in parts for r in p.ranks],
+                                            [t for p in parts for t in p.top])
+            start += seq.num_tokens
+        return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from asyncpp.core.microbatch import SampleSpec, StepOutput
+from asyncpp.core.microbatch import PromptLogprobs, SampleSpec, StepOutput
 from asyncpp.core.sampling_params import GREEDY_EPS
 from asyncpp.worker import sampling_ops as ops
 
@@ -159,6 +159,19 @@ def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     else:
         top = [[] for _ in specs]
     return StepOutput(token_ids.tolist(), chosen.tolist(), top)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], num: int, vocab_size: int) -> PromptLogprobs:
+    """Row i's log_softmax at targets[i], its rank (1: the most likely) and the `num` most
+    likely tokens: the model's own distribution (as vLLM's, no penalty or temperature)."""
+    logprobs = logits[:, :vocab_size].log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device).unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    top: list[list[tuple[int, float]]] = [[] for _ in targets]
+    if num:
+        values, ids = logprobs.topk(min(num, vocab_size), dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return PromptLogprobs(chosen.squeeze(1).tolist(), ranks.tolist(), top)
 
 
 def _tensor(values: list[float], device: torch.device) -> torch.Tensor:

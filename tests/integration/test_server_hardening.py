@@ -4,6 +4,7 @@ idle connections and the log, body limits, bad fields, hosts, auth), the stats l
 OpenAPI document."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import select
@@ -26,6 +27,7 @@ from asyncpp.engine_args import EngineArgs
 from asyncpp.executor.stats import PipelineStats
 from asyncpp.prompts import PROMPT_CHARS_PER_TOKEN
 from asyncpp.server.app import build_app
+from asyncpp.server.cli import add_serve_args, settings_from
 from asyncpp.server.log_hygiene import LogHygiene, printable
 from asyncpp.server.metrics import ServerMetrics
 from asyncpp.server.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
@@ -40,7 +42,8 @@ BODY_LIMIT = 64 * 1024
 LIMITS = {"max_num_seqs": 4, "max_waiting_requests": 8, "max_logprobs": 5}
 TRUSTING = ServerSettings(api_key=API_KEY, trust_request_chat_template=True, chat_template_timeout_s=1,
                           allowed_hosts=["127.0.0.1", "localhost"], max_request_body_bytes=BODY_LIMIT,
-                          timeout_request_body_s=1, log_stats_interval_s=0)
+                          timeout_request_body_s=1, log_stats_interval_s=0, enable_dev_endpoints=True,
+                          metrics_require_key=True)
 SLOW_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 GREEDY = {"temperature": 0, "max_tokens": 4}
 
@@ -166,6 +169,38 @@ def test_trusted_template_renders_off_the_loop_and_in_bounded_time(hardened):
     assert post(hardened, "/v1/chat/completions", chat()).status_code == 200
 
 
+MEMORY_BOMB = "{{ 'x' * 1000000000 }}{{ 'y' * 1000000000 }}"  # the issue's: 2 GB of text in the server
+
+
+def vm(pid: int | str, field: str) -> int:
+    """VmHWM (peak resident size) or VmRSS (now) of a process, in bytes."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+
+def test_four_memory_bombs_get_400_from_a_capped_renderer_and_leave_the_server_alone(hardened):
+    server_rss = vm("self", "VmRSS")  # the server runs in this process
+    engine = hardened.app.state.server.engine
+    renderers = engine.template_renderer_pids()
+    assert len(renderers) == 2  # started with the server, as it trusts request templates
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(post(hardened, "/v1/chat/completions",
+                                                                   chat(chat_template=MEMORY_BOMB))))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=hardened.url) as http:
+        assert http.get("/health").status_code == 200
+    for thread in threads:
+        thread.join()
+    for response in answers:
+        assert "more memory than a renderer may use" in error_of(response, 400, "chat_template")["message"]
+    assert engine.template_renderer_pids() == renderers  # each answered (and was kept)
+    cap = engine._prompts.sandbox.memory_bytes
+    assert all(vm(pid, "VmHWM") < cap for pid in renderers)
+    assert vm("self", "VmRSS") - server_rss < 64 * 2**20
+    assert post(hardened, "/v1/chat/completions", chat()).status_code == 200
+
+
 # -- 4: logprobs and prompt size -------------------------------------------------------------
 def test_logprobs_over_max_logprobs_name_their_field(hardened):
     error_of(post(hardened, "/v1/completions", {"prompt": "x", "logprobs": 6}), 400, "logprobs")
@@ -183,6 +218,26 @@ def test_overlong_text_is_refused_before_tokenizing(plain, path, field):
     body = {"messages": [{"role": "user", "content": text}]} if field == "messages" else {"prompt": text}
     error = error_of(post(plain, path, body), 400, field)
     assert str(len(text)) in error["message"] and str(MAX_MODEL_LEN) in error["message"]
+
+
+def test_a_million_ids_or_bools_are_400_and_health_answers_meanwhile(plain):
+    """A body of 1.5 M token ids (or 800 k `true`s, each an error) under the body limit: the
+    ids are checked off the event loop and a list stops at its first bad item (800 k
+    validation errors took 28 s to build)."""
+    bodies = [json.dumps({"prompt": ids}, separators=(",", ":")).encode()
+              for ids in ([1] * 1_500_000, [True] * 800_000)]
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda b=b: answers.append(post(plain, "/v1/completions", b))) for b in bodies]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=plain.url) as http:
+        while any(thread.is_alive() for thread in threads):
+            assert http.get("/health").status_code == 200
+    for thread in threads:
+        thread.join()
+    messages = sorted(error_of(response, 400, "prompt")["message"] for response in answers)
+    assert messages[0].startswith("prompt is 1500000 tokens long")
+    assert messages[1] == "prompt.0: Input should be a valid integer"  # the first bad item alone
 
 
 # -- 5: idle connections, and a log that stays small and one line per record ------------------
@@ -337,12 +392,33 @@ BAD_FIELDS = [
     ("tool_choice required", "/v1/chat/completions", chat(tool_choice="required"), "tool_choice"),
     ("tools", "/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
     ("bools to detokenize", "/detokenize", {"tokens": [True]}, "tokens"),
+    ("prompt_logprobs over max_logprobs", "/v1/completions", {"prompt": "x", "prompt_logprobs": 6}, "prompt_logprobs"),
+    ("prompt_logprobs streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+     "prompt_logprobs"),
+    ("beam search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("structured outputs", "/v1/chat/completions", chat(structured_outputs={"json": {}}), "structured_outputs"),
+    ("chat echo", "/v1/chat/completions", chat(echo=True), "echo"),
 ]
 
 
 @pytest.mark.parametrize("name,path,body,param", BAD_FIELDS, ids=[case[0] for case in BAD_FIELDS])
 def test_bad_fields_are_400_naming_the_field(hardened, name, path, body, param):
     error_of(post(hardened, path, body), 400, param)
+
+
+def test_prompt_logprobs_as_vllm_gives_them(hardened):
+    whole = post(hardened, "/v1/completions", {"prompt": "San Francisco is a", "prompt_logprobs": 2, "n": 2,
+                                               "return_token_ids": True, **GREEDY}).json()
+    ids = post(hardened, "/tokenize", {"prompt": "San Francisco is a"}).json()["tokens"]
+    for choice in whole["choices"]:  # each choice carries its prompt's
+        positions = choice["prompt_logprobs"]
+        assert positions[0] is None and len(positions) == len(ids)
+        for token, entry in zip(ids[1:], positions[1:]):
+            assert str(token) in entry and 2 <= len(entry) <= 3
+            assert all(e["logprob"] <= 0 and e["rank"] >= 1 and e["decoded_token"] for e in entry.values())
+    chat_response = post(hardened, "/v1/chat/completions", chat(prompt_logprobs=0)).json()
+    assert chat_response["prompt_logprobs"][0] is None
+    assert all(len(entry) == 1 for entry in chat_response["prompt_logprobs"][1:])  # the prompt's token alone
 
 
 def test_a_megabyte_stop_string_is_400(plain):
@@ -373,6 +449,32 @@ def test_401_names_the_scheme_and_the_scheme_is_case_insensitive(hardened):
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         for scheme in ("bearer", "BEARER", "Bearer"):
             assert http.get("/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
+
+
+# -- endpoints that let one client see or slow the others --------------------------------------
+def test_reset_prefix_cache_with_dev_endpoints_and_metrics_behind_the_key(hardened):
+    assert post(hardened, "/v1/completions", {"prompt": "a b c d e f g h i j k l m n o p q r", **GREEDY}).status_code \
+        == 200
+    with httpx.Client(base_url=hardened.url, timeout=30) as http:
+        assert http.get("/metrics").status_code == 401
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert metrics.status_code == 200
+    cached = next(float(line.rsplit(None, 1)[1]) for line in metrics.text.splitlines()
+                  if line.startswith("asyncpp:kv_cache_blocks_cached"))
+    reset = post(hardened, "/reset_prefix_cache", b"")
+    assert reset.status_code == 200 and reset.json()["freed_blocks"] == cached > 0
+
+
+def test_dev_endpoints_follow_vllm_server_dev_mode(monkeypatch):
+    parser = argparse.ArgumentParser()
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    add_serve_args(parser)
+    assert settings_from(parser.parse_args([])).enable_dev_endpoints
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "0")
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert not settings_from(parser.parse_args([])).enable_dev_endpoints
+    assert settings_from(parser.parse_args(["--enable-dev-endpoints", "--metrics-require-key"])).metrics_require_key
 
 
 # -- the periodic stats line ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 behind, and a dead stage turning /health and new requests into 503s."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -94,3 +96,42 @@ def test_dead_stage_makes_health_and_requests_503(llama_dir, tok_dir):
         refused = http.post("/v1/completions", json={"prompt": COMPLETION_PROMPT})
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["type"] == "ServiceUnavailableError"
+
+
+@pytest.mark.anyio
+async def test_sigterm_ends_every_live_stream_with_an_error_event_and_done(llama_dir, tok_dir):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "asyncpp", "serve", str(llama_dir), "--tokenizer", str(tok_dir), "--dtype", "float32",
+           "--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--port", str(port), "--log-stats-interval", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    body = {"prompt": COMPLETION_PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    events: dict[int, list[str]] = {}
+    try:
+        _wait_until(lambda: _healthy(url, proc), 120, "the server to start")
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http, anyio.create_task_group() as tg:
+            async def stream(i: int, started: anyio.Event) -> None:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            events.setdefault(i, []).append(line[6:])
+                            started.set()
+
+            for i in range(8):
+                started = anyio.Event()
+                tg.start_soon(stream, i, started)
+                await started.wait()
+            proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for lines in events.values():
+        assert lines[-1] == "[DONE]" and '"choices"' in lines[0], lines[-3:]
+        assert json.loads(lines[-2])["error"] == {"message": "the server is shutting down", "type":
+                                                  "ServiceUnavailableError", "param": None, "code": 503}
+    assert len(events) == 8 and output.count("shutting down: 8 request(s) in flight end with an error") == 1, output
+    assert "Traceback" not in output and "CancelledError" not in output and "Cancel " not in output, output
+    assert proc.returncode in (0, -signal.SIGTERM), output

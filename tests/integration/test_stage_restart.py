@@ -3,15 +3,20 @@ restarts every stage by itself (bounded) and serves again with the same outputs,
 nothing of the failed generation is left behind."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from asyncpp import AsyncLLM, EngineDeadError, StageDiedError
 from asyncpp.core.errors import MicrobatchError, StageHungError
+from asyncpp.server.app import build_app
+from asyncpp.server.metrics import ServerMetrics
+from asyncpp.server.serving import ServerState
 from asyncpp.worker.model_runner import ModelRunner
 from asyncpp.worker.shm_common import SHM_PREFIX, shm_dir
 from helpers.parity import greedy, hf_greedy, mixed_prompts
@@ -111,6 +116,47 @@ async def test_restarts_are_bounded(llama_dir):
         assert "--max-stage-restarts 1" in str(llm.dead_error()) and not llm.is_healthy()
         with pytest.raises(EngineDeadError):
             await llm.add_request(PROMPT, greedy(4))
+
+
+async def kill_stage_then_a_fresh_one(llm: AsyncLLM) -> None:
+    """SIGKILL stage 0, then one of the stages the restart spawns, as soon as it exists
+    (while the new stages start and load)."""
+    old = set(llm.rank_pids())
+    os.kill(min(old), signal.SIGKILL)
+    with anyio.fail_after(RECOVER_WITHIN_S):
+        while not (fresh := [p.pid for p in multiprocessing.active_children()
+                             if p.name.startswith("asyncpp-stage") and p.pid not in old]):
+            await anyio.sleep(0.01)
+    os.kill(fresh[0], signal.SIGKILL)
+
+
+async def test_a_stage_dying_during_the_restart_is_restarted_again(llama_dir):
+    async with engine(llama_dir, max_stage_restarts=2) as llm:
+        await kill_stage_then_a_fresh_one(llm)
+        await wait_healthy(llm)
+        out = [o async for o in llm.generate(PROMPT, greedy(8))][-1]
+    assert out.outputs[0].token_ids == hf_greedy(llama_dir, [PROMPT], 8)[0]
+
+
+async def test_a_death_during_the_last_restart_leaves_the_engine_down_for_good(llama_dir):
+    before = shm_files()
+    async with engine(llama_dir, max_stage_restarts=1) as llm:
+        await kill_stage_then_a_fresh_one(llm)
+        with anyio.fail_after(RECOVER_WITHIN_S):
+            while llm.dead_error() is None or not llm.dead_error().permanent:
+                await anyio.sleep(0.05)
+        assert not [p for p in multiprocessing.active_children() if p.name.startswith("asyncpp-stage")]
+        app = build_app(llm)
+        app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
+            health = await http.get("/health")
+            refused = await http.post("/v1/completions", json={"prompt": PROMPT})
+        for response in (health, refused):
+            message = response.json()["error"]["message"]
+            assert response.status_code == 503 and "retry-after" not in response.headers, response.headers
+            assert message.startswith("the engine is down for good: pipeline stage ") and "--max-stage-restarts 1" \
+                in message and message.count("engine") == 1, message
+    assert shm_files() <= before
 
 
 POISON = 999  # a valid token id that this runner refuses, standing in for any per-input failure

@@ -18,8 +18,8 @@ LAYERS = [
     ("worker", ("asyncpp.worker",)),
     ("executor", ("asyncpp.executor",)),
     ("engine", ("asyncpp.engine",)),
-    ("api", ("asyncpp.chat_template", "asyncpp.prompts", "asyncpp.engine_args", "asyncpp.async_llm", "asyncpp.llm",
-             "asyncpp.client", "asyncpp")),
+    ("api", ("asyncpp.template_renderer", "asyncpp.template_sandbox", "asyncpp.chat_template", "asyncpp.prompts",
+             "asyncpp.engine_args", "asyncpp.async_llm", "asyncpp.llm", "asyncpp.client", "asyncpp")),
     ("server", ("asyncpp.server",)),
     ("cli", ("asyncpp.cli", "asyncpp.__main__", "asyncpp.bench", "asyncpp.testing")),
 ]

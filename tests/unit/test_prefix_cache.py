@@ -8,8 +8,8 @@ from asyncpp.engine.sequence import Request, Sequence
 SHARED = list(range(100, 132))  # eight blocks of 4 tokens
 
 
-def make_seq(tokens: list[int], salt: str | None = None) -> Sequence:
-    req = Request("r", None, tokens, SamplingParams(), 16, RequestMetrics(0.0), salt)
+def make_seq(tokens: list[int], salt: str | None = None, params: SamplingParams | None = None) -> Sequence:
+    req = Request("r", None, tokens, params or SamplingParams(), 16, RequestMetrics(0.0), salt)
     seq = Sequence(req, 0, tokens)
     req.seqs = [seq]
     return seq
@@ -42,6 +42,16 @@ def test_a_whole_cached_prompt_still_computes_its_last_token():
     again = make_seq(SHARED)
     assert admit(sched, again) == 28  # the last block is recomputed, not shared and rewritten
     assert again.num_scheduled == 32
+
+
+def test_a_prompt_whose_logprobs_are_asked_for_is_computed_whole_until_they_are_known():
+    sched = caching_scheduler()
+    admit(sched, make_seq(SHARED + [1]))
+    wanting = make_seq(SHARED + [1], params=SamplingParams(prompt_logprobs=0))
+    assert admit(sched, wanting) == 0  # a cached block has no logits
+    known = make_seq(SHARED + [1], params=SamplingParams(prompt_logprobs=0))
+    known.request.prompt_logprobs_missing = 0  # e.g. preempted after its prompt ran
+    assert admit(sched, known) == 32
 
 
 def test_shorter_than_a_block_is_never_a_hit():
