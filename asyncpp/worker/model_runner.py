@@ -98,4 +98,4 @@ class ModelRunner:
         if not specs:
             return StepOutput([])
         with torch.inference_mode():
-            return self.sampler(out, specs)
+            return self.sampler(out, specs, mb.token_bitmask)
