@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from asyncpp.core.outputs import Logprob, RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.detokenizer import IncrementalDetokenizer
+from asyncpp.engine.grammar_state import GrammarState
 
 _seq_ids = itertools.count()
 
@@ -41,6 +42,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # when a tokenizer is loaded
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    grammar: GrammarState | None = None  # structured output: what its next token may be
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +99,14 @@ class Request:
     metrics: RequestMetrics
     cache_salt: str | None = None  # only requests with the same salt share cached KV
     seqs: list[Sequence] = field(default_factory=list)
+    # `params` as the last stage reads them: without the structured-output spec (which the
+    # engine compiled; a schema need not travel with every microbatch).
+    sampler_params: SamplingParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler_params is None:
+            self.sampler_params = (self.params if self.params.structured_outputs is None
+                                   else replace(self.params, structured_outputs=None))
 
     @property
     def finished(self) -> bool:
