@@ -51,10 +51,13 @@ def reserved_names(tokenizer_type: type) -> frozenset[str]:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template: str | None, kwargs: dict[str, Any], timeout_s: float) -> str:
+                template: str | None, kwargs: dict[str, Any], timeout_s: float,
+                tools: list[dict[str, Any]] | None = None) -> str:
     """The rendered text: with the tokenizer's template, or with the request's one through
-    `render_request_template`."""
+    `render_request_template`. `tools` become the template's `tools` (as transformers passes them)."""
     variables = {k: v for k, v in kwargs.items() if k != "chat_template"}
+    if tools:
+        variables["tools"] = tools
     own = request_template(template, kwargs)
     if own is None:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,

@@ -30,6 +30,7 @@ class ChatPrompt:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # template variables
     cache_salt: str | None = None  # as a dict prompt's
     chat_template_timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S
+    tools: list[dict[str, Any]] | None = None  # OpenAI-style function tools, for the template's `tools`
 
 
 PromptInput = Union[str, list[int], dict[str, Any], ChatPrompt]
@@ -106,7 +107,7 @@ class PromptResolver:
     def _render(self, chat: ChatPrompt) -> str:
         try:
             text = render_chat(self.tokenizer, chat.messages, chat.add_generation_prompt, chat.chat_template,
-                               chat.chat_template_kwargs, chat.chat_template_timeout_s)
+                               chat.chat_template_kwargs, chat.chat_template_timeout_s, chat.tools)
         except RenderTimeout as exc:
             raise InvalidRequest(str(exc), param="chat_template") from exc
         except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or messages it cannot take

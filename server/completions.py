@@ -4,7 +4,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from asyncpp.core.outputs import CompletionOutput
+from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.server.errors import ServerError
 from asyncpp.server.logprobs import completion_logprobs
 from asyncpp.server.protocol import CompletionRequest, Prompt
@@ -16,7 +16,7 @@ class CompletionShape(ResponseShape):
     id_prefix = "cmpl"
     body: CompletionRequest
 
-    def content(self, text: str, chunk: bool) -> dict:
+    def content(self, index: int, out: RequestOutput, c: CompletionOutput, text: str, chunk: bool) -> dict:
         return {"text": text}
 
     def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:
