@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from asyncpp.config import EngineArgs, create_engine_config
+from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.model.registry import check_supported
 from helpers.models import make_phi3
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import MixtralConfig, Qwen3MoeConfig
 
-from asyncpp.config import check_tensor_parallel
 from asyncpp.core.config import COST_SEQS, ModelShape
 from asyncpp.core.stages import StageCosts, partition_layers, split_partition
+from asyncpp.engine_args import check_tensor_parallel
 from asyncpp.model.moe import QWEN3_MOE_NAMES, SparseMoeBlock
 from asyncpp.model.parallel import SingleRankGroup
 
