@@ -11,6 +11,7 @@ its keys must not be parameters of transformers' `apply_chat_template` (`tokeniz
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,31 @@ def render_request_template(tokenizer: PreTrainedTokenizerBase, template: str, m
     return call_with_deadline(lambda: tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
         **variables), timeout_s)
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style message as chat templates read it (as vLLM passes it): no content as ""
+    (an assistant turn that only called tools), and tool-call arguments as objects (clients send
+    them as JSON text; templates write them out with tojson)."""
+    message = dict(message)
+    if message.get("content") is None:
+        message["content"] = ""
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message["tool_calls"] = [_arguments_as_object(call) for call in calls]
+    return message
+
+
+def _arguments_as_object(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}
 
 
 def call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from asyncpp.chat_template import template_message
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.core.structured_outputs import StructuredOutputsParams
 from asyncpp.server.log_hygiene import printable
@@ -209,18 +210,13 @@ class ChatMessage(BaseModel):
         return content
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it: text parts joined into one string, no content
-        as "" (an assistant turn that only called tools), and tool-call arguments as objects
-        (clients send them as JSON text; templates write them out with tojson), as vLLM does."""
+        """The message as chat templates expect it: text parts joined into one string, then
+        `template_message`."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "".join(part.get("text", "") for part in self.content
                                          if part.get("type") == "text")
-        message.setdefault("content", "")
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            message["tool_calls"] = [_arguments_as_object(call) for call in calls]
-        return message
+        return template_message(message)
 
 
 class FunctionDefinition(BaseModel):
@@ -246,18 +242,6 @@ class NamedToolChoice(BaseModel):
     model_config = ConfigDict(strict=True)
     type: Literal["function"] = "function"
     function: FunctionName
-
-
-def _arguments_as_object(call: Any) -> Any:
-    function = call.get("function") if isinstance(call, dict) else None
-    arguments = function.get("arguments") if isinstance(function, dict) else None
-    if not isinstance(arguments, str):
-        return call
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        return call
-    return {**call, "function": {**function, "arguments": parsed}}
 
 
 class ChatCompletionRequest(SamplingFields):
