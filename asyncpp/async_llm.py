@@ -88,7 +88,7 @@ class AsyncLLM:
     def _start_structured_outputs(self, tokenizer: Any) -> None:
         args = self.args
         limits = GrammarLimits(args.structured_outputs_max_chars, args.structured_outputs_timeout,
-                               args.structured_outputs_cache_size)
+                               args.structured_outputs_cache_size, max_whitespace=self.max_json_whitespace)
         self.grammars = GrammarCompiler(tokenizer, self.config.shape.vocab_size, self.config.eos_token_ids, limits)
         if args.reasoning_parser is not None:
             self._reasoning = ReasoningTokens.of(REASONING_PARSERS[args.reasoning_parser], tokenizer)
@@ -169,6 +169,12 @@ class AsyncLLM:
         """The markers around the model's thinking, with --reasoning-parser."""
         parser = self.args.reasoning_parser
         return REASONING_PARSERS[parser] if parser is not None and self._reasoning is not None else None
+
+    @property
+    def max_json_whitespace(self) -> int | None:
+        """Whitespace characters allowed between two JSON tokens of constrained output (None: any)."""
+        most = self.args.structured_outputs_max_whitespace
+        return None if most == -1 else most
 
     def starts_reasoning(self, prompt_token_ids: list[int]) -> bool:
         """Whether the output after this prompt begins inside the model's thinking."""

@@ -96,7 +96,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     settings = state.settings
     tools = body.tool_dicts()
     plan = plan_tools(tools, body.tool_choice_value(), body.parallel_tool_calls, settings.enable_auto_tool_choice,
-                      settings.tool_call_parser)
+                      settings.tool_call_parser, state.engine.max_json_whitespace)
     prompt = chat_prompt(state, body.messages, body.add_generation_prompt, body.chat_template,
                          body.chat_template_kwargs, body.cache_salt, tools)
     return await respond(state, request, body, [prompt], ChatShape(state, body, plan))

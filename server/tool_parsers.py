@@ -49,6 +49,7 @@ class ToolParser:
     """One choice's output: `feed` text deltas, then `finish`; each returns (content, calls)."""
     name: ClassVar[str]
     xgrammar_format: ClassVar[str]  # xgrammar.get_model_structural_tag's model name
+    separator: ClassVar[str]  # between parallel calls, where the output is calls only
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         raise NotImplementedError
@@ -64,7 +65,7 @@ class ToolParser:
 
 
 class HermesToolParser(ToolParser):
-    name, xgrammar_format = "hermes", "qwen_3"
+    name, xgrammar_format, separator = "hermes", "qwen_3", "\n"
     START, END = "<tool_call>", "</tool_call>"
 
     def __init__(self) -> None:
@@ -104,7 +105,7 @@ class HermesToolParser(ToolParser):
 
 
 class Llama3JsonToolParser(ToolParser):
-    name, xgrammar_format = "llama3_json", "llama"
+    name, xgrammar_format, separator = "llama3_json", "llama", "; "
     PYTHON_TAG = "<|python_tag|>"
 
     def __init__(self) -> None:

@@ -20,6 +20,7 @@ import xgrammar as xgr
 from asyncpp.core.structured_outputs import StructuredOutputsParams
 from asyncpp.engine.json_schema_check import unsupported_feature
 from asyncpp.server.errors import ServerError
+from asyncpp.server.log_hygiene import printable
 from asyncpp.server.tool_parsers import TOOL_PARSERS, HermesToolParser, ToolParser
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -41,8 +42,10 @@ class ToolPlan:
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
-               parallel_tool_calls: bool | None, auto_tools: bool, parser_name: str | None) -> ToolPlan | None:
-    """The plan for a request's (validated) tools; None when no tool may be called."""
+               parallel_tool_calls: bool | None, auto_tools: bool, parser_name: str | None,
+               max_whitespace: int | None = None) -> ToolPlan | None:
+    """The plan for a request's (validated) tools; None when no tool may be called.
+    `max_whitespace`: the engine's bound on whitespace runs inside the arguments' JSON."""
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
     if not tools or choice == "none":
         return None
@@ -57,9 +60,13 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
     named = isinstance(choice, dict)
     tag = xgr.get_model_structural_tag(parser.xgrammar_format, tools=[_with_parameters(t) for t in tools],
                                        tool_choice=choice, reasoning=False,
-                                       parallel_tool_calls=parallel_tool_calls is not False)
-    return ToolPlan(parser, "named" if named else "required",
-                    StructuredOutputsParams(structural_tag=tag.model_dump_json()))
+                                       parallel_tool_calls=parallel_tool_calls is not False,
+                                       max_whitespace_cnt=max_whitespace).model_dump(mode="json")
+    fmt = tag["format"]
+    if fmt["type"] == "triggered_tags":  # required: calls only, none of the free text xgrammar allows around them
+        tag["format"] = {"type": "tags_with_separator", "tags": fmt["tags"], "separator": parser.separator,
+                         "at_least_one": True, "stop_after_first": fmt["stop_after_first"]}
+    return ToolPlan(parser, "named" if named else "required", StructuredOutputsParams(structural_tag=tag))
 
 
 def _with_parameters(tool: dict[str, Any]) -> dict[str, Any]:
@@ -74,5 +81,6 @@ def _check_parameters(tool: dict[str, Any]) -> None:
     function = tool["function"]
     why = unsupported_feature(function.get("parameters") or EMPTY_PARAMETERS)
     if why is not None:
-        raise ServerError(400, f"tools: the parameters of {function['name']!r} use {why}, which the grammar "
-                               "engine (xgrammar) cannot enforce", "tools")
+        name = printable(function["name"], 64)
+        raise ServerError(400, f"tools: the parameters of {name!r} use {why}, which the grammar engine (xgrammar) "
+                               "cannot enforce", "tools")

@@ -34,6 +34,7 @@ class GrammarLimits:
     timeout_s: float = 10.0
     cache_size: int = 256  # compiled grammars kept
     max_concurrent: int = 2  # compiles running at once
+    max_whitespace: int | None = 20  # whitespace characters between two JSON tokens (None: any number)
 
 
 class _Late(Exception):
@@ -118,7 +119,7 @@ class GrammarCompiler:
             if time.monotonic() > deadline:
                 raise _Late()
             try:
-                compiled = compile_spec(compiler, params, spec)
+                compiled = compile_spec(compiler, params, spec, self.limits.max_whitespace)
             except InvalidRequest:
                 raise
             except Exception as e:  # xgrammar's parse errors: the spec is at fault
@@ -133,8 +134,11 @@ _WHAT = {"json": "JSON schema", "regex": "regular expression", "choice": "list o
          "grammar": "grammar", "json_object": "JSON object constraint", "structural_tag": "structural tag"}
 
 
-def compile_spec(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams, spec: str) -> xgr.CompiledGrammar:
-    """`params`' constraint compiled by xgrammar (raises what xgrammar raises on a bad spec)."""
+def compile_spec(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams, spec: str,
+                 max_whitespace: int | None = None) -> xgr.CompiledGrammar:
+    """`params`' constraint compiled by xgrammar (raises what xgrammar raises on a bad spec).
+    `max_whitespace` bounds each run of whitespace in JSON, as llama.cpp's JSON grammar does: a
+    model sampling at temperature 1 can otherwise loop on newlines until max_tokens."""
     kind = params.kind
     if kind in ("json", "json_object"):
         schema = json.loads(spec) if kind == "json" else {"type": "object"}
@@ -143,7 +147,8 @@ def compile_spec(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams,
                                  param=params.param)
         compact = params.disable_any_whitespace
         return compiler.compile_json_schema(json.dumps(schema), any_whitespace=not compact,
-                                            separators=(",", ":") if compact else None)
+                                            separators=(",", ":") if compact else None,
+                                            max_whitespace_cnt=None if compact else max_whitespace)
     if kind == "regex":
         return compiler.compile_regex(spec)
     if kind == "choice":
