@@ -122,7 +122,8 @@ class EngineArgs:
                                              "characters")
     structured_outputs_max_whitespace: int = _arg(20, "most whitespace characters between two JSON tokens under a "
                                                   "JSON schema or json_object (as llama.cpp bounds it: a sampling "
-                                                  "model may otherwise loop on newlines); -1: any number, as vLLM")
+                                                  "model may otherwise loop on newlines); 0: none (compact JSON, "
+                                                  "as vLLM's disable_any_whitespace); -1: any number, as vLLM")
     structured_outputs_cache_size: int = _arg(256, "compiled grammars kept for later requests (least recently "
                                               "used go first)")
 
@@ -141,8 +142,8 @@ class EngineArgs:
                      "max_prefill_tokens_while_decoding", "structured_outputs_max_chars",
                      "structured_outputs_cache_size"):
             positive(name)
-        if self.structured_outputs_max_whitespace < 1 and self.structured_outputs_max_whitespace != -1:
-            raise ValueError("structured_outputs_max_whitespace must be positive, or -1 for any number, got "
+        if self.structured_outputs_max_whitespace < -1:
+            raise ValueError("structured_outputs_max_whitespace must be >= 0, or -1 for any number, got "
                              f"{self.structured_outputs_max_whitespace!r}")
         if not self.structured_outputs_timeout > 0:
             raise ValueError(f"structured_outputs_timeout must be positive, got {self.structured_outputs_timeout!r}")

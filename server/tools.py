@@ -61,7 +61,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
     tag = xgr.get_model_structural_tag(parser.xgrammar_format, tools=[_with_parameters(t) for t in tools],
                                        tool_choice=choice, reasoning=False,
                                        parallel_tool_calls=parallel_tool_calls is not False,
-                                       max_whitespace_cnt=max_whitespace).model_dump(mode="json")
+                                       max_whitespace_cnt=max_whitespace or None).model_dump(mode="json")
     fmt = tag["format"]
     if fmt["type"] == "triggered_tags":  # required: calls only, none of the free text xgrammar allows around them
         tag["format"] = {"type": "tags_with_separator", "tags": fmt["tags"], "separator": parser.separator,

@@ -34,7 +34,7 @@ class GrammarLimits:
     timeout_s: float = 10.0
     cache_size: int = 256  # compiled grammars kept
     max_concurrent: int = 2  # compiles running at once
-    max_whitespace: int | None = 20  # whitespace characters between two JSON tokens (None: any number)
+    max_whitespace: int | None = 20  # whitespace characters between two JSON tokens (0: none, None: any number)
 
 
 class _Late(Exception):
@@ -145,7 +145,7 @@ def compile_spec(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams,
         if (why := unsupported_feature(schema)) is not None:
             raise InvalidRequest(f"{params.param} uses {why}, which the grammar engine (xgrammar) cannot enforce",
                                  param=params.param)
-        compact = params.disable_any_whitespace
+        compact = params.disable_any_whitespace or max_whitespace == 0
         return compiler.compile_json_schema(json.dumps(schema), any_whitespace=not compact,
                                             separators=(",", ":") if compact else None,
                                             max_whitespace_cnt=None if compact else max_whitespace)

@@ -23,9 +23,15 @@ def mask_token_ids_(logits: torch.Tensor, token_ids: list[list[int]]) -> torch.T
 
 def unpack_token_bitmask(bitmask: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
     """bool [rows, vocab_size]: which tokens each row of an xgrammar bitmask allows (bit t of
-    the int32 words, least significant first)."""
-    bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, count=vocab_size, bitorder="little")
-    return torch.from_numpy(bits).view(torch.bool).to(device, non_blocking=True)
+    the int32 words, least significant first). On a GPU the packed words cross and unpack
+    there (32x less to copy); on the CPU numpy unpacks them in one pass."""
+    if device.type == "cpu":
+        bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, count=vocab_size,
+                             bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
+    words = torch.from_numpy(np.ascontiguousarray(bitmask)).to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab_size].bool()
 
 
 def masked_by_bitmask(logits: torch.Tensor, bitmask: np.ndarray, mask_rows: list[int]) -> torch.Tensor:
