@@ -22,9 +22,11 @@ _EXPORTS = {
     "RequestOutput": "asyncpp.core.outputs",
     "SamplingParams": "asyncpp.core.sampling_params",
     "StageDiedError": "asyncpp.core.errors",
+    "StructuredOutputsParams": "asyncpp.core.structured_outputs",
 }
 __all__ = ["AsyncLLM", "ChatPrompt", "Client", "CompletionOutput", "EngineArgs", "EngineDeadError", "LLM",
-           "QueueFullError", "RequestOutput", "SamplingParams", "StageDiedError", "__version__"]
+           "QueueFullError", "RequestOutput", "SamplingParams", "StageDiedError", "StructuredOutputsParams",
+           "__version__"]
 
 if TYPE_CHECKING:
     from asyncpp.async_llm import AsyncLLM
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from asyncpp.core.errors import EngineDeadError, QueueFullError, StageDiedError
     from asyncpp.core.outputs import CompletionOutput, RequestOutput
     from asyncpp.core.sampling_params import SamplingParams
+    from asyncpp.core.structured_outputs import StructuredOutputsParams
     from asyncpp.engine_args import EngineArgs
     from asyncpp.llm import LLM
     from asyncpp.prompts import ChatPrompt

@@ -11,13 +11,17 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from xgrammar import CompiledGrammar
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.placement import RankPlacement
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine.grammar_compiler import GrammarCompiler, GrammarLimits
+from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.output_processor import OutputProcessor
+from asyncpp.engine.reasoning import REASONING_PARSERS, ReasoningMarkers, ReasoningTokens
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
@@ -53,6 +57,8 @@ class AsyncLLM:
         self._runner_factory = runner_factory
         self.config: EngineConfig = create_engine_config(self.args)
         self._prompts = PromptResolver(None, self.config.shape.vocab_size, self.config.max_model_len)
+        self.grammars: GrammarCompiler | None = None  # with a tokenizer, once started
+        self._reasoning: ReasoningTokens | None = None
         self._supervisor: Supervisor | None = None
         self._ves: list[VirtualEngine] = []
         self._router = Router(self.config)
@@ -68,6 +74,7 @@ class AsyncLLM:
     async def __aenter__(self) -> "AsyncLLM":
         if self.config.tokenizer_path is not None:
             self._prompts.tokenizer = await anyio.to_thread.run_sync(_load_tokenizer, self.config.tokenizer_path)
+            self._start_structured_outputs(self._prompts.tokenizer)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -77,6 +84,14 @@ class AsyncLLM:
             raise
         self._started = True
         return self
+
+    def _start_structured_outputs(self, tokenizer: Any) -> None:
+        args = self.args
+        limits = GrammarLimits(args.structured_outputs_max_chars, args.structured_outputs_timeout,
+                               args.structured_outputs_cache_size, max_whitespace=self.max_json_whitespace)
+        self.grammars = GrammarCompiler(tokenizer, self.config.shape.vocab_size, self.config.eos_token_ids, limits)
+        if args.reasoning_parser is not None:
+            self._reasoning = ReasoningTokens.of(REASONING_PARSERS[args.reasoning_parser], tokenizer)
 
     async def _start_executor(self) -> None:
         config = self.config
@@ -161,6 +176,22 @@ class AsyncLLM:
         return self._prompts.tokenizer
 
     @property
+    def reasoning_markers(self) -> ReasoningMarkers | None:
+        """The markers around the model's thinking, with --reasoning-parser."""
+        parser = self.args.reasoning_parser
+        return REASONING_PARSERS[parser] if parser is not None and self._reasoning is not None else None
+
+    @property
+    def max_json_whitespace(self) -> int | None:
+        """Whitespace characters allowed between two JSON tokens of constrained output (None: any)."""
+        most = self.args.structured_outputs_max_whitespace
+        return None if most == -1 else most
+
+    def starts_reasoning(self, prompt_token_ids: list[int]) -> bool:
+        """Whether the output after this prompt begins inside the model's thinking."""
+        return self._reasoning is not None and not self._reasoning.ended_in(prompt_token_ids)
+
+    @property
     def model_name(self) -> str:
         return self.config.served_model_name
 
@@ -209,7 +240,13 @@ class AsyncLLM:
         self._check_accepting()
         params.verify_for_model(self.config.shape.vocab_size, self.config.max_logprobs, self.config.max_num_seqs)
         resolved = await self._prompts.resolve(prompt)
-        return self._enqueue(request_id or uuid.uuid4().hex, resolved, params)
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise InvalidRequest("structured_outputs need a tokenizer (the engine runs with "
+                                     "skip_tokenizer_init=True)", param="structured_outputs")
+            grammar = await self.grammars.compile(params.structured_outputs)
+        return self._enqueue(request_id or uuid.uuid4().hex, resolved, params, grammar)
 
     async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool = True) -> list[int]:
         """A text's or a chat's token ids, off the event loop (no check against the model)."""
@@ -221,7 +258,8 @@ class AsyncLLM:
         if (error := self.dead_error()) is not None:  # a new exception each time: a raised one keeps its traceback
             raise EngineDeadError(str(error), permanent=getattr(error, "permanent", False))
 
-    def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams) -> RequestStream:
+    def _enqueue(self, request_id: str, prompt: ResolvedPrompt, params: SamplingParams,
+                 grammar: CompiledGrammar | None = None) -> RequestStream:
         self._check_accepting()  # again: the engine may have failed while the prompt was resolved
         if request_id in self._router:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
@@ -232,10 +270,20 @@ class AsyncLLM:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request = Request(request_id, prompt.text, prompt.token_ids, params, max_tokens,
                           RequestMetrics(arrival_time=time.monotonic()), prompt.cache_salt)
-        request.seqs = [Sequence(request, i, prompt.token_ids) for i in range(params.n)]
+        thinking = grammar is not None and self._reasoning is not None and not self._reasoning.ended_in(
+            prompt.token_ids)
+        request.seqs = [Sequence(request, i, prompt.token_ids, grammar=self._grammar_state(grammar, thinking))
+                        for i in range(params.n)]
         stream = RequestStream(request_id, self._abort)
         self._router.route(request_id, request.seqs[0]).add(request, stream)
         return stream
+
+    def _grammar_state(self, grammar: CompiledGrammar | None, thinking: bool) -> GrammarState | None:
+        """A sequence's own grammar state; it waits while the model reasons (`thinking`: the prompt
+        leaves reasoning open under --reasoning-parser)."""
+        if grammar is None:
+            return None
+        return GrammarState(grammar, self._reasoning.end if self._reasoning else (), reasoning=thinking)
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many

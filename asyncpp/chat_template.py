@@ -12,6 +12,7 @@ or of the renderer (`messages`, ...)."""
 from __future__ import annotations
 
 import inspect
+import json
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -44,22 +45,52 @@ def reserved_names(tokenizer_type: type) -> frozenset[str]:
     return frozenset(named | RENDERER_NAMES)
 
 
-def template_variables(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if k != "chat_template"}
+def template_variables(kwargs: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The request's template variables; `tools` become the template's `tools` (as transformers passes them)."""
+    variables = {k: v for k, v in kwargs.items() if k != "chat_template"}
+    if tools:
+        variables["tools"] = tools
+    return variables
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                kwargs: dict[str, Any]) -> str:
+                kwargs: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
     """The text with the tokenizer's own template (blocking: call it in a worker thread)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **template_variables(kwargs))
+                                         **template_variables(kwargs, tools))
 
 
 async def render_request_template(sandbox: TemplateSandbox, tokenizer: PreTrainedTokenizerBase, template: str,
                                   messages: list[dict[str, Any]], add_generation_prompt: bool,
-                                  kwargs: dict[str, Any], timeout_s: float) -> str:
+                                  kwargs: dict[str, Any], timeout_s: float,
+                                  tools: list[dict[str, Any]] | None = None) -> str:
     """A template that came with the request, rendered in the sandbox within `timeout_s`
     (InvalidRequest naming `chat_template` past it, or past the renderer's memory cap). Its
     variables are the tokenizer's special tokens and the request's, as apply_chat_template's."""
-    variables = {**tokenizer.special_tokens_map, **template_variables(kwargs)}
+    variables = {**tokenizer.special_tokens_map, **template_variables(kwargs, tools)}
     return await sandbox.render(template, messages, add_generation_prompt, variables, timeout_s)
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style message as chat templates read it (as vLLM passes it): no content as ""
+    (an assistant turn that only called tools), and tool-call arguments as objects (clients send
+    them as JSON text; templates write them out with tojson)."""
+    message = dict(message)
+    if message.get("content") is None:
+        message["content"] = ""
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message["tool_calls"] = [_arguments_as_object(call) for call in calls]
+    return message
+
+
+def _arguments_as_object(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}

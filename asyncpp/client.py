@@ -7,11 +7,16 @@ asyncio and trio.
             print(delta, end="")
 
 Sampling keywords are the server's request fields (max_tokens, temperature, top_p, top_k,
-stop, seed, ignore_eos, ...). Leaving a stream early: wrap it in `contextlib.aclosing` so
-the connection closes (and the server aborts the request) at once.
+stop, seed, ignore_eos, response_format, structured_outputs as a dict or a
+StructuredOutputsParams, tools, tool_choice, ...). `chat_message` answers the whole assistant
+message (tool_calls, reasoning_content). Leaving a stream early: wrap it in
+`contextlib.aclosing` so the connection closes (and the server aborts the request) at once.
+
+    answer = await client.generate("Name a color:", structured_outputs={"choice": ["red", "blue"]})
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -70,8 +75,12 @@ class Client:
                         yield choice["text"]
 
     async def chat(self, messages: list[Message], **sampling: Any) -> str:
-        body = await self._post("/v1/chat/completions", self._body(messages=messages, **sampling))
-        return body["choices"][0]["message"]["content"]
+        return (await self.chat_message(messages, **sampling))["content"]
+
+    async def chat_message(self, messages: list[Message], **fields: Any) -> Message:
+        """The assistant's whole message: content, and tool_calls or reasoning_content when there are."""
+        body = await self._post("/v1/chat/completions", self._body(messages=messages, **fields))
+        return body["choices"][0]["message"]
 
     async def chat_stream(self, messages: list[Message], **sampling: Any) -> AsyncIterator[str]:
         """The assistant's reply as text deltas."""
@@ -97,6 +106,7 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------
     def _body(self, **fields: Any) -> dict[str, Any]:
+        fields = {name: _plain(value) for name, value in fields.items()}
         return {"model": self.model, **fields} if self.model else fields
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +127,14 @@ class Client:
                 if "error" in chunk:
                     raise APIError.from_body(response.status_code, chunk)
                 yield chunk
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass (StructuredOutputsParams) as the JSON object of its set fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                if getattr(value, f.name) != f.default}
+    return value
 
 
 def _checked(response: httpx.Response) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
 from asyncpp.core.stages import StageSpec, format_partition, layer_spans, partition_layers
+from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
 
@@ -112,6 +113,19 @@ class EngineArgs:
                                    "stays down (0: a failed stage ends the engine)")
     stage_restart_window: float = _arg(600.0, "seconds over which --max-stage-restarts counts")
     onednn: bool = _arg(True, "prepacked oneDNN GEMMs on CPU for float32 and bfloat16 models (--no-onednn: F.linear)")
+    reasoning_parser: str | None = _arg(None, "the model thinks inside <think>...</think> (deepseek_r1 | qwen3): "
+                                        "structured output applies after the reasoning, and the server answers "
+                                        "it as reasoning_content", choices=[None, *REASONING_PARSERS])
+    structured_outputs_timeout: float = _arg(10.0, "seconds a request's grammar (JSON schema, regex, EBNF, tools) "
+                                             "may take to compile; past it the request is refused")
+    structured_outputs_max_chars: int = _arg(65536, "longest JSON schema, regex or grammar a request may bring, in "
+                                             "characters")
+    structured_outputs_max_whitespace: int = _arg(20, "most whitespace characters between two JSON tokens under a "
+                                                  "JSON schema or json_object (as llama.cpp bounds it: a sampling "
+                                                  "model may otherwise loop on newlines); 0: none (compact JSON, "
+                                                  "as vLLM's disable_any_whitespace); -1: any number, as vLLM")
+    structured_outputs_cache_size: int = _arg(256, "compiled grammars kept for later requests (least recently "
+                                              "used go first)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,8 +139,17 @@ class EngineArgs:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                      "pipeline_parallel_size", "tensor_parallel_size", "num_virtual_engines",
                      "max_microbatches_in_flight", "max_waiting_requests", "num_threads",
-                     "max_prefill_tokens_while_decoding"):
+                     "max_prefill_tokens_while_decoding", "structured_outputs_max_chars",
+                     "structured_outputs_cache_size"):
             positive(name)
+        if self.structured_outputs_max_whitespace < -1:
+            raise ValueError("structured_outputs_max_whitespace must be >= 0, or -1 for any number, got "
+                             f"{self.structured_outputs_max_whitespace!r}")
+        if not self.structured_outputs_timeout > 0:
+            raise ValueError(f"structured_outputs_timeout must be positive, got {self.structured_outputs_timeout!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)} (or none), "
+                             f"got {self.reasoning_parser!r}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

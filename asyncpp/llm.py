@@ -15,6 +15,7 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from asyncpp.async_llm import AsyncLLM
+from asyncpp.chat_template import template_message
 from asyncpp.core.outputs import RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.request_stream import RequestStream
@@ -60,6 +61,21 @@ class LLM:
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
         return self._portal.call(self._run_all, prompt_list, params_list)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """vLLM's offline chat: one conversation (a list of messages) or several, each rendered with
+        the chat template (the tokenizer's, or `chat_template`), `tools` given to the template;
+        then as `generate`. Constrained output (`SamplingParams(structured_outputs=...)`) applies
+        to the reply as it does to a plain prompt."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [ChatPrompt([template_message(m) for m in conversation], add_generation_prompt, chat_template,
+                              dict(chat_template_kwargs or {}), tools=tools)
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params)
 
     async def _run_all(self, prompts: list[PromptInput], params: list[SamplingParams]) -> list[RequestOutput]:
         streams: list[RequestStream] = []

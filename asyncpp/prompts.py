@@ -32,6 +32,7 @@ class ChatPrompt:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # template variables
     cache_salt: str | None = None  # as a dict prompt's
     chat_template_timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S
+    tools: list[dict[str, Any]] | None = None  # OpenAI-style function tools, for the template's `tools`
 
 
 PromptInput = Union[str, list[int], dict[str, Any], ChatPrompt]
@@ -106,7 +107,7 @@ class PromptResolver:
             if template is not None:
                 text = await render_request_template(self.sandbox, self.tokenizer, template, prompt.messages,
                                                      prompt.add_generation_prompt, prompt.chat_template_kwargs,
-                                                     prompt.chat_template_timeout_s)
+                                                     prompt.chat_template_timeout_s, prompt.tools)
                 return await anyio.to_thread.run_sync(self._encode_text, text, False, check)
         return await anyio.to_thread.run_sync(self._encode_text, prompt, add_special_tokens, check)
 
@@ -120,7 +121,8 @@ class PromptResolver:
     def _render(self, chat: ChatPrompt) -> str:
         """With the tokenizer's own template."""
         try:
-            text = render_chat(self.tokenizer, chat.messages, chat.add_generation_prompt, chat.chat_template_kwargs)
+            text = render_chat(self.tokenizer, chat.messages, chat.add_generation_prompt, chat.chat_template_kwargs,
+                               chat.tools)
         except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or messages it cannot take
             raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from exc
         self._check_chars(len(text), "messages")

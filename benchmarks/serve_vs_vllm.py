@@ -7,11 +7,21 @@ a fresh server, one short warm-up run of the load client, then the timed run; sy
 take turns for --rounds rounds, and each row is the median round by output tok/s. Prefix
 caching is off in both (benchmarks/prefix_cache.py compares it).
 
+`--modes "plain json"` adds structured output: in mode `json` every request carries the same
+JSON schema (`response_format` json_schema, passed with the load client's --extra-body),
+without ignore_eos: the schema ends the output (6 objects of an id and an enum, ~110-130
+tokens; max_tokens 1.5 x the output length, so no output is cut), temperature 1, compact JSON
+on both servers (asyncpp
+--structured-outputs-max-whitespace 0, vLLM disable_any_whitespace). The table adds the
+mean output length and the share of outputs that validate against the schema (jsonschema).
+Each server runs its modes in turn, each mode with its own warm-up.
+
 vLLM runs in its own venv (it pins its own torch): see benchmarks/README.md.
 
     python benchmarks/serve_vs_vllm.py --vllm-python VLLM_VENV/bin/python
     python benchmarks/serve_vs_vllm.py --vllm-python VLLM_VENV/bin/python --layouts p2 --rounds 2
     python benchmarks/serve_vs_vllm.py --systems asyncpp --layouts p2 -- --max-num-batched-tokens 128
+    python benchmarks/serve_vs_vllm.py --vllm-python VLLM_VENV/bin/python --modes "plain json"
 Arguments after `--` go to `asyncpp serve`.
 """
 from __future__ import annotations
@@ -25,6 +35,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jsonschema
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -32,17 +44,26 @@ from asyncpp.model.default_model import DEFAULT_MODEL_NAME, bundled_model_path  
 from benchmarks.serve_load import free_port, wait_healthy  # noqa: E402
 
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
+SCHEMA = {"type": "object", "properties": {"items": {
+    "type": "array", "minItems": 6, "maxItems": 6, "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                         "kind": {"enum": ["alpha", "beta", "gamma", "delta"]}},
+        "required": ["id", "kind"]}}}, "required": ["items"]}
+MODES = {"plain": None, "json": {"response_format": {"type": "json_schema",
+                                                     "json_schema": {"name": "items", "schema": SCHEMA}},
+                                 "temperature": 1.0}}
 
 
 @dataclass(slots=True)
 class System:
     kind: str  # "asyncpp" | "vllm"
     pp: int
-    runs: list[dict] = field(default_factory=list)
+    modes: tuple[str, ...] = ("plain",)
+    runs: dict[str, list[dict]] = field(default_factory=dict)  # by mode
 
-    @property
-    def name(self) -> str:
-        return f"{'asyncpp' if self.kind == 'asyncpp' else 'vLLM 0.32'} P={self.pp}"
+    def name(self, mode: str) -> str:
+        label = f"{'asyncpp' if self.kind == 'asyncpp' else 'vLLM 0.32'} P={self.pp}"
+        return label if mode == "plain" else f"{label}, {mode} schema"
 
 
 def vllm_env(vllm_python: str, pp: int) -> dict[str, str]:
@@ -59,24 +80,27 @@ def start(system: System, model: Path, port: int, args: argparse.Namespace) -> s
         cmd = [sys.executable, "-m", "asyncpp", "serve", str(model), "--served-model-name", DEFAULT_MODEL_NAME,
                "--port", str(port), "--dtype", "float32", "--pipeline-parallel-size", str(system.pp),
                "--log-level", "warning", "--no-access-log", "--no-enable-prefix-caching",  # as vLLM's below
-               *args.asyncpp_args]
+               "--structured-outputs-max-whitespace", "0", *args.asyncpp_args]
         return subprocess.Popen(cmd, cwd=REPO)
     cmd = [args.vllm_python, str(REPO / "benchmarks" / "vllm_cli.py"), "serve", str(model),
            "--served-model-name", DEFAULT_MODEL_NAME, "--port", str(port), "--dtype", "float32",
            "--pipeline-parallel-size", str(system.pp), "--max-model-len", "2048",
-           "--no-enable-prefix-caching", "--no-enable-log-requests"]
+           "--no-enable-prefix-caching", "--no-enable-log-requests",
+           "--structured-outputs-config", json.dumps({"disable_any_whitespace": True})]
     return subprocess.Popen(cmd, env=vllm_env(args.vllm_python, system.pp), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def load(url: str, model: Path, args: argparse.Namespace, num_prompts: int, out: Path) -> dict:
+def load(url: str, model: Path, args: argparse.Namespace, num_prompts: int, out: Path, mode: str) -> dict:
+    extra = MODES[mode] and {**MODES[mode], "max_tokens": args.output_len * 3 // 2 + 8}
     cmd = [args.vllm_python, str(REPO / "benchmarks" / "vllm_cli.py"), "bench", "serve", "--backend", "openai",
            "--base-url", url, "--endpoint", "/v1/completions", "--model", DEFAULT_MODEL_NAME,
            "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts),
-           "--max-concurrency", str(args.concurrency), "--ignore-eos", "--seed", "0",
+           "--max-concurrency", str(args.concurrency), "--seed", "0",
            "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99",
-           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+           *(["--ignore-eos"] if extra is None else ["--extra-body", json.dumps(extra), "--save-detailed"])]
     # The load client is single-threaded Python: keep it off torch's thread pools.
     env = {**vllm_env(args.vllm_python, 1), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -89,11 +113,15 @@ def run_one(system: System, model: Path, args: argparse.Namespace, workdir: Path
     server = start(system, model, port, args)
     try:
         wait_healthy(url, server, timeout_s=600)  # vLLM compiles its graphs first
-        load(url, model, args, args.concurrency // 4 or 1, workdir / f"warmup-{tag}.json")
-        result = load(url, model, args, args.num_prompts, workdir / f"{tag}.json")
-        system.runs.append({k: result[k] for k in METRICS})
-        print(f"[serve_vs_vllm] {system.name} {tag}: " + ", ".join(f"{k} {result[k]:.1f}" for k in METRICS),
-              flush=True)
+        for mode in system.modes:
+            load(url, model, args, args.concurrency // 4 or 1, workdir / f"warmup-{tag}-{mode}.json", mode)
+            result = load(url, model, args, args.num_prompts, workdir / f"{tag}-{mode}.json", mode)
+            run = {k: result[k] for k in METRICS}
+            run["mean_output_len"] = result["total_output_tokens"] / max(1, result["completed"])
+            run["valid"] = valid_share(result.get("generated_texts")) if mode == "json" else None
+            system.runs.setdefault(mode, []).append(run)
+            print(f"[serve_vs_vllm] {system.name(mode)} {tag}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in run.items() if v is not None), flush=True)
     finally:
         server.terminate()
         try:
@@ -103,17 +131,31 @@ def run_one(system: System, model: Path, args: argparse.Namespace, workdir: Path
             server.wait()
 
 
+def valid_share(texts: list[str] | None) -> float:
+    """The share of outputs that parse as JSON and validate against SCHEMA."""
+
+    def valid(text: str) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+
+    return sum(map(valid, texts or [])) / len(texts) if texts else 0.0
+
+
 def table(systems: list[System]) -> str:
-    lines = ["| system | out tok/s (runs) | TTFT p50 / p99 ms | ITL p50 / p99 ms | ITL p99 / p50 |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| system | out tok/s (runs) | TTFT p50 / p99 ms | ITL p50 / p99 ms | ITL p99 / p50 | out len | valid |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in systems:
-        if not s.runs:
-            continue
-        run = sorted(s.runs, key=lambda r: r["output_throughput"])[len(s.runs) // 2]
-        runs = ", ".join(f"{r['output_throughput']:.1f}" for r in s.runs)
-        lines.append(f"| {s.name} | {run['output_throughput']:.1f} ({runs}) | {run['median_ttft_ms']:.0f} / "
-                     f"{run['p99_ttft_ms']:.0f} | {run['median_itl_ms']:.0f} / {run['p99_itl_ms']:.0f} | "
-                     f"{run['p99_itl_ms'] / run['median_itl_ms']:.2f} |")
+        for mode, runs in s.runs.items():
+            run = sorted(runs, key=lambda r: r["output_throughput"])[len(runs) // 2]
+            all_runs = ", ".join(f"{r['output_throughput']:.1f}" for r in runs)
+            valid = "" if run["valid"] is None else f"{100 * run['valid']:.0f}%"
+            lines.append(f"| {s.name(mode)} | {run['output_throughput']:.1f} ({all_runs}) | "
+                         f"{run['median_ttft_ms']:.0f} / {run['p99_ttft_ms']:.0f} | {run['median_itl_ms']:.0f} / "
+                         f"{run['p99_itl_ms']:.0f} | {run['p99_itl_ms'] / run['median_itl_ms']:.2f} | "
+                         f"{run['mean_output_len']:.0f} | {valid} |")
     return "\n".join(lines)
 
 
@@ -127,21 +169,28 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--modes", default="plain", help="plain (ignore_eos, unconstrained) and/or json (every "
+                                                          "request under a JSON schema)")
     parser.add_argument("--json", help="also write every run here")
     args, rest = parser.parse_known_args()
     args.asyncpp_args = [a for a in rest if a != "--"]
     model = bundled_model_path()
-    systems = [System(kind, int(layout[1:])) for layout in args.layouts.split() for kind in args.systems.split()]
+    modes = tuple(args.modes.split())
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    systems = [System(kind, int(layout[1:]), modes) for layout in args.layouts.split() for kind in args.systems.split()]
     with tempfile.TemporaryDirectory(prefix="serve-vs-vllm-") as tmp:
         for round_ in range(args.rounds):
             for system in systems:
                 run_one(system, model, args, Path(tmp), f"{system.kind}-p{system.pp}-r{round_}")
     print(f"\n{args.num_prompts} requests, {args.concurrency} concurrent, {args.input_len} random prompt tokens, "
-          f"{args.output_len} output tokens, ignore_eos, fp32, {DEFAULT_MODEL_NAME}; "
-          f"asyncpp flags: {' '.join(args.asyncpp_args) or '(defaults)'}\n")
+          f"{args.output_len} output tokens (plain: ignore_eos; json: up to, under the schema, temperature 1), fp32, "
+          f"{DEFAULT_MODEL_NAME}; asyncpp flags: {' '.join(args.asyncpp_args) or '(defaults)'}\n")
     print(table(systems))
     if args.json:
-        Path(args.json).write_text(json.dumps([{"system": s.name, "runs": s.runs} for s in systems], indent=2))
+        Path(args.json).write_text(json.dumps([{"system": s.name(mode), "runs": runs} for s in systems
+                                               for mode, runs in s.runs.items()], indent=2))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from asyncpp.server.connections import GuardedH11Protocol
 from asyncpp.server.log_hygiene import log_config
 from asyncpp.server.settings import ServerSettings, default_allowed_hosts
 from asyncpp.server.shutdown import GracefulServer
+from asyncpp.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 WANTED_OPEN_FILES = 65536
@@ -59,6 +60,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds a client may take to send a request's body; then 408 (default 60)")
     group.add_argument("--log-stats-interval", type=_number(float, minimum=0), default=10,
                        help="seconds between engine stats lines in the log; 0: none (default 10)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let requests use tool_choice "auto" (the default when tools are given): calls are read '
+                            "out of the model's text with --tool-call-parser")
+    group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                       help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen, "
+                            'SmolLM2) | llama3_json ({"name": ..., "parameters": ...}); also the syntax '
+                            'tool_choice "required" and named choices are constrained to (default hermes)')
     group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log one line per HTTP request")
@@ -110,7 +118,8 @@ def settings_from(ns: argparse.Namespace) -> ServerSettings:
         trust_request_chat_template=ns.trust_request_chat_template,
         max_request_body_bytes=ns.max_request_body_bytes, timeout_request_body_s=ns.timeout_request_body,
         log_stats_interval_s=ns.log_stats_interval, enable_dev_endpoints=ns.enable_dev_endpoints,
-        metrics_require_key=ns.metrics_require_key)
+        metrics_require_key=ns.metrics_require_key, enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=ns.tool_call_parser)
 
 
 def uvicorn_options(ns: argparse.Namespace) -> dict[str, Any]:

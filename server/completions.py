@@ -18,7 +18,7 @@ class CompletionShape(ResponseShape):
     id_prefix = "cmpl"
     body: CompletionRequest
 
-    def content(self, text: str, chunk: bool) -> dict:
+    def content(self, index: int, out: RequestOutput, c: CompletionOutput, text: str, chunk: bool) -> dict:
         return {"text": text}
 
     def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:

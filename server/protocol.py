@@ -1,9 +1,12 @@
 """The OpenAI wire format: request bodies (validated with pydantic) and their mapping to
-SamplingParams. Field names and defaults follow OpenAI, plus vLLM's sampling extras. What
-this server cannot honour (images, tools, structured output) is refused with 400, as vLLM does."""
+SamplingParams. Field names and defaults follow OpenAI, plus vLLM's sampling extras
+(`structured_outputs`, ...). What this server cannot honour (images, audio) is refused with
+400, as vLLM does."""
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -18,7 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from asyncpp.chat_template import template_message
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.core.structured_outputs import StructuredOutputsParams
 from asyncpp.server.log_hygiene import printable
 
 logger = logging.getLogger(__name__)
@@ -92,7 +97,7 @@ def only_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 
 # vLLM's request fields this server does not implement, with their defaults.
 VLLM_UNIMPLEMENTED = ("use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids",
-                      "bad_words", "logits_processors", "structured_outputs", "guided_json", "guided_regex",
+                      "bad_words", "logits_processors", "guided_json", "guided_regex",
                       "guided_choice", "guided_grammar", "prompt_embeds", "return_tokens_as_token_ids",
                       "spaces_between_special_tokens")
 
@@ -100,6 +105,38 @@ VLLM_UNIMPLEMENTED = ("use_beam_search", "length_penalty", "truncate_prompt_toke
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format (and vLLM's structural_tag form, whose other fields are the tag)."""
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        """The StructuredOutputsParams fields this format sets (none for text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return {"json": self.json_schema.json_schema}
+        if self.type == "structural_tag":
+            return {"structural_tag": json.dumps(self.model_dump(exclude_none=True))}
+        return {}
 
 
 class SamplingFields(RequestModel):
@@ -126,6 +163,8 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its (new) token ids
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # shares cached KV only within a salt
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's StructuredOutputsParams fields
     prompt_logprobs: Count | None = None  # per prompt token, not with stream (the response carries them whole)
     use_beam_search: Any = default_only(False)
     length_penalty: Any = default_only(1.0)
@@ -133,7 +172,6 @@ class SamplingFields(RequestModel):
     allowed_token_ids: Any = default_only(None)
     bad_words: Any = default_only(None)
     logits_processors: Any = default_only(None)
-    structured_outputs: Any = default_only(None)
     guided_json: Any = default_only(None)
     guided_regex: Any = default_only(None)
     guided_choice: Any = default_only(None)
@@ -161,11 +199,22 @@ class SamplingFields(RequestModel):
                       ignore_eos=self.ignore_eos, seed=self.seed, stop=self.stop or [],
                       stop_token_ids=self.stop_token_ids or [],
                       skip_special_tokens=self.skip_special_tokens,
-                      include_stop_str_in_output=self.include_stop_str_in_output)
+                      include_stop_str_in_output=self.include_stop_str_in_output,
+                      structured_outputs=self.constraint())
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                         min_p=self.min_p, repetition_penalty=self.repetition_penalty)
         values.update({k: v for k, v in optional.items() if v is not None})
         return values
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """`structured_outputs`, with `response_format` setting its constraint (as vLLM merges them)."""
+        given = StructuredOutputsParams.of(self.structured_outputs) if self.structured_outputs is not None else None
+        fields = self.response_format.constraint() if self.response_format is not None else {}
+        if not fields:
+            return given
+        if given is None:
+            return StructuredOutputsParams(**fields)
+        return replace(given, **fields)
 
 
 def _prompt_form(value: Any) -> str:
@@ -232,12 +281,38 @@ class ChatMessage(BaseModel):
         return content
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it: text parts joined into one string."""
+        """The message as chat templates expect it: text parts joined into one string, then
+        `template_message`."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "".join(part.get("text", "") for part in self.content
                                          if part.get("type") == "text")
-        return message
+        return template_message(message)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -250,32 +325,37 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = Field(default=None, max_length=MAX_CHAT_TEMPLATE_CHARS)
     chat_template_kwargs: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=EMPTY)
-    tools: list[Any] | None = Field(default=None, json_schema_extra=EMPTY)
-    tool_choice: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"enum": [None, "none", "auto"]})
-    response_format: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"properties": {"type": {"const": "text"}}})
+    tools: Annotated[list[ChatTool], Field(min_length=1)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: answer the reasoning too
+
     echo: Any = default_only(False)
     continue_final_message: Any = default_only(False)
     documents: Any = default_only(None)
     add_special_tokens: Any = default_only(False)
 
-    _unsupported = field_validator("logit_bias", "tools")(unsupported)
+    _unsupported = field_validator("logit_bias")(unsupported)
     _default_only = field_validator("echo", "continue_final_message", "documents", "add_special_tokens")(
         classmethod(only_default))
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_calls(cls, choice: str | dict[str, Any] | None) -> Any:
-        if choice not in (None, "none", "auto"):
-            raise ValueError("only none or auto is supported: this server calls no tools")
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools")
+        if choice not in (None, "none") and not tools:
+            raise ValueError("tool_choice other than none needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"names {printable(choice.function.name, 64)!r}, which is not among the tools")
         return choice
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, fmt: dict[str, Any] | None) -> Any:
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise ValueError(f"only type text is supported, got {printable(str(fmt.get('type')), 40)!r}")
-        return fmt
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates and xgrammar read them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def tool_choice_value(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
     @field_validator("top_logprobs")
     @classmethod

@@ -17,6 +17,7 @@ from asyncpp.async_llm import AsyncLLM
 from asyncpp.core.errors import InvalidRequest
 from asyncpp.core.outputs import CompletionOutput, RequestOutput
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.core.structured_outputs import KINDS
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.prompts import PromptInput
 from asyncpp.server.errors import ServerError, to_server_error
@@ -157,21 +158,31 @@ class ResponseShape:
         self.state, self.body = state, body
         self.request_id = new_id(self.id_prefix)
         self.created = int(time.time())
+        if body.response_format is not None and body.structured_outputs is None:  # its constraint is at fault
+            self.field_names = {**self.field_names, **{f"structured_outputs.{k}": "response_format" for k in KINDS}}
 
     def envelope(self, choices: list[dict], chunk: bool, **extra: Any) -> dict[str, Any]:
         return {"id": self.request_id, "object": self.chunk_object_name if chunk else self.object_name,
                 "created": self.created, "model": self.state.model_name, "choices": choices, **extra}
 
-    def choice(self, index: int, c: CompletionOutput, text: str, first_token: int, chunk: bool) -> dict:
-        """One choice holding `text` and the tokens from `first_token` on."""
-        entry = {"index": index, **self.content(text, chunk), "logprobs": self.logprobs(c, text, first_token),
-                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    def sampling_params(self) -> SamplingParams:
+        return self.body.sampling_params()
+
+    def choice(self, index: int, out: RequestOutput, c: CompletionOutput, text: str, first_token: int,
+               chunk: bool) -> dict:
+        """One choice (of `out`) holding `text` and the tokens from `first_token` on."""
+        entry = {"index": index, **self.content(index, out, c, text, chunk),
+                 "logprobs": self.logprobs(c, text, first_token), "finish_reason": self.finish_reason(index, c),
+                 "stop_reason": c.stop_reason}
         if self.body.return_token_ids:
             entry["token_ids"] = c.token_ids[first_token:]
         return entry
 
-    def content(self, text: str, chunk: bool) -> dict:
+    def content(self, index: int, out: RequestOutput, c: CompletionOutput, text: str, chunk: bool) -> dict:
         raise NotImplementedError
+
+    def finish_reason(self, index: int, c: CompletionOutput) -> str | None:
+        return c.finish_reason
 
     def logprobs(self, c: CompletionOutput, text: str, first_token: int) -> dict | None:
         raise NotImplementedError
@@ -182,7 +193,7 @@ class ResponseShape:
 
     def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
         """A whole (not streamed) response."""
-        choices = [self.choice(i * self.body.n + c.index, c, c.text, 0, chunk=False)
+        choices = [self.choice(i * self.body.n + c.index, out, c, c.text, 0, chunk=False)
                    for i, out in enumerate(outs) for c in out.outputs]
         return self.envelope(choices, chunk=False, usage=usage(outs))
 
@@ -196,7 +207,7 @@ async def respond(state: ServerState, request: Request, body: SamplingFields,
                   prompts: list[PromptInput], shape: ResponseShape) -> Response:
     """Runs one completions/chat request (the engine checks it): a streamed or a whole response."""
     try:
-        params = body.sampling_params()
+        params = shape.sampling_params()
     except InvalidRequest as exc:
         raise shape.http_error(exc) from exc
     streams = await open_streams(state.engine, prompts, params, shape)
@@ -229,7 +240,7 @@ async def _stream(state: ServerState, streams: list[RequestStream], body: Sampli
         if out.finished:
             finals[index] = out
         for choice_index, choice, text, first_token in deltas.deltas(index * body.n, out):
-            await emit(event(shape.envelope([shape.choice(choice_index, choice, text, first_token, chunk=True)],
+            await emit(event(shape.envelope([shape.choice(choice_index, out, choice, text, first_token, chunk=True)],
                                             chunk=True)))
 
     try:

@@ -5,6 +5,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from asyncpp.prompts import PROMPT_CHARS_PER_TOKEN
+from asyncpp.server.tool_parsers import TOOL_PARSERS
 
 MIB = 2**20
 BASE_BODY_BYTES = 4 * MIB
@@ -24,8 +25,15 @@ class ServerSettings:
     log_stats_interval_s: float = 10.0  # 0: off
     enable_dev_endpoints: bool = False  # POST /reset_prefix_cache (vLLM: VLLM_SERVER_DEV_MODE=1)
     metrics_require_key: bool = False  # GET /metrics behind the API key too
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser reads calls out of free text
+    tool_call_parser: str | None = None  # a name of TOOL_PARSERS (hermes, llama3_json)
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which format to read calls in)")
         if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
         for name in ("timeout_request_body_s", "chat_template_timeout_s"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from asyncpp.core.sampling_params import SamplingParams
@@ -21,6 +22,7 @@ class SampleSpec:
     blocked_token_ids: list[int] = field(default_factory=list)  # masked (min_tokens)
     prompt_token_ids: list[int] | None = None  # only when penalties are active
     output_token_ids: list[int] | None = None  # only when penalties are active
+    grammar_row: int | None = None  # row of MicroBatch.token_bitmask that this sequence's token must pass
 
 
 @dataclass(slots=True)
@@ -60,6 +62,9 @@ class MicroBatch:
     ve_id: int
     seqs: list[SeqWork]
     mb_id: int = -1  # set by the executor
+    # Structured output: int32 [rows, ceil(vocab / 32)], bit t of row r set when token t may
+    # follow (xgrammar's layout); one row per constrained sampling sequence (SampleSpec.grammar_row).
+    token_bitmask: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

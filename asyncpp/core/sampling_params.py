@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from asyncpp.core.errors import InvalidRequest
+from asyncpp.core.structured_outputs import StructuredOutputsParams
 
 GREEDY_EPS = 1e-5  # a temperature below this samples greedily
 _INT64_MAX = 2**63 - 1  # the sampler puts integer fields into int64 tensors
@@ -30,6 +31,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token (besides the prompt's own)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # or a dict of its fields
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +40,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from asyncpp.core.outputs import Logprob, RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.detokenizer import IncrementalDetokenizer
+from asyncpp.engine.grammar_state import GrammarState
 
 _seq_ids = itertools.count()
 
@@ -41,6 +42,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # when a tokenizer is loaded
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    grammar: GrammarState | None = None  # structured output: what its next token may be
 
     @property
     def num_tokens(self) -> int:
@@ -106,11 +108,17 @@ class Request:
     # By position: None first (nothing predicts the first token), then each prompt token's.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_missing: int = 0
+    # `params` as the last stage reads them: without the structured-output spec (which the
+    # engine compiled; a schema need not travel with every microbatch).
+    sampler_params: SamplingParams | None = None
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
             self.prompt_logprobs_missing = len(self.prompt_token_ids) - 1
+        if self.sampler_params is None:
+            self.sampler_params = (self.params if self.params.structured_outputs is None
+                                   else replace(self.params, structured_outputs=None))
 
     @property
     def finished(self) -> bool:

@@ -9,11 +9,13 @@ from functools import partial
 from typing import Protocol
 
 import anyio
+import numpy as np
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, PromptLogprobsSpec, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
@@ -61,6 +63,7 @@ class VirtualEngine:
                  processor: OutputProcessor, owner: VirtualEngineOwner):
         """`num_blocks`: this VE's share of the KV blocks every rank holds."""
         self.ve_id = ve_id
+        self._bitmask_words = -(-config.shape.vocab_size // 32)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id))
         self.max_in_flight_per_ve = config.max_in_flight_per_ve
@@ -167,7 +170,10 @@ class VirtualEngine:
                 batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight_per_ve else []
                 if batch:
                     self._in_flight += 1
-                    tg.start_soon(self._run_microbatch, batch, self._microbatch(batch))
+                    mb, grammars = self._microbatch(batch)
+                    if grammars:  # in a worker thread (xgrammar lets go of the GIL): other VEs run meanwhile
+                        mb.token_bitmask = await anyio.to_thread.run_sync(self._token_bitmask, grammars)
+                    tg.start_soon(self._run_microbatch, batch, mb)
                     continue
                 await self._wake.wait()
                 self._wake = anyio.Event()
@@ -206,18 +212,33 @@ class VirtualEngine:
         self.blocks.uncache(written)
         return {seq.request for seq in self.scheduler.running if written.intersection(seq.block_table)}
 
-    def _microbatch(self, batch: list[ScheduledSeq]) -> MicroBatch:
-        seqs = []
+    def _microbatch(self, batch: list[ScheduledSeq]) -> tuple[MicroBatch, list[GrammarState]]:
+        """The microbatch, and the grammars of its constrained samples (their masks' rows, in order).
+        Their states stay put until it returns: none of them has another sample in flight."""
+        seqs: list[SeqWork] = []
+        constrained: list[GrammarState] = []
         for item in batch:
             seq, start = item.seq, item.start
+            spec = self._sample_spec(seq) if item.samples else None
+            if spec is not None and seq.grammar is not None and seq.grammar.constrains:
+                spec.grammar_row = len(constrained)
+                constrained.append(seq.grammar)
             # Copies: later scheduling grows the live block table while this one is in flight.
             seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new), start,
-                                list(seq.block_table), self._sample_spec(seq) if item.samples else None,
-                                _prompt_logprobs_spec(seq, start, item.num_new)))
-        return MicroBatch(self.ve_id, seqs)
+                                list(seq.block_table), spec, _prompt_logprobs_spec(seq, start, item.num_new)))
+        return MicroBatch(self.ve_id, seqs), constrained
+
+    def _token_bitmask(self, grammars: list[GrammarState]) -> np.ndarray:
+        """The next token's mask of each constrained sequence, a row each (0.01 to a few ms a
+        sequence, by grammar and state: benchmarks/grammar_mask_cost.py)."""
+        bitmask = np.zeros((len(grammars), self._bitmask_words), dtype=np.int32)
+        for row, grammar in enumerate(grammars):
+            grammar.fill_mask(bitmask, row)
+        return bitmask
 
     def _sample_spec(self, seq: Sequence) -> SampleSpec:
-        params = seq.request.params
+        params = seq.request.sampler_params
+        assert params is not None
         step = len(seq.output_token_ids)
         blocked = []
         if step < params.min_tokens:
@@ -245,8 +266,14 @@ class VirtualEngine:
             if sampled is None:
                 continue
             seq.awaiting_sample = False
+            if seq.grammar is not None and not seq.grammar.advance([sampled.token_id]):
+                self._fail_requests([seq.request], RuntimeError(
+                    f"sampled token {sampled.token_id} breaks the request's structured-output grammar"))
+                continue
             self.processor.append(seq, sampled)
             self.counters.generation_tokens += 1
+            if seq.grammar is not None and seq.grammar.terminated and not seq.finished:
+                seq.finish("stop")  # the grammar is complete (even under ignore_eos)
             if seq.finished:
                 self.scheduler.remove(seq)
             touched[seq.request.request_id] = seq.request

@@ -110,7 +110,7 @@ class ModelRunner:
         if not self.stage.is_last:
             return states
         specs = [s.sample for s in mb.seqs if s.sample is not None]
-        out = self.sampler(self._logits(mb, states), specs) if specs else StepOutput([])
+        out = self.sampler(self._logits(mb, states), specs, mb.token_bitmask) if specs else StepOutput([])
         if any(s.prompt_logprobs is not None for s in mb.seqs):
             out.prompt_logprobs = self._prompt_logprobs(mb, states)
         return out

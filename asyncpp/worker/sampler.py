@@ -1,6 +1,7 @@
 """The batched sampler run on the last pipeline stage, with vLLM's semantics."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from asyncpp.core.microbatch import PromptLogprobs, SampleSpec, StepOutput
@@ -12,7 +13,8 @@ def _all_plain_greedy(specs: list[SampleSpec]) -> bool:
     """True when argmax alone answers: the hot path, so one tight loop (~0.1 us a row)."""
     for spec in specs:
         p = spec.params
-        if (p.temperature >= GREEDY_EPS or spec.blocked_token_ids or p.logprobs is not None
+        if (p.temperature >= GREEDY_EPS or spec.blocked_token_ids or spec.grammar_row is not None
+                or p.logprobs is not None
                 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
             return False
     return True
@@ -21,7 +23,9 @@ def _all_plain_greedy(specs: list[SampleSpec]) -> bool:
 class Sampler:
     """Picks one token per logits row, in order:
 
-    1. mask `blocked_token_ids` (min_tokens not reached yet);
+    1. mask what the sequence's grammar forbids (structured output: its row of the
+       microbatch's token bitmask), then `blocked_token_ids` (min_tokens not reached yet),
+       unless that leaves a constrained row nothing (the grammar must end there: it wins);
     2. repetition penalty over prompt + output tokens, then frequency / presence
        penalties over output tokens;
     3. greedy rows (temperature < 1e-5) take the argmax;
@@ -29,7 +33,8 @@ class Sampler:
        to the largest probability), and draw with the exponential race
        argmax(probs / q), q ~ Exp(1).
 
-    Logprobs (when any row asks) are the log_softmax of the logits after steps 1-2 and
+    Logprobs (when any row asks) are the log_softmax of the logits after steps 1-2 (so of
+    the grammar's masked distribution, as vLLM reports them) and
     before temperature and filtering: they describe the model under the penalties the
     request chose, not the truncated distribution the token was drawn from (vLLM v0
     reported the latter; we keep the former because it does not depend on the
@@ -46,16 +51,17 @@ class Sampler:
         self.base_seed = base_seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> StepOutput:
+    def __call__(self, logits: torch.Tensor, specs: list[SampleSpec],
+                 token_bitmask: np.ndarray | None = None) -> StepOutput:
+        """`token_bitmask`: the microbatch's grammar masks (MicroBatch.token_bitmask)."""
         if logits.shape[1] != self.vocab_size:  # heads padded for tensor parallelism are wider
             logits = logits[:, : self.vocab_size]
         if _all_plain_greedy(specs):
             return StepOutput(logits.argmax(dim=-1).tolist())
-        return self._sample(logits, specs)
+        return self._sample(logits, specs, token_bitmask)
 
-    def _sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> StepOutput:
-        logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-        ops.mask_token_ids_(logits, [s.blocked_token_ids for s in specs])
+    def _sample(self, logits: torch.Tensor, specs: list[SampleSpec], token_bitmask: np.ndarray | None) -> StepOutput:
+        logits = _masked_copy(logits, specs, token_bitmask)
         logits = self._apply_penalties(logits, specs)
         token_ids = logits.argmax(dim=-1)
         wants_logprobs = any(s.params.logprobs is not None for s in specs)
@@ -106,6 +112,30 @@ class Sampler:
             generator.manual_seed(self.base_seed)
             self._generators[device] = generator
         return generator
+
+
+def _masked_copy(logits: torch.Tensor, specs: list[SampleSpec], token_bitmask: np.ndarray | None) -> torch.Tensor:
+    """Step 1: a float32 copy of `logits` with the grammar masks, then the blocked ids where they
+    leave a constrained row some token."""
+    constrained = [i for i, s in enumerate(specs) if s.grammar_row is not None]
+    if constrained and token_bitmask is None:
+        raise ValueError("a sequence samples under a grammar but the microbatch carries no token bitmask")
+    mask_rows = [specs[i].grammar_row for i in constrained]
+    if constrained and len(constrained) == len(specs):
+        logits = ops.masked_by_bitmask(logits, token_bitmask, mask_rows)
+    else:
+        logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        if constrained:
+            ops.apply_token_bitmask_(logits, constrained, token_bitmask, mask_rows)
+    both = [i for i in constrained if specs[i].blocked_token_ids]
+    saved = logits[both] if both else None  # a copy
+    ops.mask_token_ids_(logits, [s.blocked_token_ids for s in specs])
+    if saved is not None:
+        index = torch.tensor(both, device=logits.device)
+        emptied = logits[index].amax(dim=-1) == float("-inf")
+        if bool(emptied.any()):
+            logits[index[emptied]] = saved[emptied]
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:

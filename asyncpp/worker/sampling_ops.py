@@ -5,6 +5,7 @@ tensors (or lists turned into tensors here), never as a Python loop over the voc
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -17,6 +18,34 @@ def mask_token_ids_(logits: torch.Tensor, token_ids: list[list[int]]) -> torch.T
         cols = [t for ids in token_ids for t in ids]
         index = torch.tensor([rows, cols], dtype=torch.long).to(logits.device, non_blocking=True)
         logits[index[0], index[1]] = float("-inf")
+    return logits
+
+
+def unpack_token_bitmask(bitmask: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """bool [rows, vocab_size]: which tokens each row of an xgrammar bitmask allows (bit t of
+    the int32 words, least significant first). On a GPU the packed words cross and unpack
+    there (32x less to copy); on the CPU numpy unpacks them in one pass."""
+    if device.type == "cpu":
+        bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, count=vocab_size,
+                             bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
+    words = torch.from_numpy(np.ascontiguousarray(bitmask)).to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+def masked_by_bitmask(logits: torch.Tensor, bitmask: np.ndarray, mask_rows: list[int]) -> torch.Tensor:
+    """A new float32 tensor: `logits` with -inf wherever row mask_rows[i] of `bitmask` forbids a
+    token of row i (one pass: the copy the sampler makes anyway)."""
+    allowed = unpack_token_bitmask(bitmask[mask_rows], logits.shape[1], logits.device)
+    return torch.where(allowed, logits.float(), torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_token_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray,
+                         mask_rows: list[int]) -> torch.Tensor:
+    """Set logits[rows[i], t] to -inf, in place, wherever row mask_rows[i] of `bitmask` forbids t."""
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = masked_by_bitmask(logits[index], bitmask, mask_rows)
     return logits
 
 
