@@ -1,7 +1,7 @@
 """What structured output costs per decode step, on the bundled SmolLM2's vocabulary (49152):
 
 - fill: the virtual engine writing the next-token bitmask of each constrained sequence
-  (GrammarState.fill_mask, on the event loop), per sequence and per step of 32 sequences;
+  (GrammarState.fill_mask, in a worker thread), per sequence and per step of 32 sequences;
 - apply: the last stage's sampler masking 32 rows of logits (`ops.masked_by_bitmask`), next to
   the copy it makes of the logits anyway;
 - carry: pickling a 32-sequence microbatch with and without its bitmask (what the mp
