@@ -217,8 +217,7 @@ void decode_range(const DecodeParams& p, int64_t begin, int64_t end, float* scra
 }
 
 // 16 lanes when block_size and head_dim allow, else 8 (ops.cpp refuses anything not a multiple of 8).
-void decode_items(const DecodeParams& p, int64_t begin, int64_t end, int worker) {
-  float* scratch = p.scratch + worker * p.scratch_stride;
+void decode_items(const DecodeParams& p, int64_t begin, int64_t end, float* scratch) {
   if (p.block_size % 16 == 0 && p.head_dim % 16 == 0)
     decode_range<16>(p, begin, end, scratch);
   else

@@ -28,9 +28,6 @@ struct DecodeParams {
   float softcap;                // > 0: scores = softcap * tanh(scores / softcap)
   int32_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   int32_t kv_per_item;  // KV heads one work item covers (divides num_kv_heads)
-  // Scratch for each worker: an item's query heads x (max_blocks * block_size + head_dim) floats.
-  float* scratch;
-  int64_t scratch_stride;
 };
 
 // Rows of a [tokens, width] activation, float32 or bfloat16 (`bf16`), contiguous rows.
@@ -56,9 +53,10 @@ struct RotaryParams {
 };
 
 // Each ISA build's entry points: `begin`/`end` are work items (decode: a sequence and a run of
-// KV heads; rows: tokens); `worker` picks the decode scratch.
+// KV heads; rows: tokens). `scratch`: the calling thread's own, an item's query heads x
+// (max_blocks * block_size) floats.
 struct KernelTable {
-  void (*decode_items)(const DecodeParams& p, int64_t begin, int64_t end, int worker);
+  void (*decode_items)(const DecodeParams& p, int64_t begin, int64_t end, float* scratch);
   void (*rms_norm_rows)(const RowsParams& p, int64_t begin, int64_t end);
   void (*silu_and_mul_rows)(const RowsParams& p, int64_t begin, int64_t end);
   void (*rotary_rows)(const RotaryParams& p, int64_t begin, int64_t end);

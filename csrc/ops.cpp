@@ -1,4 +1,6 @@
 // torch.ops.asyncpp.*: argument checks, the ISA picked at run time, and torch's thread pool.
+// Importing asyncpp._kernels (an empty Python module) registers the ops.
+#include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -6,6 +8,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -47,6 +50,24 @@ KVKind kind_of(const at::Tensor& cache, int64_t fp8_kind) {
   return static_cast<KVKind>(fp8_kind);
 }
 
+// Every position a sequence attends to lies in a block its table names, and every block named
+// lies in the cache: the kernel trusts both (a length past the table would run off its scratch).
+void check_extents(const at::Tensor& tables, const at::Tensor& lens, const std::optional<at::Tensor>& first,
+                   int64_t num_blocks, int64_t block_size) {
+  const int64_t S = tables.size(0), width = tables.size(1);
+  const int32_t* t = tables.data_ptr<int32_t>();
+  const int32_t* n = lens.data_ptr<int32_t>();
+  const int32_t* f = first ? first->data_ptr<int32_t>() : nullptr;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t ctx = n[s], lo = f ? f[s] : 0;
+    TORCH_CHECK(ctx >= 1 && ctx <= width * block_size && lo >= 0 && lo < ctx, "paged_decode_attention: sequence ", s,
+                " attends to positions [", lo, ", ", ctx, ") but its table holds ", width, " blocks of ", block_size);
+    for (int64_t b = lo / block_size; b <= (ctx - 1) / block_size; ++b)
+      TORCH_CHECK(t[s * width + b] >= 0 && t[s * width + b] < num_blocks, "paged_decode_attention: block ",
+                  t[s * width + b], " is not in the cache (", num_blocks, " blocks)");
+  }
+}
+
 // q [seqs, heads, head_dim] -> [seqs, heads * head_dim] in q's dtype.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -75,14 +96,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
     table = fp8_table->to(at::kFloat).contiguous();
   }
   const int64_t g = H / KVH, max_blocks = tables.size(1);
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == S && lens.numel() == S,
+              "paged_decode_attention: a block table row and a length per sequence");
+  check_extents(tables, lens, first, key_cache.size(0), key_cache.size(3));
   TORCH_CHECK(BS % 8 == 0 && D % 8 == 0,
               "paged_decode_attention: block_size and head_dim must be multiples of 8");
   // Whole blocks of all KV heads are the longest contiguous reads; split the heads only when
   // there are too few sequences to keep every thread busy.
   int64_t kv_per_item = KVH;
   while (S * (KVH / kv_per_item) < 4 * at::get_num_threads() && kv_per_item % 2 == 0) kv_per_item /= 2;
-  const int64_t stride = kv_per_item * g * (max_blocks * BS + D);
-  auto scratch = at::empty({at::get_num_threads(), stride}, qf.options());
+  const int64_t scratch_floats = kv_per_item * g * max_blocks * BS;
 
   DecodeParams p{};
   p.q = qf.data_ptr<float>();
@@ -105,10 +128,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   p.block_size = int32_t(BS);
   p.max_blocks = int32_t(max_blocks);
   p.kv_per_item = int32_t(kv_per_item);
-  p.scratch = scratch.data_ptr<float>();
-  p.scratch_stride = stride;
   at::parallel_for(0, S * (KVH / kv_per_item), 1, [&](int64_t begin, int64_t end) {
-    kKernels.decode_items(p, begin, end, at::get_thread_num());
+    // Each thread's own scratch, kept for its next call: a buffer indexed by at::get_thread_num()
+    // and sized by at::get_num_threads() overflowed when a team had more threads than that said.
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < size_t(scratch_floats)) scratch.resize(scratch_floats);
+    kKernels.decode_items(p, begin, end, scratch.data());
   });
   return out.view({S, H * D}).to(q.scalar_type());
 }
@@ -192,3 +217,8 @@ TORCH_LIBRARY(asyncpp, m) {
   m.def("rotary_(Tensor(a!) x, Tensor cos_sin, int heads) -> ()", &asyncpp::rotary_);
   m.def("kernel_isa", &asyncpp::isa);
 }
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernels", "asyncpp's compiled kernels: torch.ops.asyncpp.*", -1,
+                              nullptr};
+
+PyMODINIT_FUNC PyInit__kernels() { return PyModule_Create(&kModule); }

@@ -6,15 +6,13 @@ Where they are missing (no compiler at install time, an isolated build, another 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 log = logging.getLogger("asyncpp")
-
-_PACKAGE = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
@@ -22,14 +20,13 @@ def available() -> bool:
     """Whether torch.ops.asyncpp.* is loaded (once per process)."""
     if os.environ.get("ASYNCPP_NO_KERNELS", "") not in ("", "0"):
         return False
-    library = next(iter(sorted(_PACKAGE.glob("_kernels*.so"))), None)
-    if library is None:
-        log.info("compiled kernels not built (no C++ compiler at install?): decode attention runs on torch ops")
-        return False
     try:
-        torch.ops.load_library(str(library))
-    except (OSError, RuntimeError) as exc:
-        log.warning("compiled kernels in %s do not load (%s): decode attention runs on torch ops", library, exc)
+        importlib.import_module("asyncpp._kernels")  # registers torch.ops.asyncpp.*
+    except ModuleNotFoundError:
+        log.info("compiled kernels not built (no C++ compiler at install?): attention and small ops run on torch ops")
+        return False
+    except ImportError as exc:
+        log.warning("compiled kernels do not load (%s): attention and small ops run on torch ops", exc)
         return False
     return True
 
