@@ -139,6 +139,8 @@ class AsyncLLM:
             await self._prompts.aclose()
             if self._supervisor is not None:
                 await self._supervisor.shutdown()
+            if self.grammars is not None:
+                await self.grammars.aclose()
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 

@@ -127,9 +127,10 @@ def chat_messages(messages: list[Any]) -> list[Any]:
 
 
 def render(request: dict[str, Any]) -> dict[str, Any]:
+    variables = {"tools": None, "documents": None, **request["variables"]}  # as apply_chat_template's defaults
     text = compiled(request["template"]).render(
-        messages=chat_messages(request["messages"]), tools=None, documents=None,
-        add_generation_prompt=request["add_generation_prompt"], **request["variables"])
+        messages=chat_messages(request["messages"]), add_generation_prompt=request["add_generation_prompt"],
+        **variables)
     if len(text) > request["max_chars"]:
         return {"error": "too_long", "message": str(len(text))}
     return {"text": text}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -26,6 +27,8 @@ from asyncpp.core.structured_outputs import StructuredOutputsParams
 from asyncpp.engine.json_schema_check import unsupported_feature
 
 MAX_ERROR_CHARS = 300
+log = logging.getLogger("asyncpp")
+CLOSE_WAIT_S = 30.0  # how long closing waits for a compile past its deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,23 @@ class GrammarCompiler:
         while len(self._cache) > self.limits.cache_size:
             self._cache.popitem(last=False)
         return compiled
+
+    async def aclose(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Waits (up to `timeout_s`) for compiles their callers gave up on: xgrammar cannot stop
+        one, and one still running as the interpreter exits aborts the process."""
+        if not await anyio.to_thread.run_sync(self._wait_idle, timeout_s):
+            log.warning("a grammar compile past its deadline is still running as the engine closes")
+
+    def _wait_idle(self, timeout_s: float) -> bool:
+        deadline, taken = time.monotonic() + timeout_s, 0
+        try:
+            while taken < self.limits.max_concurrent and self._slots.acquire(
+                    timeout=max(0.0, deadline - time.monotonic())):
+                taken += 1
+            return taken == self.limits.max_concurrent
+        finally:
+            for _ in range(taken):
+                self._slots.release()
 
     async def _compile_with_deadline(self, params: StructuredOutputsParams, spec: str, key: str) -> xgr.CompiledGrammar:
         compiler = await self._compiler()

@@ -28,7 +28,7 @@ from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncpp.model.layers import ACTIVATIONS
 from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from asyncpp.model.llama import LlamaForCausalLM
+from asyncpp.model.llama import LlamaAttention, LlamaForCausalLM
 from asyncpp.model.loader import WeightPlan, whole
 from asyncpp.model.parallel import HeadSplit, TPGroup
 from asyncpp.model.rotary import STATIC_ROPE_TYPES, RopeAt, RotaryEmbedding, rope_parameters
@@ -83,13 +83,7 @@ class GemmaAttention(nn.Module):
             rope.apply(qkv[:, : h + kv])
         return self.o_proj(self.attn(q, k, v, cache, meta))
 
-    def plan(self, prefix: str, name: str) -> WeightPlan:
-        plan = {**self.qkv_proj.plan(f"{prefix}qkv_proj.", [f"{name}q_proj", f"{name}k_proj", f"{name}v_proj"]),
-                **self.o_proj.plan(f"{prefix}o_proj.", f"{name}o_proj")}
-        if self.q_norm is not None:
-            plan[f"{prefix}q_norm.weight"] = whole(f"{name}q_norm.weight")
-            plan[f"{prefix}k_norm.weight"] = whole(f"{name}k_norm.weight")
-        return plan
+    plan = LlamaAttention.plan  # the same names: q/k/v/o projections, optional q/k norms, no sinks
 
 
 class GemmaMLP(nn.Module):

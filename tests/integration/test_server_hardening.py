@@ -395,7 +395,7 @@ BAD_FIELDS = [
     ("prompt_logprobs streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True},
      "prompt_logprobs"),
     ("beam search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-    ("structured outputs", "/v1/chat/completions", chat(structured_outputs={"json": {}}), "structured_outputs"),
+    ("guided_json", "/v1/chat/completions", chat(guided_json={"type": "object"}), "guided_json"),
     ("chat echo", "/v1/chat/completions", chat(echo=True), "echo"),
 ]
 

@@ -29,31 +29,32 @@ def test_no_top_level_server_module(tmp_path):
     assert result.returncode == 1 and "No module named 'server'" in result.stderr, result.stderr
 
 
-def _sliding_window_model(path: Path) -> Path:
-    """A config-only Mistral folder (no weights: a stage that started would fail on them)."""
+def _unsupported_model(path: Path) -> Path:
+    """A config-only Mistral folder with an MLP activation the engine does not build (no
+    weights: a stage that started would fail on them)."""
     from transformers import MistralConfig
 
     MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, sliding_window=64,
+                  num_key_value_heads=2, max_position_embeddings=1024, hidden_act="relu",
                   architectures=["MistralForCausalLM"]).save_pretrained(path)
     return path
 
 
 @pytest.mark.parametrize("module", [["asyncpp.server"], ["asyncpp", "serve"]], ids=" ".join)
 def test_serve_refuses_an_unsupported_model_in_one_line(module, tmp_path):
-    model = _sliding_window_model(tmp_path / "mistral")
+    model = _unsupported_model(tmp_path / "mistral")
     result = _python(["-m", *module, str(model), "--pipeline-parallel-size", "2"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
-        "error: sliding-window attention (window 64) is not supported; set max_model_len <= 64")
+        "error: MistralForCausalLM: hidden_act 'relu' is not supported (the MLP is SwiGLU: silu)")
 
 
 def test_sdk_refuses_an_unsupported_model_before_any_stage_starts(tmp_path):
     from asyncpp import LLM, AsyncLLM
 
-    model = _sliding_window_model(tmp_path / "mistral")
+    model = _unsupported_model(tmp_path / "mistral")
     for make in (LLM, AsyncLLM):
-        with pytest.raises(ValueError, match=r"^sliding-window attention \(window 64\) is not supported"):
+        with pytest.raises(ValueError, match=r"^MistralForCausalLM: hidden_act 'relu' is not supported"):
             make(str(model), pipeline_parallel_size=2, distributed_executor_backend="mp")
     config = model / "config.json"
     config.write_text(config.read_text().replace("MistralForCausalLM", "FancyForCausalLM"))

@@ -121,13 +121,18 @@ async def test_restarts_are_bounded(llama_dir):
 async def kill_stage_then_a_fresh_one(llm: AsyncLLM) -> None:
     """SIGKILL stage 0, then one of the stages the restart spawns, as soon as it exists
     (while the new stages start and load)."""
-    old = set(llm.rank_pids())
-    os.kill(min(old), signal.SIGKILL)
+    # Every stage alive now, this engine's or not (a session-wide engine of the pytest plugin
+    # may be running too): only a stage spawned after the kill is the restart's.
+    old = stage_pids()
+    os.kill(min(llm.rank_pids()), signal.SIGKILL)
     with anyio.fail_after(RECOVER_WITHIN_S):
-        while not (fresh := [p.pid for p in multiprocessing.active_children()
-                             if p.name.startswith("asyncpp-stage") and p.pid not in old]):
+        while not (fresh := stage_pids() - old):
             await anyio.sleep(0.01)
-    os.kill(fresh[0], signal.SIGKILL)
+    os.kill(min(fresh), signal.SIGKILL)
+
+
+def stage_pids() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("asyncpp-stage")}
 
 
 async def test_a_stage_dying_during_the_restart_is_restarted_again(llama_dir):
@@ -139,13 +144,13 @@ async def test_a_stage_dying_during_the_restart_is_restarted_again(llama_dir):
 
 
 async def test_a_death_during_the_last_restart_leaves_the_engine_down_for_good(llama_dir):
-    before = shm_files()
+    before, others = shm_files(), stage_pids()
     async with engine(llama_dir, max_stage_restarts=1) as llm:
         await kill_stage_then_a_fresh_one(llm)
         with anyio.fail_after(RECOVER_WITHIN_S):
             while llm.dead_error() is None or not llm.dead_error().permanent:
                 await anyio.sleep(0.05)
-        assert not [p for p in multiprocessing.active_children() if p.name.startswith("asyncpp-stage")]
+        assert not stage_pids() - others
         app = build_app(llm)
         app.state.server = ServerState(llm, ServerMetrics(llm.stats, llm.model_name))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as http:
