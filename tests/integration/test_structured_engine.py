@@ -65,7 +65,13 @@ async def test_every_constrained_output_follows_its_grammar_through_the_pipeline
             outs[-2] = await final(llm, SYSTEM * 2, SamplingParams(temperature=1.0, max_tokens=20,
                                                                    structured_outputs={"choice": [FORCED]}))
 
+        async def filler(j: int) -> None:  # long unconstrained outputs that keep growing: blocks run out
+            outs[-3 - j] = await final(llm, SYSTEM[:40] + f" Filler {j}:",
+                                       SamplingParams(temperature=0, max_tokens=80, ignore_eos=True))
+
         async with anyio.create_task_group() as tg:
+            for j in range(4):
+                tg.start_soon(filler, j)
             for i in range(12):
                 tg.start_soon(run, i)
             tg.start_soon(beside)
