@@ -9,20 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import (
-    make_deepseek_v3,
-    make_gemma2,
-    make_gemma3,
-    make_gpt2,
-    make_gpt_oss,
-    make_llama,
-    make_mistral_swa,
-    make_mixtral,
-    make_phi3,
-    make_qwen2_swa,
-    make_qwen3,
-    make_qwen3_moe,
-)
+from helpers import models
 from helpers.processes import child_commands
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,72 +18,72 @@ RENDERER = "template_renderer.py"
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
-    return make_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return models.make_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
-    return make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+    return models.make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
-    return make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
+    return models.make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
 
 
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
-    return make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
+    return models.make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
 
 
 @pytest.fixture(scope="session")
 def qwen3_moe_dir(tmp_path_factory) -> Path:
-    return make_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+    return models.make_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
 
 
 @pytest.fixture(scope="session")
 def mixtral_dir(tmp_path_factory) -> Path:
-    return make_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
+    return models.make_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
 
 
 @pytest.fixture(scope="session")
 def phi3_dir(tmp_path_factory) -> Path:
-    return make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+    return models.make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
 
 
 @pytest.fixture(scope="session")
 def deepseek_v3_dir(tmp_path_factory) -> Path:
-    return make_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
+    return models.make_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
 
 
 @pytest.fixture(scope="session")
 def gpt_oss_dir(tmp_path_factory) -> Path:
     """The dense layout transformers writes (test_gpt_oss also writes the published MXFP4 one)."""
-    return make_gpt_oss(tmp_path_factory.mktemp("tiny-gpt-oss"))
+    return models.make_gpt_oss(tmp_path_factory.mktemp("tiny-gpt-oss"))
 
 
 @pytest.fixture(scope="session")
 def mistral_swa_dir(tmp_path_factory) -> Path:
     """Every layer windowed: 40 tokens."""
-    return make_mistral_swa(tmp_path_factory.mktemp("tiny-mistral-swa"))
+    return models.make_mistral_swa(tmp_path_factory.mktemp("tiny-mistral-swa"))
 
 
 @pytest.fixture(scope="session")
 def qwen2_swa_dir(tmp_path_factory) -> Path:
     """Layers 2 and 3 windowed (40 tokens), 0 and 1 full."""
-    return make_qwen2_swa(tmp_path_factory.mktemp("tiny-qwen2-swa"))
+    return models.make_qwen2_swa(tmp_path_factory.mktemp("tiny-qwen2-swa"))
 
 
 @pytest.fixture(scope="session")
 def gemma3_dir(tmp_path_factory) -> Path:
     """Local (32-token window), local, global, local, local."""
-    return make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+    return models.make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="session")
 def gemma2_dir(tmp_path_factory) -> Path:
     """Local (32-token window) and global layers alternating; soft-capped logits."""
-    return make_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
+    return models.make_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
 
 
 @pytest.fixture(params=["llama", "gpt2"])
