@@ -86,7 +86,7 @@ def start(system: System, model: Path, port: int, args: argparse.Namespace) -> s
            "--served-model-name", DEFAULT_MODEL_NAME, "--port", str(port), "--dtype", "float32",
            "--pipeline-parallel-size", str(system.pp), "--max-model-len", "2048",
            "--no-enable-prefix-caching", "--no-enable-log-requests",
-           "--structured-outputs-config", json.dumps({"disable_any_whitespace": True})]
+           "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
     return subprocess.Popen(cmd, env=vllm_env(args.vllm_python, system.pp), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
