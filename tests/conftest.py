@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,74 +17,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RENDERER = "template_renderer.py"
 
 
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory) -> Path:
-    return models.make_llama(tmp_path_factory.mktemp("tiny-llama"))
+def _checkpoint(make: Callable[..., Path], folder: str, **kwargs: Any) -> Any:
+    """A session fixture: the tiny checkpoint `make` writes into a fresh `folder`."""
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory) -> Path:
+        return make(tmp_path_factory.mktemp(folder), **kwargs)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory) -> Path:
-    return models.make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
-
-
-@pytest.fixture(scope="session")
-def qwen2_dir(tmp_path_factory) -> Path:
-    return models.make_llama(tmp_path_factory.mktemp("tiny-qwen2"), qkv_bias=True, tie=True)
-
-
-@pytest.fixture(scope="session")
-def qwen3_dir(tmp_path_factory) -> Path:
-    return models.make_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), tie=True)
-
-
-@pytest.fixture(scope="session")
-def qwen3_moe_dir(tmp_path_factory) -> Path:
-    return models.make_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
-
-
-@pytest.fixture(scope="session")
-def mixtral_dir(tmp_path_factory) -> Path:
-    return models.make_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
-
-
-@pytest.fixture(scope="session")
-def phi3_dir(tmp_path_factory) -> Path:
-    return models.make_phi3(tmp_path_factory.mktemp("tiny-phi3"))
-
-
-@pytest.fixture(scope="session")
-def deepseek_v3_dir(tmp_path_factory) -> Path:
-    return models.make_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
-
-
-@pytest.fixture(scope="session")
-def gpt_oss_dir(tmp_path_factory) -> Path:
-    """The dense layout transformers writes (test_gpt_oss also writes the published MXFP4 one)."""
-    return models.make_gpt_oss(tmp_path_factory.mktemp("tiny-gpt-oss"))
-
-
-@pytest.fixture(scope="session")
-def mistral_swa_dir(tmp_path_factory) -> Path:
-    """Every layer windowed: 40 tokens."""
-    return models.make_mistral_swa(tmp_path_factory.mktemp("tiny-mistral-swa"))
-
-
-@pytest.fixture(scope="session")
-def qwen2_swa_dir(tmp_path_factory) -> Path:
-    """Layers 2 and 3 windowed (40 tokens), 0 and 1 full."""
-    return models.make_qwen2_swa(tmp_path_factory.mktemp("tiny-qwen2-swa"))
-
-
-@pytest.fixture(scope="session")
-def gemma3_dir(tmp_path_factory) -> Path:
-    """Local (32-token window), local, global, local, local."""
-    return models.make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
-
-
-@pytest.fixture(scope="session")
-def gemma2_dir(tmp_path_factory) -> Path:
-    """Local (32-token window) and global layers alternating; soft-capped logits."""
-    return models.make_gemma2(tmp_path_factory.mktemp("tiny-gemma2"))
+llama_dir = _checkpoint(models.make_llama, "tiny-llama")
+gpt2_dir = _checkpoint(models.make_gpt2, "tiny-gpt2")
+qwen2_dir = _checkpoint(models.make_llama, "tiny-qwen2", qkv_bias=True, tie=True)
+qwen3_dir = _checkpoint(models.make_qwen3, "tiny-qwen3", tie=True)
+qwen3_moe_dir = _checkpoint(models.make_qwen3_moe, "tiny-qwen3-moe")
+mixtral_dir = _checkpoint(models.make_mixtral, "tiny-mixtral")
+phi3_dir = _checkpoint(models.make_phi3, "tiny-phi3")
+deepseek_v3_dir = _checkpoint(models.make_deepseek_v3, "tiny-deepseek-v3")
+# The dense layout transformers writes (test_gpt_oss also writes the published MXFP4 one).
+gpt_oss_dir = _checkpoint(models.make_gpt_oss, "tiny-gpt-oss")
+mistral_swa_dir = _checkpoint(models.make_mistral_swa, "tiny-mistral-swa")  # every layer windowed: 40 tokens
+qwen2_swa_dir = _checkpoint(models.make_qwen2_swa, "tiny-qwen2-swa")  # layers 2, 3 windowed (40), 0, 1 full
+gemma3_dir = _checkpoint(models.make_gemma3, "tiny-gemma3")  # local (32-token window), local, global, local, local
+gemma2_dir = _checkpoint(models.make_gemma2, "tiny-gemma2")  # local / global alternating; soft-capped logits
 
 
 @pytest.fixture(params=["llama", "gpt2"])

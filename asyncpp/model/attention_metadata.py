@@ -124,21 +124,22 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
         prefill_seqs.append(s)
     decode_seqs = [seqs[i] for i in decode_rows]
     decode = index = None
+    rows = np.asarray(decode_rows, dtype=np.int64)
+    ctx = starts[rows] + 1  # positions each decode attends to, itself included
     if decode_rows:
-        rows = np.asarray(decode_rows)
         index = None if len(rows) == num_tokens else to(token_starts[rows])
         if layout.latent:
-            decode = _latent_decode(decode_seqs, index, bs, to)
+            decode = _latent_decode(decode_seqs, ctx, index, bs, to)
         elif layout.decode_kernel:
-            decode = _kernel_decode(decode_seqs, index, to)
+            decode = _kernel_decode(decode_seqs, ctx, index, to)
         else:
-            decode = _decode_batch(decode_seqs, index, layout, to)
+            decode = _decode_batch(decode_seqs, ctx, index, layout, to)
     windows = {}
     for w in layout.windows:  # a sequence whose context fits in the window keeps the full view
         window_decode = decode
-        if decode is not None and max(s.start_pos + 1 for s in decode_seqs) > w:
-            window_decode = (_kernel_window(decode, decode_seqs, w, to) if isinstance(decode, KernelDecode)
-                             else _decode_batch(decode_seqs, index, layout, to, w))
+        if decode is not None and int(ctx.max()) > w:
+            window_decode = (_kernel_window(decode, ctx, w, to) if isinstance(decode, KernelDecode)
+                             else _decode_batch(decode_seqs, ctx, index, layout, to, w))
         windows[w] = ([p if s.start_pos + len(s.token_ids) <= w else _prefill(s, p.token_start, p.token_end, bs,
                                                                              device, w)
                        for s, p in zip(prefill_seqs, prefills)], window_decode)
@@ -172,17 +173,15 @@ def prefill_mask(query_start: int, context: int, kv_start: int, window: int | No
     return mask if window is None else mask & (k > q - window)
 
 
-def _kernel_decode(seqs: list[SeqWork], token_index, to) -> KernelDecode:
-    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int32, count=len(seqs))
+def _kernel_decode(seqs: list[SeqWork], ctx: np.ndarray, token_index, to) -> KernelDecode:
     widest = max(len(s.block_table) for s in seqs)
     tables = np.zeros((len(seqs), widest), dtype=np.int32)
     for i, s in enumerate(seqs):
         tables[i, : len(s.block_table)] = s.block_table
-    return KernelDecode(token_index, len(seqs), to(tables), to(ctx))
+    return KernelDecode(token_index, len(seqs), to(tables), to(ctx.astype(np.int32)))
 
 
-def _latent_decode(seqs: list[SeqWork], token_index, bs: int, to) -> LatentDecode:
-    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=len(seqs))
+def _latent_decode(seqs: list[SeqWork], ctx: np.ndarray, token_index, bs: int, to) -> LatentDecode:
     nblocks = -(-ctx // bs)
     tables = np.zeros((len(seqs), int(nblocks.max())), dtype=np.int64)
     for i, s in enumerate(seqs):
@@ -191,20 +190,18 @@ def _latent_decode(seqs: list[SeqWork], token_index, bs: int, to) -> LatentDecod
     return LatentDecode(token_index, len(seqs), to(tables), to(pad), to(np.flatnonzero(pad)))
 
 
-def _kernel_window(full: KernelDecode, seqs: list[SeqWork], window: int, to) -> KernelDecode:
+def _kernel_window(full: KernelDecode, ctx: np.ndarray, window: int, to) -> KernelDecode:
     """The same tables and lengths, with the first position each sequence attends to."""
-    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=len(seqs))
     return dataclasses.replace(full, first_pos=to(first_positions(ctx - 1, window).astype(np.int32)))
 
 
-def _decode_batch(seqs: list[SeqWork], token_index, layout: HeadLayout, to, window: int | None = None
-                  ) -> DecodeBatch:
+def _decode_batch(seqs: list[SeqWork], ctx: np.ndarray, token_index, layout: HeadLayout, to,
+                  window: int | None = None) -> DecodeBatch:
     """Each sequence reads positions first..ctx-1 (first = 0 without a window) from the
     blocks that hold them; the positions before `first` in its first block are masked."""
     H, hd, bs = layout.num_heads, layout.head_dim, layout.block_size
     group = H // layout.num_kv_heads
     D = len(seqs)
-    ctx = np.fromiter((s.start_pos + 1 for s in seqs), dtype=np.int64, count=D)
     first = np.zeros(D, dtype=np.int64) if window is None else first_positions(ctx - 1, window)
     skip = first // bs  # blocks wholly before the window: not read
     nblocks = -(-ctx // bs) - skip
