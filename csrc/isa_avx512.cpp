@@ -9,8 +9,11 @@ namespace {
 #include "vec_impl.h"
 #include "decode_attention_impl.h"
 #include "small_ops_impl.h"
+constexpr int kMoeTile = 4;  // tokens a tile holds: the accumulators fill the vector registers
+#include "moe_impl.h"
 }  // namespace
 
-const KernelTable kAvx512 = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows};
+const KernelTable kAvx512 = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows,
+                                moe_up_items, moe_down_blocks, pairs_bf16};
 
 }  // namespace asyncpp

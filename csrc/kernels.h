@@ -52,6 +52,25 @@ struct RotaryParams {
   bool bf16;
 };
 
+// The routed experts of a SwiGLU MoE block (moe_impl.h). Slots are (token, choice) pairs grouped
+// by expert; activations are float32 (the caller widens and narrows bf16 rows), or bf16 where the
+// build multiplies bf16 pairs (pairs_bf16) and the weights are packed so.
+struct MoeParams {
+  const void* x;                // [tokens, hidden]
+  const void* w13;              // [experts, inner / 32, hidden, 64]: 32 gate then the same 32 up columns
+  const void* w2;               // [experts, hidden / 64, inner, 64]
+  const int32_t* slot_token;    // [slots]: the token each slot computes for
+  const float* slot_weight;     // [slots]: its routing weight
+  const int64_t* expert_start;  // [experts + 1]: expert e's slots are [start[e], start[e + 1])
+  const int64_t* up_items;      // the gate/up pass's items: expert * (inner / 32) + block
+  void* act;                    // [slots, inner]: silu(gate) * up, x's type
+  float* out;                   // [tokens, hidden]: zeroed by the caller, summed into
+  int64_t hidden, inner, experts;
+  bool bf16_weights;
+  bool bf16_acts;               // x and act bf16, weights bf16 in pairs along K ([K / 2][64][2])
+  bool round_bf16;              // a bf16 model: round where its own code rounds
+};
+
 // Each ISA build's entry points: `begin`/`end` are work items (decode: a sequence and a run of
 // KV heads; rows: tokens). `scratch`: the calling thread's own, an item's query heads x
 // (max_blocks * block_size) floats.
@@ -60,8 +79,11 @@ struct KernelTable {
   void (*rms_norm_rows)(const RowsParams& p, int64_t begin, int64_t end);
   void (*silu_and_mul_rows)(const RowsParams& p, int64_t begin, int64_t end);
   void (*rotary_rows)(const RotaryParams& p, int64_t begin, int64_t end);
+  void (*moe_up_items)(const MoeParams& p, int64_t begin, int64_t end);
+  void (*moe_down_blocks)(const MoeParams& p, int64_t begin, int64_t end);
+  bool (*pairs_bf16)();  // whether this build multiplies bf16 pairs (AVX512-BF16)
 };
 
-extern const KernelTable kAvx512, kAvx2, kGeneric;
+extern const KernelTable kAvx512Bf16, kAvx512, kAvx2, kGeneric;
 
 }  // namespace asyncpp

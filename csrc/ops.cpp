@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -15,24 +17,41 @@
 namespace asyncpp {
 namespace {
 
-const KernelTable& pick() {
+const KernelTable& best() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kGeneric;
 }
 
+// ASYNCPP_KERNEL_ISA names a lesser build to run instead (tests run every build on one host).
+const KernelTable& pick() {
+  const KernelTable* order[] = {&kAvx512Bf16, &kAvx512, &kAvx2, &kGeneric};
+  const char* names[] = {"avx512_bf16", "avx512", "avx2", "generic"};
+  const KernelTable& found = best();
+  const char* wanted = std::getenv("ASYNCPP_KERNEL_ISA");
+  bool reached = false;
+  for (int i = 0; i < 4; ++i) {
+    reached = reached || order[i] == &found;
+    if (reached && wanted && std::string(wanted) == names[i]) return *order[i];
+  }
+  return found;
+}
+
 const KernelTable& kKernels = pick();
 
 std::string isa() {
+  if (&kKernels == &kAvx512Bf16) return "avx512_bf16";
   if (&kKernels == &kAvx512) return "avx512";
   if (&kKernels == &kAvx2) return "avx2";
   return "generic";
 }
+
+constexpr int64_t kMoeCols = 64;  // a packed expert block's columns (moe_impl.h)
 
 // Row ops split rows across torch's threads only when a step has enough of them to pay for it.
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
@@ -207,6 +226,97 @@ void rotary_(const at::Tensor& x, const at::Tensor& cos_sin, int64_t heads) {
   at::parallel_for(0, x.size(0), row_grain(heads * p.head_dim), [&](int64_t b, int64_t e) { kKernels.rotary_rows(p, b, e); });
 }
 
+// Cuts items [0, costs.size()) into at most `parts` runs of about equal total cost.
+std::vector<int64_t> balanced_cuts(const std::vector<double>& costs, int64_t parts) {
+  double total = 0;
+  for (double c : costs) total += c;
+  std::vector<int64_t> cuts{0};
+  double run = 0;
+  for (size_t i = 0; i < costs.size(); ++i) {
+    run += costs[i];
+    if (run >= total * double(cuts.size()) / double(parts) && int64_t(cuts.size()) < parts) cuts.push_back(int64_t(i) + 1);
+  }
+  if (cuts.back() != int64_t(costs.size())) cuts.push_back(int64_t(costs.size()));
+  return cuts;
+}
+
+// x [tokens, hidden] through the routed SwiGLU experts chosen by topk_ids [tokens, k] with weights
+// topk_weights: sum_k weight * down(silu(gate(x)) * up(x)), in x's dtype. w13 and w2 are packed
+// by asyncpp/model/packed_experts.py: [E, I/32, H, 64] and [E, H/64, I, 64] float32 or bf16, or
+// bf16 in pairs along K ([E, I/32, H/2, 64, 2], [E, H/64, I/2, 64, 2]) where the build multiplies
+// bf16 pairs; then x must be bf16 too.
+at::Tensor moe_swiglu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& topk_ids,
+                      const at::Tensor& topk_weights, bool round_bf16) {
+  const bool bf16_x = is_bf16(x, "moe_swiglu");
+  const bool bf16_weights = is_bf16(w13, "moe_swiglu");
+  const bool pairs = w13.dim() == 5;
+  TORCH_CHECK(!pairs || (kKernels.pairs_bf16() && bf16_weights && bf16_x),
+              "moe_swiglu: weights in bf16 pairs need bf16 x and a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && w13.dim() == w2.dim() && (w13.dim() == 4 || pairs) && w13.is_contiguous() &&
+                  w2.is_contiguous() && w2.scalar_type() == w13.scalar_type(),
+              "moe_swiglu: packed weights [E, I/32, H, 64], [E, H/64, I, 64] (or their bf16 pairs)");
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) * 32, f = pairs ? 2 : 1;
+  TORCH_CHECK(w13.size(2) * f == H && w13.size(3) == kMoeCols && w2.size(0) == E && w2.size(1) * kMoeCols == H &&
+                  w2.size(2) * f == I && w2.size(3) == kMoeCols && (!pairs || (w13.size(4) == 2 && w2.size(4) == 2)),
+              "moe_swiglu: packed weights do not fit x");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes(),
+              "moe_swiglu: topk ids and weights are [tokens, k]");
+  auto ids = topk_ids.to(at::kLong).contiguous();
+  auto weights = topk_weights.to(at::kFloat).contiguous();
+  const int64_t S = ids.numel();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  // Slots grouped by expert, tokens in order within an expert (a counting sort).
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(id[s] >= 0 && id[s] < E, "moe_swiglu: expert id ", id[s], " out of range (", E, " experts)");
+    ++start[id[s] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int32_t> slot_token(S);
+  std::vector<float> slot_weight(S);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  const float* w = weights.data_ptr<float>();
+  const int64_t k = ids.size(1);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t at = fill[id[s]]++;
+    slot_token[at] = int32_t(s / k);
+    slot_weight[at] = w[s];
+  }
+  // Streaming a block costs about what four tokens' arithmetic over it does.
+  std::vector<int64_t> up_items;
+  std::vector<double> costs;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t b = 0; start[e + 1] > start[e] && b < I / 32; ++b) {
+      up_items.push_back(e * (I / 32) + b);
+      costs.push_back(1.0 + double(start[e + 1] - start[e]) / 4.0);
+    }
+  auto xs = pairs ? x.contiguous() : x.to(at::kFloat).contiguous();
+  auto act = at::empty({S, I}, xs.options());
+  auto out = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  MoeParams p{};
+  p.x = xs.data_ptr();
+  p.w13 = w13.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.slot_token = slot_token.data();
+  p.slot_weight = slot_weight.data();
+  p.expert_start = start.data();
+  p.up_items = up_items.data();
+  p.act = act.data_ptr();
+  p.out = out.data_ptr<float>();
+  p.hidden = H;
+  p.inner = I;
+  p.experts = E;
+  p.bf16_weights = bf16_weights;
+  p.bf16_acts = pairs;
+  p.round_bf16 = round_bf16;
+  const auto cuts = balanced_cuts(costs, at::get_num_threads());
+  at::parallel_for(0, int64_t(cuts.size()) - 1, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) kKernels.moe_up_items(p, cuts[c], cuts[c + 1]);
+  });
+  at::parallel_for(0, H / kMoeCols, 1, [&](int64_t b, int64_t e) { kKernels.moe_down_blocks(p, b, e); });
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 }  // namespace asyncpp
 
@@ -215,6 +325,7 @@ TORCH_LIBRARY(asyncpp, m) {
   m.def("rms_norm", &asyncpp::rms_norm);
   m.def("silu_and_mul", &asyncpp::silu_and_mul);
   m.def("rotary_(Tensor(a!) x, Tensor cos_sin, int heads) -> ()", &asyncpp::rotary_);
+  m.def("moe_swiglu", &asyncpp::moe_swiglu);
   m.def("kernel_isa", &asyncpp::isa);
 }
 

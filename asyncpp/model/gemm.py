@@ -84,7 +84,18 @@ class PackableLinear(nn.Module):
             self.weight = nn.Parameter(operand, requires_grad=False)  # same values, new layout
 
 
+class PacksExperts(nn.Module):
+    """A module that packs several linears' weights into one operand of its own (an MoE block's
+    experts for the compiled kernel), before the remaining linears are prepared one by one."""
+
+    def pack(self, quantization: str | None) -> None:
+        raise NotImplementedError
+
+
 def prepare_model(model: nn.Module, quantization: str | None) -> None:
+    for module in list(model.modules()):
+        if isinstance(module, PacksExperts):
+            module.pack(quantization)
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from asyncpp.model.gemm import PackableLinear, linear
+from asyncpp.model import packed_experts
+from asyncpp.model.gemm import PackableLinear, PacksExperts, linear
 from asyncpp.model.layers import silu_and_mul
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
 from asyncpp.model.loader import TensorSlice, WeightPlan, WeightSource, cols, rows, whole
@@ -71,9 +72,13 @@ class Expert(nn.Module):
         return linear(silu_and_mul(linear(x, self.gate_up_proj.gemm_weight)), self.down_proj.gemm_weight)
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(PacksExperts):
     """`shared_inner` > 0: shared experts (one SwiGLU MLP of that width) beside the routed ones,
-    their output added before the block's one all-reduce. `gate`: a router of the model's own."""
+    their output added before the block's one all-reduce. `gate`: a router of the model's own.
+
+    On CPU, once loaded, plain SwiGLU experts are packed for the compiled kernel
+    (packed_experts.py) and their per-expert modules dropped; int8 experts, other expert kinds
+    and a build without kernels keep the per-expert GEMMs."""
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, renormalize: bool, tp: TPGroup,
                  names: ExpertNames, shared_inner: int = 0, gate: Router | None = None,
@@ -84,6 +89,19 @@ class SparseMoeBlock(nn.Module):
         self.gate = gate or Router(hidden, num_experts)
         self.experts = nn.ModuleList((expert or (lambda: Expert(hidden, inner, tp)))() for _ in range(num_experts))
         self.shared_experts = Expert(hidden, shared_inner, tp) if shared_inner else None
+        self.packed_gate_up: nn.Parameter | None = None
+        self.packed_down: nn.Parameter | None = None
+
+    def pack(self, quantization: str | None) -> None:
+        if quantization or not all(type(e) is Expert for e in self.experts):
+            return
+        gate_up = [e.gate_up_proj.weight for e in self.experts]
+        down = [e.down_proj.weight for e in self.experts]
+        if not packed_experts.fits(gate_up[0].device, gate_up[0].dtype, down[0].shape[0], down[0].shape[1]):
+            return
+        self.packed_gate_up = nn.Parameter(packed_experts.pack_gate_up(torch.stack(gate_up)), requires_grad=False)
+        self.packed_down = nn.Parameter(packed_experts.pack_down(torch.stack(down)), requires_grad=False)
+        self.experts = nn.ModuleList()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.routed(x)
@@ -95,6 +113,8 @@ class SparseMoeBlock(nn.Module):
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the chosen experts' weighted outputs."""
         weights, chosen = self.route(x)
+        if self.packed_gate_up is not None and self.packed_down is not None:
+            return packed_experts.routed_swiglu(x, self.packed_gate_up, self.packed_down, weights, chosen)
         flat = chosen.view(-1)
         order = flat.argsort(stable=True)  # (token, choice) slots grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()

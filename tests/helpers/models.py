@@ -10,6 +10,7 @@ from asyncpp.core.stages import StageSpec
 from asyncpp.model.attention import PagedAttention
 from asyncpp.model.embedding import VocabParallelEmbedding
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
+from asyncpp.model.moe import SparseMoeBlock
 from asyncpp.testing.tiny_model import (
     VOCAB,
     make_deepseek_v3,
@@ -82,7 +83,8 @@ def expected_rank_bytes(model_dir: Path, pp: int, tp: int, partition: str | None
                 nbytes = p.numel() * p.element_size()
                 sharded = isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
                     isinstance(module, RowParallelLinear) and name == "weight") or (
-                    isinstance(module, PagedAttention) and name == "sinks")  # per query head
+                    isinstance(module, PagedAttention) and name == "sinks") or (  # per query head
+                    isinstance(module, SparseMoeBlock) and name.startswith("packed_"))  # experts' slices, packed
                 split, whole = (split + nbytes, whole) if sharded else (split, whole + nbytes)
         assert split % tp == 0
         expected += [whole + split // tp] * tp

@@ -3,6 +3,8 @@ weighs them (all experts' bytes for memory, the experts a decode step touches fo
 TP constraint on the experts, and the block's routing against a plain per-token reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import MixtralConfig, Qwen3MoeConfig
@@ -10,6 +12,7 @@ from transformers import MixtralConfig, Qwen3MoeConfig
 from asyncpp.core.config import COST_SEQS, ModelShape
 from asyncpp.core.stages import StageCosts, partition_layers, split_partition
 from asyncpp.engine_args import check_tensor_parallel
+from asyncpp.model import kernels
 from asyncpp.model.moe import QWEN3_MOE_NAMES, SparseMoeBlock
 from asyncpp.model.parallel import SingleRankGroup
 
@@ -71,3 +74,72 @@ def test_grouped_experts_match_a_per_token_reference(renormalize):
             gate, up = (x[t] @ block.experts[e].gate_up_proj.weight.T).chunk(2)
             expected[t] += w * (torch.nn.functional.silu(gate) * up) @ block.experts[e].down_proj.weight.T
     torch.testing.assert_close(block(x), expected)
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
+
+
+def _random_block(hidden: int, inner: int, experts: int, top_k: int, dtype: torch.dtype) -> SparseMoeBlock:
+    block = SparseMoeBlock(hidden, inner, num_experts=experts, top_k=top_k, renormalize=True, tp=SingleRankGroup(),
+                           names=QWEN3_MOE_NAMES)
+    for p in block.parameters():
+        p.data = (torch.randn(p.shape) / p.shape[-1] ** 0.5).to(dtype)
+    return block
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 70])
+def test_packed_experts_match_the_per_expert_gemms(dtype, tokens):
+    """Tile tails (1-3 tokens an expert), a decode batch and a prefill chunk; bf16 rounds where
+    transformers' bf16 code rounds, so it stays within a few bf16 steps of the per-expert path."""
+    torch.manual_seed(tokens)
+    block = _random_block(128, 96, experts=8, top_k=3, dtype=dtype)
+    x = torch.randn(tokens, 128).to(dtype)
+    expected = block(x)
+    block.pack(None)
+    assert len(block.experts) == 0 and block.packed_gate_up is not None
+    got = block(x)
+    assert got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
+
+
+@needs_kernels
+def test_experts_stay_per_expert_where_the_kernel_does_not_fit():
+    int8 = _random_block(128, 96, experts=4, top_k=2, dtype=torch.float32)
+    int8.pack("int8")
+    odd = _random_block(128, 48, experts=4, top_k=2, dtype=torch.float32)  # 48 is not whole 32-column blocks
+    odd.pack(None)
+    assert len(int8.experts) == len(odd.experts) == 4 and int8.packed_gate_up is None and odd.packed_gate_up is None
+
+
+_EVERY_BUILD = """
+import torch
+import asyncpp._kernels  # noqa: F401
+from asyncpp.model.moe import QWEN3_MOE_NAMES, SparseMoeBlock
+from asyncpp.model.parallel import SingleRankGroup
+assert torch.ops.asyncpp.kernel_isa() == "{isa}", torch.ops.asyncpp.kernel_isa()
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+    block = SparseMoeBlock(128, 96, 8, 3, True, SingleRankGroup(), QWEN3_MOE_NAMES)
+    for p in block.parameters():
+        p.data = (torch.randn(p.shape) / p.shape[-1] ** 0.5).to(dtype)
+    x = torch.randn(13, 128).to(dtype)
+    expected = block(x)
+    block.pack(None)
+    torch.testing.assert_close(block(x).float(), expected.float(), atol=tol, rtol=tol)
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_lesser_build_runs_the_experts_alike(isa):
+    """The builds this host can run besides its best one, picked with ASYNCPP_KERNEL_ISA."""
+    import subprocess
+    import sys
+    supported = {"avx512_bf16": 4, "avx512": 3, "avx2": 2, "generic": 1}
+    if supported[isa] > supported[kernels.isa() or "generic"]:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    env = {**os.environ, "ASYNCPP_KERNEL_ISA": isa}
+    subprocess.run([sys.executable, "-c", _EVERY_BUILD.format(isa=isa)], env=env, check=True, timeout=120)

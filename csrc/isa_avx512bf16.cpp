@@ -1,0 +1,22 @@
+// The kernels built for one ISA; ops.cpp picks the build at run time. AVX-512 with BF16 dot
+// products (Cooper Lake, Sapphire Rapids, Zen 4): the MoE experts multiply bf16 pairs.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#include <immintrin.h>
+#define ASYNCPP_BF16_DOT 1
+#endif
+#include "kernels.h"
+
+namespace asyncpp {
+namespace {
+#include "vec_impl.h"
+#include "decode_attention_impl.h"
+#include "small_ops_impl.h"
+constexpr int kMoeTile = 4;  // tokens a tile holds: the accumulators fill the vector registers
+#include "moe_impl.h"
+}  // namespace
+
+const KernelTable kAvx512Bf16 = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows,
+                                 moe_up_items, moe_down_blocks, pairs_bf16};
+
+}  // namespace asyncpp
