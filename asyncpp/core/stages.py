@@ -161,9 +161,12 @@ def cheapest_partition(num_layers: int, pp_size: int, costs: StageCosts, limit: 
                        ) -> list[float]:
     """Whole layers per stage, or a stage boundary inside a layer when that lowers the costliest
     stage by more than SPLIT_GAIN; every stage within `limit` (ValueError when none fits)."""
-    whole = (split_partition(num_layers, pp_size, costs, step=2, limit=limit) if costs.per_layer or limit
-             else balanced_partition(num_layers, pp_size, costs))
     split = split_partition(num_layers, pp_size, costs, limit=limit)
+    try:
+        whole = (split_partition(num_layers, pp_size, costs, step=2, limit=limit) if costs.per_layer or limit
+                 else balanced_partition(num_layers, pp_size, costs))
+    except ValueError:  # only a split layer fits the limit
+        return split
     return split if max(costs.of(split)) < (1 - SPLIT_GAIN) * max(costs.of(whole)) else whole
 
 

@@ -91,6 +91,16 @@ def test_each_stage_stays_within_its_memory():
     assert unfit.parts == [4, 4] and not unfit.fits_memory
 
 
+def test_a_split_layer_when_only_it_fits():
+    """An embedding and a head of 3 units of weights, halves of 1, 6 a stage: 1 + 2 or 2 + 1
+    layers put 7 on one stage; 1.5 + 1.5 put 6 on each, though time alone would take 2 + 1."""
+    weights = {HEAD: 3, EMBEDDING: 3, **{f"a{i}": 1 for i in range(3)}, **{f"m{i}": 1 for i in range(3)}}
+    table_ = uniform(3, head=(4.0, 0.0), weights=weights)
+    assert choose_partition(table_, 2).parts == [2, 1]
+    choice = choose_partition(table_, 2, capacity=6)
+    assert choice.parts == [1.5, 1.5] and choice.fits_memory
+
+
 def test_the_choice_is_a_function_of_the_table():
     rng = random.Random(7)
     table_ = table([(rng.uniform(1, 3), rng.uniform(2, 6)) for _ in range(12)],
