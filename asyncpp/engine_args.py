@@ -9,13 +9,14 @@ import os
 import re
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig
 
+from asyncpp.auto_partition import measured_partition
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
 from asyncpp.core.stages import StageSpec, format_partition, layer_spans, partition_layers
 from asyncpp.engine.reasoning import REASONING_PARSERS
@@ -99,8 +100,9 @@ class EngineArgs:
     max_microbatches_in_flight: int | None = _arg(None, "microbatches one virtual engine keeps in the pipeline "
                                                   "at once (default P)")
     pp_layer_partition: str | None = _arg(
-        None, "layers per stage, e.g. 8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5 "
-              "(default: balanced by estimated cost)")
+        "auto", "layers per stage: auto (from each piece's time measured at start-up on the stage's threads, "
+                "cached per model, layout and host) | cost (balanced by an estimate from bytes) | counts, e.g. "
+                "8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
@@ -290,16 +292,10 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     check_tensor_parallel(shape, tp)
     dtype = _resolve_dtype(args, hf_config, device)
     kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
-    costs = shape.stage_costs(torch.finfo(dtype).bits // 8)
-    parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition, costs)
-    if pp > 1:
-        estimate = ", ".join(f"{c / 2**20:.1f}" for c in costs.of(parts))
-        log.info("layer partition %s (%s); estimated MiB moved per decode step of %d sequences, by stage: %s",
-                 format_partition(parts), "given" if args.pp_layer_partition else "balanced by cost",
-                 COST_SEQS, estimate)
-    stages = [StageSpec(p, pp, t, tp, s.start, s.end, s.mlp_only_first, s.attention_only_last)
-              for p, s in enumerate(layer_spans(parts)) for t in range(tp)]
-    return EngineConfig(
+    mode = partition_mode(args.pp_layer_partition)
+    parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition if mode == "given" else None,
+                             shape.stage_costs(torch.finfo(dtype).bits // 8))
+    config = EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
         hf_config=hf_config, shape=shape, dtype=dtype, kv_cache_dtype=kv_dtype,
@@ -311,12 +307,49 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
         gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=ves,
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
-        layer_partition=parts, backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
+        layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
+        backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
-        stages=stages, max_logprobs=args.max_logprobs,
+        stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
+    return _with_measured_partition(config) if mode == "auto" and pp > 1 else _logged(config)
+
+
+PARTITION_MODES = ("auto", "cost")
+
+
+def partition_mode(value: str | None) -> str:
+    """"auto" (None too), "cost", or "given" for explicit layer counts."""
+    if not value:
+        return "auto"
+    return value if isinstance(value, str) and value in PARTITION_MODES else "given"
+
+
+def _stages(parts: list[float], pp: int, tp: int) -> list[StageSpec]:
+    return [StageSpec(p, pp, t, tp, s.start, s.end, s.mlp_only_first, s.attention_only_last)
+            for p, s in enumerate(layer_spans(parts)) for t in range(tp)]
+
+
+def _with_measured_partition(config: EngineConfig) -> EngineConfig:
+    """The split from measured stage times; the estimate's (already in `config`) when profiling fails."""
+    choice = measured_partition(config)
+    if choice is None:
+        return _logged(replace(config, layer_partition_source="cost"))
+    pp, tp = config.stages[0].pp_size, config.stages[0].tp_size
+    return replace(config, layer_partition=choice.parts, stages=_stages(choice.parts, pp, tp))
+
+
+def _logged(config: EngineConfig) -> EngineConfig:
+    """Log a given or estimated split, with each stage's estimated cost."""
+    if len(config.layer_partition) > 1:
+        costs = config.shape.stage_costs(torch.finfo(config.dtype).bits // 8).of(config.layer_partition)
+        how = "given" if config.layer_partition_source == "given" else "balanced by estimated cost"
+        log.info("layer partition %s (%s); estimated MiB moved per decode step of %d sequences, by stage: %s",
+                 format_partition(config.layer_partition), how, COST_SEQS,
+                 ", ".join(f"{c / 2**20:.1f}" for c in costs))
+    return config
 
 
 # A microbatch's token budget bounds how long it holds up the decodes behind it: while any

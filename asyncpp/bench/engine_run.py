@@ -74,14 +74,14 @@ async def run_asyncpp(layout: Layout, model: str, prompts: list[list[int]], outp
         total = max(t.end for t in traces) - start
         window = busy_since(before, PipelineSnapshot.of(engine))
         pipeline = engine.stats().pipeline
-        partition = engine.config.layer_partition
+        partition, source = engine.config.layer_partition, engine.config.layer_partition_source
         per_rank = engine.param_bytes_per_rank()
     result = summarize(layout.name, "asyncpp", traces, total)
     result.precision = layout.precision.label
     if window is not None:
         result.busy_fractions, result.bubble_fraction = window
     result.in_flight = (pipeline.in_flight_mean, pipeline.in_flight_max)
-    result.layer_partition = partition
+    result.layer_partition, result.layer_partition_source = partition, source
     tp = layout.tp
     result.stage_weight_mib = [max(per_rank[i:i + tp]) / 2**20 for i in range(0, len(per_rank), tp)]
     return result

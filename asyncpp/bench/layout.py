@@ -51,7 +51,7 @@ class Layout:
     pp: int = 1
     tp: int = 1
     ve: int | None = None  # None: the engine's default (V = P)
-    partition: str | None = None  # layers per stage, None: the engine's default (even)
+    partition: str | None = None  # layers per stage, "auto" or "cost"; None: the engine's default (auto)
     precision: Precision = Precision()
 
     @property
@@ -72,14 +72,15 @@ class Layout:
 
 
 def parse_layout(text: str) -> Layout:
-    """'p2v2', 'P=2,V=2', 't2', 'p2t2', 'p2v2@5,3' (explicit layers per stage) -> Layout;
+    """'p2v2', 'P=2,V=2', 't2', 'p2t2', 'p2v2@5,3' (explicit layers per stage; @auto, @cost: how the
+    engine chooses them) -> Layout;
     letters p, t, v each once, any order. Precision options follow after '/':
     'p1/bf16', 'p2v2/bf16/kv8', 'p1/bf16/int8'."""
     text, *options = text.split("/")
     precision = parse_precision(options)
     text, at, partition = text.partition("@")
-    if at and not re.fullmatch(r"\d+(\.5)?(,\d+(\.5)?)*", partition):
-        raise ValueError(f"layout partition {partition!r}: expected layers per stage, e.g. @5,3")
+    if at and not re.fullmatch(r"auto|cost|\d+(\.5)?(,\d+(\.5)?)*", partition):
+        raise ValueError(f"layout partition {partition!r}: expected layers per stage, e.g. @5,3, or @auto, @cost")
     spec = text.lower().replace("=", "").replace(",", "").replace(" ", "")
     pairs = re.findall(r"([ptv])(\d+)", spec)
     if not pairs or "".join(k + n for k, n in pairs) != spec or len({k for k, _ in pairs}) != len(pairs):

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from asyncpp.bench.trace import RequestTrace, percentile_ms
+from asyncpp.core.stages import format_partition
 
 
 @dataclass(slots=True)
@@ -23,6 +24,7 @@ class SystemResult:
     bubble_fraction: float | None = None
     in_flight: tuple[float, int] | None = None  # microbatches in the pipeline: mean, max
     layer_partition: list[float] | None = None
+    layer_partition_source: str = ""  # "auto" (measured at start-up), "cost" (estimated), "given"
     stage_weight_mib: list[float] | None = None  # weights each stage holds (its largest TP rank)
     speedup_vs_hf: float | None = None  # set by benchmarks/throughput.py when HF ran
     ratio_vs_p1: float | None = None
@@ -34,6 +36,13 @@ class SystemResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def layers(self) -> str:
+        """The split, and how it was chosen when there are stages to split between ("" for none)."""
+        if not self.layer_partition:
+            return ""
+        return " ".join(filter(None, [format_partition(self.layer_partition), self.layer_partition_source]))
 
     @property
     def tokens_per_s(self) -> float:

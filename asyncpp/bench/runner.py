@@ -117,7 +117,9 @@ def run_layouts(cfg: BenchConfig, workload: Workload, notes: list[str], log: Log
 def _outcome(result: SystemResult) -> str:
     if not result.ok:
         return f"{result.name}: skipped ({result.error})"
-    return f"{result.name}: {result.tokens_per_s:.1f} tok/s, {result.output_tokens} tokens in {result.total_s:.1f} s"
+    split = f", layers {result.layers}" if result.layer_partition_source else ""
+    return (f"{result.name}: {result.tokens_per_s:.1f} tok/s, {result.output_tokens} tokens in {result.total_s:.1f} s"
+            f"{split}")
 
 
 def _run_layout(layout: Layout, workload: Workload, engine_kwargs: dict[str, Any], notes: list[str]

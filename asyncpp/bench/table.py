@@ -6,7 +6,6 @@ from collections.abc import Callable
 from asyncpp.bench.parity import EXACT_PRECISIONS
 from asyncpp.bench.results import SystemResult
 from asyncpp.bench.runner import BenchReport
-from asyncpp.core.stages import format_partition
 
 Column = tuple[str, Callable[[SystemResult], str]]
 
@@ -31,7 +30,7 @@ _COLUMNS: list[Column] = [
     ("ITL p99 ms", lambda r: _fmt(r.itl_p99_ms, ".2f")),
     ("vs HF", lambda r: _fmt(r.speedup_vs_hf, ".2f", "x")),
     ("vs P=1", lambda r: _fmt(r.ratio_vs_p1, ".2f")),
-    ("layers", lambda r: format_partition(r.layer_partition) if r.layer_partition else "-"),
+    ("layers", lambda r: r.layers or "-"),
     ("weights MiB", lambda r: "/".join(f"{m:.0f}" for m in r.stage_weight_mib) if r.stage_weight_mib else "-"),
     ("stage busy", _busy),
     ("bubble", lambda r: _fmt(r.bubble_fraction, ".2f")),

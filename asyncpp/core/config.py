@@ -175,6 +175,9 @@ class EngineConfig:
     max_logprobs: int = 20  # most logprobs a request may ask for per token
     stages: list[StageSpec] = field(default_factory=list)
     ray_address: str | None = None  # the Ray cluster to join (ray backend); None: a private local Ray
+    # how layer_partition was chosen: "auto" (measured stage times), "cost" (estimated from bytes),
+    # "given"; "" for one stage
+    layer_partition_source: str = ""
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default:

@@ -98,12 +98,18 @@ def layer_spans(parts: Sequence[float]) -> list[LayerSpan]:
 
 @dataclass(frozen=True, slots=True)
 class StageCosts:
-    """What a stage runs, in one unit (bytes moved per decode step, see ModelShape.stage_costs)."""
+    """What a stage runs, in one unit: bytes moved per decode step (ModelShape.stage_costs), seconds
+    measured at start-up (core/partition_choice.py), or weight bytes for a memory limit."""
     attention: float  # each decoder layer's attention half, with its KV cache
     mlp: float  # each decoder layer's MLP half
     first: float  # the first stage's extra work (the embedding)
     last: float  # the last stage's extra work (final norm, LM head, sampler)
     layer_mlp: tuple[float, ...] = ()  # each layer's MLP half, where they differ (dense among MoE layers)
+    layer_attention: tuple[float, ...] = ()  # each layer's attention half, where they differ (windowed or not)
+
+    @property
+    def per_layer(self) -> bool:
+        return bool(self.layer_mlp or self.layer_attention)
 
     def of(self, parts: Sequence[float]) -> list[float]:
         """Each stage's cost under a partition."""
@@ -117,10 +123,21 @@ class StageCosts:
     def span(self, start: int, end: int, first: bool, last: bool) -> float:
         """Halves [start, end): the even ones are attention."""
         attentions = (end + 1) // 2 - (start + 1) // 2
+        attention = (sum(self.layer_attention[(start + 1) // 2:(end + 1) // 2]) if self.layer_attention
+                     else attentions * self.attention)
         mlps = (sum(self.layer_mlp[start // 2:end // 2]) if self.layer_mlp
                 else (end - start - attentions) * self.mlp)
-        return (attentions * self.attention + mlps
-                + (self.first if first else 0.0) + (self.last if last else 0.0))
+        return attention + mlps + (self.first if first else 0.0) + (self.last if last else 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class StageLimit:
+    """What one stage may hold: each part's `size` (weight bytes, as StageCosts) within `capacity`."""
+    size: StageCosts
+    capacity: float
+
+    def fits(self, start: int, end: int, first: bool, last: bool) -> bool:
+        return self.size.span(start, end, first, last) <= self.capacity
 
 
 def partition_layers(num_layers: int, pp_size: int, explicit: str | Sequence[float] | None = None,
@@ -137,9 +154,19 @@ def partition_layers(num_layers: int, pp_size: int, explicit: str | Sequence[flo
         return _checked(parse_partition(explicit), num_layers, pp_size)
     if costs is None:
         return balanced_partition(num_layers, pp_size, StageCosts(1.0, 0.0, 0.0, 0.0))
-    whole = (split_partition(num_layers, pp_size, costs, step=2) if costs.layer_mlp
-             else balanced_partition(num_layers, pp_size, costs))
-    split = split_partition(num_layers, pp_size, costs)
+    return cheapest_partition(num_layers, pp_size, costs)
+
+
+def cheapest_partition(num_layers: int, pp_size: int, costs: StageCosts, limit: StageLimit | None = None
+                       ) -> list[float]:
+    """Whole layers per stage, or a stage boundary inside a layer when that lowers the costliest
+    stage by more than SPLIT_GAIN; every stage within `limit` (ValueError when none fits)."""
+    split = split_partition(num_layers, pp_size, costs, limit=limit)
+    try:
+        whole = (split_partition(num_layers, pp_size, costs, step=2, limit=limit) if costs.per_layer or limit
+                 else balanced_partition(num_layers, pp_size, costs))
+    except ValueError:  # only a split layer fits the limit
+        return split
     return split if max(costs.of(split)) < (1 - SPLIT_GAIN) * max(costs.of(whole)) else whole
 
 
@@ -174,9 +201,11 @@ def balanced_partition(num_layers: int, pp_size: int, costs: StageCosts) -> list
     return list(parts)
 
 
-def split_partition(num_layers: int, pp_size: int, costs: StageCosts, step: int = 1) -> list[float]:
+def split_partition(num_layers: int, pp_size: int, costs: StageCosts, step: int = 1,
+                    limit: StageLimit | None = None) -> list[float]:
     """The smallest largest-stage cost with stage boundaries on any half layer (`step` 2: on
-    whole layers): bisect on the target, each stage greedily taking the halves that fit under it."""
+    whole layers): bisect on the target, each stage greedily taking the halves that fit under it
+    (and within `limit`: both grow with a stage's span, so greedy stays optimal)."""
     n = 2 * num_layers
 
     def fill(target: float) -> list[int] | None:
@@ -184,7 +213,8 @@ def split_partition(num_layers: int, pp_size: int, costs: StageCosts, step: int 
         for stage in range(pp_size):
             end, last = start, stage == pp_size - 1
             while (end + step <= n - 2 * (pp_size - stage - 1)
-                   and costs.span(start, end + step, stage == 0, last) <= target):
+                   and costs.span(start, end + step, stage == 0, last) <= target
+                   and (limit is None or limit.fits(start, end + step, stage == 0, last))):
                 end += step
             if end - start < 2:
                 return None
@@ -197,5 +227,6 @@ def split_partition(num_layers: int, pp_size: int, costs: StageCosts, step: int 
         mid = (low + high) / 2
         low, high = (low, mid) if fill(mid) else (mid, high)
     found = fill(high)
-    assert found is not None
+    if found is None:  # only a limit makes every split infeasible
+        raise ValueError(f"no split of {num_layers} layers over {pp_size} stages fits each stage's memory")
     return from_halves(found)

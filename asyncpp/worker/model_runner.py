@@ -65,6 +65,8 @@ class ModelRunner:
 
     def _allocate(self, num_blocks: int) -> list[KVCache]:
         lay, latent, dtype = self.layout, self.config.shape.latent, self.config.kv_cache_dtype
+        if self.stage.kv_layers == 0:
+            return []  # an MLP half alone, or no layer at all (the start-up profile's pieces)
         if latent is not None:
             return allocate_latent_cache(self.stage.kv_layers, num_blocks, lay.block_size, latent.cache_dim, dtype,
                                          self.device)

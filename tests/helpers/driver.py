@@ -31,9 +31,12 @@ EVERYTHING = 1 << 30  # as a chunk or an admission limit: no limit
 
 
 def engine_config(model_dir: Path, pp: int = 1, **overrides: Any) -> EngineConfig:
-    """A small CPU fp32 config without a tokenizer, one torch thread per rank; `overrides` win."""
+    """A small CPU fp32 config without a tokenizer, one torch thread per rank; `overrides` win.
+    Its default split is the estimate from bytes, the same on every run (engines started in
+    tests measure theirs: `pp_layer_partition="auto"`)."""
     settings = {"pipeline_parallel_size": pp, "dtype": "float32", "device": "cpu", "skip_tokenizer_init": True,
                 "num_threads": 1, "kv_cache_memory": "8MiB", "max_model_len": 512} | overrides
+    settings["pp_layer_partition"] = settings.get("pp_layer_partition") or "cost"
     return create_engine_config(EngineArgs(model=str(model_dir), **settings))
 
 

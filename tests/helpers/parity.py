@@ -9,6 +9,7 @@ import torch
 
 from asyncpp import LLM, SamplingParams
 from asyncpp.async_llm import EngineStats
+from asyncpp.core.stages import format_partition
 from helpers.models import VOCAB, expected_rank_bytes
 
 BLOCK = 16  # the engine's default KV block size
@@ -89,5 +90,5 @@ def tp_run(model_dir: Path, pp: int, tp: int, seed: int, partition: str | None =
         per_rank = llm.engine.param_bytes_per_rank()
         stats = llm.engine.stats()
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts, max_tokens)
-    assert per_rank == expected_rank_bytes(model_dir, pp, tp, partition)
+    assert per_rank == expected_rank_bytes(model_dir, pp, tp, format_partition(stats.layer_partition))
     return stats

@@ -77,7 +77,8 @@ def test_median_run_skips_failures_and_keeps_a_real_run():
 @pytest.mark.parametrize("text, expected", [
     ("p1", Layout(1, 1, None)), ("p2v2", Layout(2, 1, 2)), ("P=2,V=1", Layout(2, 1, 1)),
     ("t2", Layout(1, 2, None)), ("p2t2", Layout(2, 2, None)), ("v1p3", Layout(3, 1, 1)),
-    ("p2v2@5,3", Layout(2, 1, 2, "5,3")),
+    ("p2v2@5,3", Layout(2, 1, 2, "5,3")), ("p2@auto", Layout(2, 1, None, "auto")),
+    ("p2@cost", Layout(2, 1, None, "cost")),
 ])
 def test_parse_layout(text, expected):
     assert parse_layout(text) == expected
@@ -141,6 +142,14 @@ def test_parity_reports_the_first_differing_token():
     assert check_parity([same, other, skipped], 3) == ["P=2,V=2 vs P=1: request 1 differs from token 1"]
     assert check_parity([same, _result("HF generate", "hf", [[1, 2, 3]])], 3) == []
     assert "skipped" in format_table([same, skipped])
+
+
+def test_the_table_shows_each_split_and_how_it_was_chosen():
+    auto = SystemResult("P=2,V=2", "asyncpp", layer_partition=[4.5, 3.5], layer_partition_source="auto")
+    given = SystemResult("P=2,V=2 [5,3]", "asyncpp", layer_partition=[5, 3], layer_partition_source="given")
+    one = SystemResult("P=1", "asyncpp", layer_partition=[8])
+    assert [r.layers for r in (auto, given, one)] == ["4.5,3.5 auto", "5,3 given", "8"]
+    assert "4.5,3.5 auto" in format_table([one, auto, given])
 
 
 def test_cli_flags_become_engine_kwargs():

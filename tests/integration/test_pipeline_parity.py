@@ -8,9 +8,9 @@ MAX_TOKENS = 10
 
 
 @pytest.mark.parametrize("arch,pp,partition,ves", [
-    ("llama", 2, None, 2),     # even split, V = P
+    ("llama", 2, None, 2),     # the measured split (auto), V = P
     ("llama", 2, None, 1),     # V = 1
-    ("llama", 3, None, 3),     # by cost: 1,1.5,1.5
+    ("llama", 3, "cost", 3),   # by estimated cost: 1,1.5,1.5
     ("llama", 4, None, 4),
     ("gpt2", 2, None, 2),
     ("gpt2", 3, "2,1,1", 2),   # explicit partition, V < P

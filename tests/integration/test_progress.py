@@ -61,8 +61,8 @@ def test_loading_counts_every_parameter_byte(llama_dir, monkeypatch):
             shown.append(tracker)
             yield tracker
 
-    monkeypatch.setattr(loader, "progress", recorded)
     config = create_engine_config(EngineArgs(model=str(llama_dir), pipeline_parallel_size=2, onednn=False))
+    monkeypatch.setattr(loader, "progress", recorded)
     model = build_model(config, config.stages[1])
     (tracker,) = shown
     assert tracker.desc == "loading weights (stage 2/2)"

@@ -1,6 +1,6 @@
 """Engine arguments, sampling parameters and parallel layouts are checked before anything
 starts, and each refusal names the field; the layer partition over pipeline stages (even
-without costs, balanced by cost by default, or explicit)."""
+without costs, balanced by estimated cost, or explicit; measured: test_auto_partition.py)."""
 from __future__ import annotations
 
 import argparse
@@ -130,11 +130,11 @@ def test_bad_explicit_partition_is_named(explicit, message):
         partition_layers(4, 3, explicit)
 
 
-def test_default_partition_weighs_a_large_vocabulary(tmp_path):
+def test_cost_partition_weighs_a_large_vocabulary(tmp_path):
     """With a 32,000-row head on 64-wide layers the last stage's head outweighs layers."""
     big_vocab = make_llama(tmp_path / "big-vocab", vocab=32000)
     config = create_engine_config(EngineArgs(model=str(big_vocab), pipeline_parallel_size=2,
-                                             skip_tokenizer_init=True, device="cpu"))
+                                             skip_tokenizer_init=True, device="cpu", pp_layer_partition="cost"))
     assert config.layer_partition == [3, 1]
     costs = config.shape.stage_costs(4).of(config.layer_partition)
     assert max(costs) < max(config.shape.stage_costs(4).of([2, 2]))
