@@ -151,12 +151,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
     TORCH_CHECK(res.sizes() == xs.sizes() && res.scalar_type() == xs.scalar_type(), "rms_norm: residual must match x");
     sum = at::empty_like(xs);
   }
-  auto w = weight.to(at::kFloat).contiguous();
+  auto w = weight.to(xs.scalar_type()).contiguous();
   TORCH_CHECK(w.numel() == width, "rms_norm: weight must have the row's width");
   RowsParams p{};
   p.x = xs.data_ptr();
   p.residual = residual ? res.data_ptr() : nullptr;
-  p.weight = w.data_ptr<float>();
+  p.weight = w.data_ptr();
   p.out = out.data_ptr();
   p.sum = residual ? sum.data_ptr() : nullptr;
   p.width = width;

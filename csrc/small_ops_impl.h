@@ -55,7 +55,7 @@ void rms_norm_row(const RowsParams& p, int64_t r) {
   const T* src = res ? sum : x;
   for (int64_t i = 0; i < n; i += kRowW) {
     RF v = row_load(src, i, n - i) * inv;
-    RF w = row_load(p.weight, i, n - i) + p.weight_offset;
+    RF w = row_load(static_cast<const T*>(p.weight), i, n - i) + p.weight_offset;
     row_store(out, i, n - i, p.weight_offset != 0 ? v * w : rounded<T>(v) * w);
   }
 }
