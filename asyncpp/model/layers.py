@@ -1,9 +1,23 @@
-"""Norms and activations shared by the model files."""
+"""Norms and activations shared by the model files: torch ops, or on CPU the compiled fused
+ones (kernels.py), one pass where torch takes several ops and allocations per layer."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asyncpp.model import kernels
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether the compiled small ops run this tensor (CPU, float32 or bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.available()
+
+
+def fused_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """The compiled RMSNorm reads the residual and weight in x's dtype: otherwise the torch ops
+    (which would round neither)."""
+    return fused(x) and weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -17,12 +31,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); residual None means x alone."""
+        if fused_norm(x, residual, self.weight):
+            out, total = torch.ops.asyncpp.rms_norm(x, residual, self.weight, self.eps, 0.0)
+            return out, total if residual is not None else x
         if residual is not None:
             x = x + residual
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if fused(gate_up) and gate_up.stride(-1) == 1:
+        return torch.ops.asyncpp.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 
