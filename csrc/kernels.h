@@ -41,6 +41,7 @@ struct RowsParams {
   int64_t x_stride, out_stride;  // elements between rows
   float eps;
   float weight_offset;   // 0: x * w (Llama); 1: x * (1 + w) (Gemma)
+  bool round_normalized; // the normalized row rounded to the dtype before the weight (Llama), or not (Gemma, gpt-oss)
   bool bf16;
 };
 

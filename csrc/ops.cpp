@@ -138,9 +138,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   return out.view({S, H * D}).to(q.scalar_type());
 }
 
-// (norm(x + residual) * w, x + residual); without a residual the second is empty.
+// (norm(x + residual) * (w + weight_offset), x + residual); without a residual the second is empty.
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                                            const at::Tensor& weight, double eps, double weight_offset) {
+                                            const at::Tensor& weight, double eps, double weight_offset,
+                                            bool round_normalized) {
   const bool bf16 = is_bf16(x, "rms_norm");
   auto xs = x.contiguous();
   const int64_t width = xs.size(-1), rows = xs.numel() / width;
@@ -163,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
   p.x_stride = p.out_stride = width;
   p.eps = float(eps);
   p.weight_offset = float(weight_offset);
+  p.round_normalized = round_normalized;
   p.bf16 = bf16;
   at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) { kKernels.rms_norm_rows(p, b, e); });
   return {out, sum};

@@ -45,7 +45,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_norm(x, None, self.weight):
-            return torch.ops.asyncpp.rms_norm(x, None, self.weight, self.eps, 1.0)[0]
+            return torch.ops.asyncpp.rms_norm(x, None, self.weight, self.eps, 1.0, False)[0]
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float() + 1.0, self.eps).to(x.dtype)
 
 

@@ -21,18 +21,21 @@ def fused_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm that can first add the residual (vLLM-style fused residual stream)."""
+    """RMSNorm that can first add the residual (vLLM-style fused residual stream).
+    `round_normalized`: transformers' Llama rounds the normalized row to the dtype before the
+    weight; gpt-oss multiplies in float32 and rounds once, as the torch op does."""
 
-    def __init__(self, hidden: int, eps: float):
+    def __init__(self, hidden: int, eps: float, round_normalized: bool = True):
         super().__init__()
         self.eps = eps
+        self.round_normalized = round_normalized
         self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); residual None means x alone."""
         if fused_norm(x, residual, self.weight):
-            out, total = torch.ops.asyncpp.rms_norm(x, residual, self.weight, self.eps, 0.0)
+            out, total = torch.ops.asyncpp.rms_norm(x, residual, self.weight, self.eps, 0.0, self.round_normalized)
             return out, total if residual is not None else x
         if residual is not None:
             x = x + residual

@@ -46,6 +46,13 @@ def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def gpt_oss_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """transformers' GptOssRMSNorm: times the weight in float32, rounded once."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return (weight * h).to(x.dtype)
+
+
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """transformers' GemmaRMSNorm: times (1 + w) in float32, rounded once."""
     h = x.float()
@@ -53,8 +60,8 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h * (1.0 + weight.float())).to(x.dtype)
 
 
-def rms_norm_module(width: int, dtype: torch.dtype, cls: type = RMSNorm) -> torch.nn.Module:
-    norm = cls(width, EPS)
+def rms_norm_module(width: int, dtype: torch.dtype, cls: type = RMSNorm, **kwargs: bool) -> torch.nn.Module:
+    norm = cls(width, EPS, **kwargs)
     norm.weight.data = rows(width, dtype=dtype, seed=9)
     return norm
 
@@ -70,6 +77,15 @@ def test_rms_norm_adds_the_residual_and_normalizes(path, dtype, width, with_resi
     want_total = x + residual if with_residual else x
     torch.testing.assert_close(total, want_total, rtol=0, atol=0)  # the stream itself is exact
     close(out, llama_rms_norm(want_total, norm.weight))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gpt_oss_rms_norm_rounds_once(path, dtype, with_residual):
+    x, residual = rows(5, 100, dtype=dtype), rows(5, 100, dtype=dtype, seed=1)
+    norm = rms_norm_module(100, dtype, round_normalized=False)
+    out, total = norm(x, residual if with_residual else None)
+    close(out, gpt_oss_rms_norm(total, norm.weight))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -94,7 +110,7 @@ def test_gemma_rms_norm_scales_by_one_plus_the_weight(path, dtype, width):
 def test_the_kernel_gemma_variant_with_a_residual(dtype):
     """weight_offset 1 with a residual: no model uses it yet; the op's contract holds anyway."""
     x, residual, weight = rows(4, 100, dtype=dtype), rows(4, 100, dtype=dtype, seed=1), rows(100, dtype=dtype, seed=2)
-    out, total = torch.ops.asyncpp.rms_norm(x, residual, weight, EPS, 1.0)
+    out, total = torch.ops.asyncpp.rms_norm(x, residual, weight, EPS, 1.0, False)
     torch.testing.assert_close(total, x + residual, rtol=0, atol=0)
     close(out, gemma_rms_norm(x + residual, weight))
 
@@ -147,6 +163,17 @@ def test_rotary_rotates_q_and_k_in_place_and_leaves_v(path, dtype, head_dim, par
     rope.at(positions).apply(qkv[:, :6])
     close(qkv[:, :6], want)
     torch.testing.assert_close(qkv[:, 6:], v_before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built or ASYNCPP_NO_KERNELS set")
+def test_the_rotary_kernel_rounds_bf16_as_transformers_does():
+    """Each product rounded to bfloat16 before the sum: no difference at all."""
+    rope = rotary(64, torch.bfloat16)
+    positions = torch.arange(0, 64, 3)
+    x = rows(len(positions), 4, 64, dtype=torch.bfloat16)
+    want = expected_rotation(rope, positions, x)
+    rope.at(positions).apply(x)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
