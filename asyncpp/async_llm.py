@@ -97,9 +97,10 @@ class AsyncLLM:
         config = self.config
         self._supervisor = Supervisor(config, self._runner_factory)
         per_ve = await self._supervisor.start(self._task_group, self._blocks_per_ve)
-        log.info("microbatch token budget %d, %d prompt tokens while streams decode (%s); up to %d microbatch(es) "
+        log.info("microbatch token budget %d, %d prompt tokens while streams decode%s (%s); up to %d microbatch(es) "
                  "in flight per virtual engine", config.max_num_batched_tokens,
                  config.max_prefill_tokens_while_decoding,
+                 ", then as measured step costs allow" if config.adaptive_prefill_budget else "",
                  "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
                  else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)

@@ -153,6 +153,7 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_prefill_tokens_while_decoding: int  # prompt tokens in a microbatch while any sequence decodes
+    adaptive_prefill_budget: bool  # that share follows measured step costs (engine/prompt_budget.py)
     enable_chunked_prefill: bool
     enable_prefix_caching: bool
     cache_aware_routing: bool  # requests go to the VE caching their prefix (else least loaded)

@@ -11,12 +11,14 @@ the earlier one on every stage, and rewrites the block before reading it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.prompt_budget import PromptBudget
 from asyncpp.engine.sequence import SeqStatus, Sequence
 
 
@@ -27,11 +29,12 @@ class SchedulerLimits:
     chunked_prefill: bool
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
     prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
+    adaptive_prefill: bool = False  # ... or as many as measured step costs allow (prompt_budget.py)
 
     @classmethod
     def of(cls, config: EngineConfig) -> SchedulerLimits:
         return cls(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                   config.decode_groups, config.max_prefill_tokens_while_decoding)
+                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget)
 
 
 @dataclass(slots=True)
@@ -54,6 +57,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        cap = limits.prefill_while_decoding
+        self.prompt_budget = PromptBudget(limits.max_num_batched_tokens if cap is None else cap,
+                                          limits.max_num_batched_tokens, limits.adaptive_prefill)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,10 +99,23 @@ class Scheduler:
         return -(-num_decoding // self.limits.decode_groups)
 
     def _prefill_budget(self) -> int:
-        cap = self.limits.prefill_while_decoding
-        if cap is None or not (self.num_decoding or self.decoding_elsewhere()):
+        num_decoding = self.num_decoding
+        if self.limits.prefill_while_decoding is None or not (num_decoding or self.decoding_elsewhere()):
             return self.limits.max_num_batched_tokens
-        return cap
+        return self.prompt_budget.while_decoding(self._decode_share(num_decoding), self._oldest_prompt_wait())
+
+    def _oldest_prompt_wait(self) -> float:
+        """Seconds since the oldest request still without its first token arrived."""
+        arrivals = [s.request.metrics.arrival_time for s in self.running if not s.decoding]
+        if self.waiting:
+            arrivals.append(self.waiting[0].request.metrics.arrival_time)
+        return time.monotonic() - min(arrivals) if arrivals else 0.0
+
+    def observe_cost(self, batch: list[ScheduledSeq], seconds: float) -> None:
+        """A microbatch came back `seconds` after it was submitted: what the prompt budget learns from."""
+        decodes = sum(1 for item in batch if item.num_new == 1 and item.samples and item.start > 0)
+        prompt_tokens = sum(item.num_new for item in batch) - decodes
+        self.prompt_budget.fit.observe(decodes, prompt_tokens, seconds)
 
     def _schedule_running(self, batch: _Batch) -> bool:
         """Decodes first (a fair share of them per microbatch), then prompt chunks.

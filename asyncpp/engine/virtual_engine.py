@@ -185,7 +185,9 @@ class VirtualEngine:
         executor = self.supervisor.executor
         assert executor is not None
         try:
+            started = time.monotonic()
             output = await executor.submit(mb)
+            self.scheduler.observe_cost(batch, time.monotonic() - started)
             self._apply(batch, output)
         except MicrobatchError as e:
             self._fail_requests({item.seq.request for item in batch} | self._sharing(batch, mb), e)
