@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from asyncpp.core.speculative import SpeculativeConfig
 from asyncpp.core.stages import StageCosts, StageSpec
 
 # The decode step the default partition balances: this many sequences with this much
@@ -175,6 +176,7 @@ class EngineConfig:
     max_logprobs: int = 20  # most logprobs a request may ask for per token
     stages: list[StageSpec] = field(default_factory=list)
     ray_address: str | None = None  # the Ray cluster to join (ray backend); None: a private local Ray
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default:
