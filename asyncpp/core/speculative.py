@@ -44,12 +44,12 @@ def parse_speculative_config(value: dict[str, Any] | str | None, device: str = "
     if raw.get("model") is not None:
         raise ValueError(f"speculative_config.model is not used by method {method!r}; leave it out")
     k = _positive("num_speculative_tokens", raw.get("num_speculative_tokens"))
-    low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
-    if low is None and high is None:
-        low = high = DEFAULT_PROMPT_LOOKUP
-    # As vLLM: one bound given stands for both.
-    low = _positive("prompt_lookup_min", high if low is None else low)
-    high = _positive("prompt_lookup_max", low if high is None else high)
+    low, high = (raw.get(name) for name in ("prompt_lookup_min", "prompt_lookup_max"))
+    low = None if low is None else _positive("prompt_lookup_min", low)
+    high = None if high is None else _positive("prompt_lookup_max", high)
+    # As vLLM: one bound given stands for both, neither means 5.
+    low = low or high or DEFAULT_PROMPT_LOOKUP
+    high = high or low
     if low > high:
         raise ValueError(f"speculative_config.prompt_lookup_min ({low}) must be <= prompt_lookup_max ({high})")
     batch = _positive("disable_by_batch_size",
