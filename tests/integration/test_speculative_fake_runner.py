@@ -137,3 +137,28 @@ async def test_preemption_with_proposals_keeps_outputs_right(llama_dir, layout):
         assert_idle(llm)
     assert stats.num_preemptions > 0 and stats.spec_decode.num_accepted_tokens > 0
     assert [f.outputs[0].token_ids for f in finals] == [next_tokens(p[-1], 60, VOCAB) for p in prompts]
+
+
+async def test_a_stop_string_inside_an_accepted_proposal_ends_the_output_as_without_speculation(llama_dir, tok_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    counted = next_tokens(11, 40, VOCAB)
+    # The text of a token a few steps in, not seen in the output before it: the stop completes there.
+    at = next(i for i in range(6, 30) if (text := tokenizer.decode([counted[i]])).strip()
+              and text not in tokenizer.decode(counted[:i]))
+    params = counting(40, stop=[tokenizer.decode([counted[at]])])
+    k = NGRAM["num_speculative_tokens"]
+    assert at % (k + 1) != k  # every proposal of COPY holds: the stop is a proposed token, more follow it
+    finals = []
+    for config in (None, NGRAM):
+        async with fake_engine(llama_dir, skip_tokenizer_init=False, tokenizer=str(tok_dir),
+                               speculative_config=config) as llm:
+            finals.append((await stream(llm, COPY, params))[-1].outputs[0])
+            if config is not None:
+                assert llm.stats().spec_decode.num_accepted_tokens >= at
+            assert_idle(llm)
+    plain, spec = finals
+    assert (spec.token_ids, spec.text, spec.finish_reason, spec.stop_reason) == \
+        (plain.token_ids, plain.text, "stop", params.stop[0])
+    assert spec.token_ids == counted[:at + 1]
