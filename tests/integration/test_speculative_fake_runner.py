@@ -162,3 +162,17 @@ async def test_a_stop_string_inside_an_accepted_proposal_ends_the_output_as_with
     assert (spec.token_ids, spec.text, spec.finish_reason, spec.stop_reason) == \
         (plain.token_ids, plain.text, "stop", params.stop[0])
     assert spec.token_ids == counted[:at + 1]
+
+
+async def test_blocks_full_of_accepted_tokens_are_cached_and_shared_correctly(llama_dir, layout):
+    """A later prompt that continues an earlier one's prompt + output reuses the blocks its
+    accepted proposals filled; the fake runner checks every position it reads there."""
+    async with fake_engine(llama_dir, speculative_config=NGRAM, **layout) as llm:
+        first = (await stream(llm, COPY, counting(40)))[-1].outputs[0]
+        follow_up = COPY + first.token_ids[:33]
+        second = (await stream(llm, follow_up, counting(10)))[-1]
+        stats = llm.stats()
+        assert_idle(llm)
+    assert stats.spec_decode.num_accepted_tokens > 0
+    assert second.num_cached_tokens == (len(follow_up) - 1) // 16 * 16 > len(COPY)  # blocks past the prompt
+    assert second.outputs[0].token_ids == next_tokens(follow_up[-1], 10, VOCAB)
