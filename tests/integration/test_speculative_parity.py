@@ -82,3 +82,15 @@ def test_seeded_sampling_draws_the_same_tokens_with_speculation(llama_v12_dir, p
     spec, stats = _generate(llama_v12_dir, params, NGRAM | {"disable_by_batch_size": 64}, pipeline_parallel_size=pp)
     assert stats.spec_decode.num_accepted_tokens > 0  # 10 sequences: past the CPU default of 8
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+
+
+@pytest.mark.parametrize("family,pp", [("mistral_swa", 2), ("gemma3", 1), ("deepseek_v3", 1)])
+def test_speculation_with_sliding_windows_and_latent_attention(request, family, pp):
+    """Each verified position attends as a decode of its own: through each window's view and
+    through the latent cache too."""
+    model_dir = request.getfixturevalue(f"{family}_dir")
+    prompts = [p + p[:30] for p in mixed_prompts(3, lo=20, hi=60, seed=5)]  # past the 32-40 token windows
+    tokens, stats = engine_tokens(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=pp,
+                                  speculative_config=NGRAM)
+    assert tokens == hf_greedy(model_dir, prompts, MAX_TOKENS)
+    assert stats.spec_decode.num_drafts > 0 and stats.kv_blocks_used == 0
