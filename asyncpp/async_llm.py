@@ -25,6 +25,7 @@ from asyncpp.engine.reasoning import REASONING_PARSERS, ReasoningMarkers, Reason
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.speculator import SpecDecodeStats
 from asyncpp.engine.virtual_engine import VirtualEngine, VirtualEngineStats
 from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
@@ -41,6 +42,7 @@ class EngineStats(VirtualEngineStats):
     """Every VE's counters summed (`VirtualEngine.snapshot()`), and the pipeline's."""
     pipeline: PipelineStats = field(default_factory=lambda: PipelineStats([], 0.0))
     layer_partition: list[float] = field(default_factory=list)
+    spec_decode: SpecDecodeStats | None = None  # with speculative_config
 
     @property
     def kv_usage(self) -> float:
@@ -231,7 +233,17 @@ class AsyncLLM:
         sums = {f.name: sum(getattr(s, f.name) for s in snapshots) for f in fields(VirtualEngineStats)}
         executor = self._supervisor.executor if self._supervisor else None
         return EngineStats(**sums, pipeline=executor.stats() if executor else PipelineStats([], 0.0),
-                           layer_partition=list(self.config.layer_partition))
+                           layer_partition=list(self.config.layer_partition), spec_decode=self._spec_decode_stats())
+
+    def _spec_decode_stats(self) -> SpecDecodeStats | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        total = SpecDecodeStats(accepted_per_position=[0] * spec.num_speculative_tokens)
+        for ve in self._ves:
+            if (stats := ve.spec_decode_stats()) is not None:
+                total.add(stats)
+        return total
 
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,

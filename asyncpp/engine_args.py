@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from asyncpp.auto_partition import measured_partition
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
+from asyncpp.core.speculative import parse_speculative_config
 from asyncpp.core.stages import StageSpec, format_partition, layer_spans, partition_layers
 from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
@@ -105,6 +106,10 @@ class EngineArgs:
                 "8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
+    speculative_config: dict[str, Any] | str | None = _arg(
+        None, "speculative decoding, as vLLM: a JSON object such as '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' "
+        "(optional \"disable_by_batch_size\": no proposals while that many sequences run)")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
@@ -181,6 +186,7 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         parse_bytes(self.kv_cache_memory)
+        parse_speculative_config(self.speculative_config)
 
     @property
     def world_size(self) -> int:
@@ -314,6 +320,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
         stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
+        speculative=parse_speculative_config(args.speculative_config, device),
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
     return _with_measured_partition(config) if mode == "auto" and pp > 1 else _logged(config)
 

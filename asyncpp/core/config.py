@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from asyncpp.core.speculative import SpeculativeConfig
 from asyncpp.core.stages import StageCosts, StageSpec
 
 # The decode step the default partition balances: this many sequences with this much
@@ -179,6 +180,7 @@ class EngineConfig:
     # how layer_partition was chosen: "auto" (measured stage times), "cost" (estimated from bytes),
     # "given"; "" for one stage
     layer_partition_source: str = ""
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default:
