@@ -10,7 +10,7 @@ def kernel_build() -> dict:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:  # an isolated build without torch: no kernels
         return {}
-    sources = ["csrc/ops.cpp", "csrc/isa_avx512bf16.cpp", "csrc/isa_avx512.cpp", "csrc/isa_avx2.cpp", "csrc/isa_generic.cpp"]
+    sources = ["csrc/ops.cpp", *(f"csrc/isa_{isa}.cpp" for isa in ("avx512bf16", "avx512", "avx2", "generic"))]
     ext = CppExtension("asyncpp._kernels", sources, optional=True,  # a failed compile is not a failed install
                        extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi"], extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}}

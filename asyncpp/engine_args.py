@@ -80,8 +80,10 @@ class EngineArgs:
                                               "CPU at P > 1, 2048 on GPU; at least max_model_len without)")
     max_prefill_tokens_while_decoding: int | None = _arg(
         None, "prompt tokens in one microbatch while any sequence is decoding, so the streams behind it are "
-        "not held up long (default: 128 on CPU, 32 on CPU at P > 1, 512 on GPU, until measured step costs "
-        "set the share; given, it is fixed; at most --max-num-batched-tokens)")
+        "not held up long (default: 128 on CPU, 32 on CPU at P > 1, 512 on GPU; at most --max-num-batched-tokens)")
+    adaptive_prefill_budget: bool = _arg(
+        False, "let measured step costs and the oldest prompt's wait set that share once fitted (off by default: "
+        "measured behind the fixed cap in serving, see README)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     enable_prefix_caching: bool = _arg(True, "keep the KV of full blocks after their requests end and share it "
                                        "with later requests that start with the same tokens")
@@ -308,7 +310,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         quantization=_resolve_quantization(args, device), device=device,
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched, max_prefill_tokens_while_decoding=while_decoding,
-        adaptive_prefill_budget=args.max_prefill_tokens_while_decoding is None and args.enable_chunked_prefill,
+        adaptive_prefill_budget=args.adaptive_prefill_budget and args.enable_chunked_prefill,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         cache_aware_routing=args.cache_aware_placement,
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),

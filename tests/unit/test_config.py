@@ -91,10 +91,11 @@ def test_cpu_microbatch_defaults_depend_on_the_pipeline(llama_dir):
     assert given.max_prefill_tokens_while_decoding == 64
 
 
-def test_the_prompt_share_adapts_unless_it_is_given_or_prompts_are_whole(llama_dir):
-    assert engine_config(llama_dir).adaptive_prefill_budget
-    assert not engine_config(llama_dir, max_prefill_tokens_while_decoding=64).adaptive_prefill_budget
-    assert not engine_config(llama_dir, enable_chunked_prefill=False).adaptive_prefill_budget
+def test_the_prompt_share_adapts_only_when_asked_and_prompts_are_chunked(llama_dir):
+    assert not engine_config(llama_dir).adaptive_prefill_budget
+    assert engine_config(llama_dir, adaptive_prefill_budget=True).adaptive_prefill_budget
+    whole_prompts = engine_config(llama_dir, adaptive_prefill_budget=True, enable_chunked_prefill=False)
+    assert not whole_prompts.adaptive_prefill_budget
 
 
 # -- the layer partition ---------------------------------------------------------------
