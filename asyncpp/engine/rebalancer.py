@@ -4,6 +4,7 @@ engine's record of moves (stats, /metrics), and the one-move-at-a-time lock that
 moves (AsyncLLM.repartition) share."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -53,14 +54,19 @@ class Rebalancer:
 
     async def run(self) -> None:
         """Decide once per window, for as long as the engine serves."""
-        index = 0
-        self._baseline = self._snapshot()
-        while True:
+        self.begin()
+        for index in itertools.count():
             await anyio.sleep(self.window_s)
-            sample = self._window(index)
-            if sample is not None:
-                await self._consider(sample)
-            index += 1
+            await self.step(index)
+
+    def begin(self) -> None:
+        """The first window starts now."""
+        self._baseline = self._snapshot()
+
+    async def step(self, index: int) -> Move | None:
+        """End window `index`: the move its busy fractions call for, made (None: none made)."""
+        sample = self._window(index)
+        return await self._consider(sample) if sample is not None else None
 
     async def move(self, parts: list[float]) -> MoveResult:
         """Serve from `parts` now (one move at a time)."""
@@ -75,16 +81,18 @@ class Rebalancer:
             self._baseline = self._snapshot()  # the move's pause and re-prefill are no evidence
             return result
 
-    async def _consider(self, sample: WindowSample) -> None:
+    async def _consider(self, sample: WindowSample) -> Move | None:
         parts = list(self.supervisor.config.layer_partition)
         move = decide(self.policy, sample, parts, self.history)
         if move is None:
-            return
+            return None
         log.info("re-balancing: stage busy fractions %s over the last %g s; moving a layer half from stage %d to "
                  "stage %d (%s -> %s)", "/".join(f"{b:.2f}" for b in sample.busy), self.window_s, move.donor,
                  move.receiver, format_partition(move.before), format_partition(move.after))
-        if (await self.move(list(move.after))).moved:
-            self.history.append(move)
+        if not (await self.move(list(move.after))).moved:
+            return None
+        self.history.append(move)
+        return move
 
     def _window(self, index: int) -> WindowSample | None:
         """The busy fractions since the last window; None when the stages changed meanwhile."""

@@ -4,12 +4,14 @@ stages die while starting is abandoned and the old split serves on."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from pathlib import Path
 
 import anyio
 import pytest
 
-from asyncpp import AsyncLLM
+from asyncpp import AsyncLLM, EngineDeadError, StageDiedError
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.stages import StageSpec, format_partition
 from asyncpp.worker.model_runner import ModelRunner
@@ -23,6 +25,7 @@ MAX_TOKENS = 12
 PROMPTS = mixed_prompts(6, lo=8, hi=60, seed=3)
 CONCURRENT = 4
 BAD_SPLIT = [3.0, 1.0]
+RECOVER_WITHIN_S = 120  # a liveness bound (spawning and loading stages on a busy machine), not a speed check
 
 
 def engine(llama_dir: Path, **kwargs) -> AsyncLLM:
@@ -57,6 +60,8 @@ class Load:
                 self.tokens.append((i, list(out.outputs[0].token_ids)))
             except Exception as e:  # every error counts against the test
                 self.errors.append(e)
+                while not self.llm.is_healthy() and not self.stop.is_set():  # refused while restarting
+                    await anyio.sleep(0.05)
 
 
 async def move_under_load(llm: AsyncLLM, splits: list[list[float]]) -> Load:
@@ -122,3 +127,44 @@ async def test_a_move_whose_new_stage_dies_is_abandoned_and_nothing_fails(llama_
         assert stats.kv_blocks_used == 0
     expected = hf_greedy(llama_dir, PROMPTS, MAX_TOKENS)
     assert all(tokens == expected[i] for i, tokens in load.tokens)
+
+
+async def test_a_move_while_a_serving_stage_dies_fails_cleanly(llama_dir):
+    """The serving stage 1 is killed as a move begins: the requests of the failed pipeline end
+    with StageDiedError as after any stage death, the move is given up (its new stages shut
+    down), the engine restarts the old split and serves the same tokens again."""
+    async with engine(llama_dir) as llm:
+        old_pids = llm.rank_pids()
+        load = Load(llm)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load.run)
+            while llm.stats().generation_tokens_total < 20:
+                await anyio.sleep(0.01)
+            moving = anyio.Event()
+            outcome: list = []
+
+            async def move() -> None:
+                moving.set()
+                outcome.append(await llm.repartition([2.5, 1.5]))
+
+            tg.start_soon(move)
+            await moving.wait()
+            os.kill(old_pids[1], signal.SIGKILL)
+            with anyio.fail_after(RECOVER_WITHIN_S):
+                while not outcome or not llm.is_healthy():
+                    await anyio.sleep(0.05)
+                served = len(load.tokens)
+                while len(load.tokens) < served + CONCURRENT:  # serving again after the restart
+                    await anyio.sleep(0.01)
+            load.stop.set()
+        stats = llm.stats()
+        assert not outcome[0].moved
+        died = [e for e in load.errors if isinstance(e, StageDiedError)]
+        assert died and all(e.stage == 1 for e in died), load.errors
+        assert all(isinstance(e, EngineDeadError) for e in load.errors), load.errors  # refused while restarting
+        assert stats.layer_partition == BAD_SPLIT and stats.rebalance.moves == 0
+        assert stats.kv_blocks_used == 0
+        assert not any(alive(p) for p in old_pids)
+        assert llm.param_bytes_per_rank() == expected_rank_bytes(llama_dir, 2, 1, "3,1")
+    expected = hf_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+    assert load.tokens and all(tokens == expected[i] for i, tokens in load.tokens)
