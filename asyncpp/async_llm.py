@@ -13,6 +13,7 @@ import anyio
 from anyio.abc import TaskGroup
 from xgrammar import CompiledGrammar
 
+from asyncpp.auto_partition import cached_predictor
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
@@ -114,7 +115,8 @@ class AsyncLLM:
             self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")
         settings = config.rebalance
         self._rebalancer = Rebalancer(self._supervisor, self._ves, self._task_group,
-                                      RebalancePolicy(threshold=settings.threshold), settings.window_s)
+                                      RebalancePolicy(threshold=settings.threshold), settings.window_s,
+                                      cached_predictor(config) if settings.enabled else None)
         if settings.enabled:
             self._task_group.start_soon(self._rebalancer.run, name="asyncpp-rebalancer")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup
 
-from asyncpp.core.rebalance_rule import Move, RebalancePolicy, WindowSample, decide
+from asyncpp.core.rebalance_rule import Move, Predict, RebalancePolicy, WindowSample, decide
 from asyncpp.core.stages import format_partition
 from asyncpp.engine.live_move import MoveResult, move_split
 from asyncpp.engine.virtual_engine import VirtualEngine
@@ -41,12 +41,15 @@ class _Baseline:
 
 class Rebalancer:
     def __init__(self, supervisor: Supervisor, ves: Sequence[VirtualEngine], task_group: TaskGroup,
-                 policy: RebalancePolicy, window_s: float):
+                 policy: RebalancePolicy, window_s: float, predict: Predict | None = None):
+        """`predict`: each stage's time under a split, from the measured timing table when one
+        is cached; a move it predicts no gain for is not made."""
         self.supervisor = supervisor
         self.ves = ves
         self.task_group = task_group
         self.policy = policy
         self.window_s = window_s
+        self.predict = predict
         self.stats = RebalanceStats()
         self.history: list[Move] = []
         self._lock = anyio.Lock()
@@ -83,7 +86,7 @@ class Rebalancer:
 
     async def _consider(self, sample: WindowSample) -> Move | None:
         parts = list(self.supervisor.config.layer_partition)
-        move = decide(self.policy, sample, parts, self.history)
+        move = decide(self.policy, sample, parts, self.history, self.predict)
         if move is None:
             return None
         log.info("re-balancing: stage busy fractions %s over the last %g s; moving a layer half from stage %d to "
