@@ -168,3 +168,28 @@ async def test_a_move_while_a_serving_stage_dies_fails_cleanly(llama_dir):
         assert llm.param_bytes_per_rank() == expected_rank_bytes(llama_dir, 2, 1, "3,1")
     expected = hf_greedy(llama_dir, PROMPTS, MAX_TOKENS)
     assert load.tokens and all(tokens == expected[i] for i, tokens in load.tokens)
+
+
+async def test_pp_rebalance_moves_by_itself_under_load(llama_dir, tmp_path, monkeypatch):
+    """With no threshold and short windows the busier stage of 3,1 under a steady load gives a
+    layer half away on its own (which stage is busier is the machine's business); outputs keep
+    parity and nothing leaks."""
+    monkeypatch.setenv("ASYNCPP_CACHE_DIR", str(tmp_path / "cache"))  # no timing table: no veto
+    async with engine(llama_dir, pp_rebalance=True, pp_rebalance_window=0.5, pp_rebalance_threshold=0.0) as llm:
+        load = Load(llm)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load.run)
+            with anyio.fail_after(RECOVER_WITHIN_S):
+                while llm.stats().rebalance.moves < 1:
+                    await anyio.sleep(0.05)
+            served = len(load.tokens)
+            with anyio.fail_after(RECOVER_WITHIN_S):
+                while len(load.tokens) < served + CONCURRENT:
+                    await anyio.sleep(0.01)
+            load.stop.set()
+        stats = llm.stats()
+        assert load.errors == []
+        assert stats.layer_partition in ([3.5, 0.5], [2.5, 1.5]) or stats.rebalance.moves > 1
+        assert stats.kv_blocks_used == 0
+    expected = hf_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+    assert all(tokens == expected[i] for i, tokens in load.tokens)
