@@ -114,8 +114,8 @@ class AsyncLLM:
         for ve in self._ves:
             self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")
         settings = config.rebalance
-        self._rebalancer = Rebalancer(self._supervisor, self._ves, self._task_group,
-                                      RebalancePolicy(threshold=settings.threshold), settings.window_s,
+        self._rebalancer = Rebalancer(self._supervisor, self._ves, RebalancePolicy(threshold=settings.threshold),
+                                      settings.window_s,
                                       cached_predictor(config) if settings.enabled else None)
         if settings.enabled:
             self._task_group.start_soon(self._rebalancer.run, name="asyncpp-rebalancer")

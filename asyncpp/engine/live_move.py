@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
-from anyio.abc import TaskGroup
 
 from asyncpp.core.stages import format_partition
 from asyncpp.engine.virtual_engine import VirtualEngine
@@ -36,8 +35,7 @@ class MoveResult:
     reason: str = ""  # why it did not happen
 
 
-async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts: list[float],
-                     task_group: TaskGroup) -> MoveResult:
+async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts: list[float]) -> MoveResult:
     """Serve from `parts` from now on; nothing is lost when it cannot (the stages die meanwhile,
     the new ones fail to start): then the old split goes on serving, or the restart path
     takes over as after any stage death."""
@@ -52,20 +50,22 @@ async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts
         log.warning("layer move to %s abandoned: the new stages did not start: %s", format_partition(parts), e)
         return MoveResult(False, list(supervisor.config.layer_partition), reason=str(e))
     built = time.perf_counter()
+    switched, recomputed = False, 0
     try:
         with anyio.CancelScope(shield=True):  # the VEs must not stay paused
             for ve in ves:
                 await ve.pause()
-            if not supervisor.switch(serving, fresh):
-                task_group.start_soon(fresh.shutdown)
-                return MoveResult(False, list(supervisor.config.layer_partition), built - started,
-                                  reason="a stage failed during the move")
-            recomputed = sum(ve.recompute_all() for ve in ves)
+            switched = supervisor.switch(serving, fresh)
+            if switched:
+                recomputed = sum(ve.recompute_all() for ve in ves)
     finally:
         for ve in ves:
             ve.resume()
     paused = time.perf_counter() - built
-    task_group.start_soon(serving.shutdown, name="asyncpp-old-stages-shutdown")
+    await (serving if switched else fresh).shutdown()  # after serving resumed; it shields itself
+    if not switched:
+        return MoveResult(False, list(supervisor.config.layer_partition), built - started,
+                          reason="a stage failed, or the engine began to shut down, during the move")
     log.info("layer split moved to %s: new stages built in %.2f s beside the old, pipeline paused %.1f ms, "
              "%d running sequence(s) re-prefill", format_partition(parts), built - started, paused * 1e3, recomputed)
     return MoveResult(True, list(parts), built - started, paused, recomputed)

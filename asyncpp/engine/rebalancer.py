@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
-from anyio.abc import TaskGroup
 
 from asyncpp.core.rebalance_rule import Move, Predict, RebalancePolicy, WindowSample, decide
 from asyncpp.core.stages import format_partition
@@ -40,13 +39,12 @@ class _Baseline:
 
 
 class Rebalancer:
-    def __init__(self, supervisor: Supervisor, ves: Sequence[VirtualEngine], task_group: TaskGroup,
-                 policy: RebalancePolicy, window_s: float, predict: Predict | None = None):
+    def __init__(self, supervisor: Supervisor, ves: Sequence[VirtualEngine], policy: RebalancePolicy,
+                 window_s: float, predict: Predict | None = None):
         """`predict`: each stage's time under a split, from the measured timing table when one
         is cached; a move it predicts no gain for is not made."""
         self.supervisor = supervisor
         self.ves = ves
-        self.task_group = task_group
         self.policy = policy
         self.window_s = window_s
         self.predict = predict
@@ -74,7 +72,7 @@ class Rebalancer:
     async def move(self, parts: list[float]) -> MoveResult:
         """Serve from `parts` now (one move at a time)."""
         async with self._lock:
-            result = await move_split(self.supervisor, self.ves, list(parts), self.task_group)
+            result = await move_split(self.supervisor, self.ves, list(parts))
             if result.moved:
                 self.stats.moves += 1
                 self.stats.last_pause_ms = result.pause_s * 1e3

@@ -31,6 +31,7 @@ class Supervisor:
         self._restarts: deque[float] = deque()  # when each restart began
         self._task_group: TaskGroup | None = None
         self._blocks_per_ve = 0
+        self._closing = False
 
     async def start(self, task_group: TaskGroup, blocks_per_ve: Callable[[int], int]) -> int:
         """Start the first executor; `blocks_per_ve` turns the blocks every rank can hold into
@@ -138,7 +139,7 @@ class Supervisor:
     def switch(self, serving: Executor, fresh: Executor) -> bool:
         """Serve from `fresh` (and its config) from now on, if `serving` still serves healthy;
         the caller shuts the old one down. False (nothing changed) otherwise."""
-        if self.executor is not serving or self.error() is not None:
+        if self.executor is not serving or self.error() is not None or self._closing:
             return False
         serving.on_dead = None  # its shutdown is no failure
         self.executor, self.config = fresh, fresh.config
@@ -153,5 +154,6 @@ class Supervisor:
         return self.dead is None and self.executor is not failed
 
     async def shutdown(self) -> None:
+        self._closing = True  # a live move in progress keeps the stages it serves from
         if self.executor is not None:
             await self.executor.shutdown()

@@ -42,7 +42,7 @@ class FakeSupervisor:
 
 @pytest.fixture
 def fake_moves(monkeypatch):
-    async def move_split(supervisor, ves, parts, task_group) -> MoveResult:
+    async def move_split(supervisor, ves, parts) -> MoveResult:
         supervisor.moves.append(parts)
         supervisor.executor = FakeExecutor([0.0, 0.0])  # new stages: counters from zero
         supervisor.config = FakeConfig(parts)
@@ -52,7 +52,7 @@ def fake_moves(monkeypatch):
 
 
 def rebalancer(supervisor: FakeSupervisor) -> Rebalancer:
-    r = Rebalancer(supervisor, [], None, RebalancePolicy(threshold=0.10, min_active=0.0), window_s=1.0)  # type: ignore[arg-type]
+    r = Rebalancer(supervisor, [], RebalancePolicy(threshold=0.10, min_active=0.0), window_s=1.0)  # type: ignore[arg-type]
     r.begin()
     return r
 
@@ -84,7 +84,7 @@ async def test_the_window_after_a_move_is_measured_on_the_new_stages(fake_moves)
 
 
 async def test_an_abandoned_move_is_counted_and_not_remembered(monkeypatch):
-    async def refused(supervisor, ves, parts, task_group) -> MoveResult:
+    async def refused(supervisor, ves, parts) -> MoveResult:
         return MoveResult(False, list(supervisor.config.layer_partition), reason="a stage failed")
 
     monkeypatch.setattr(rebalancer_module, "move_split", refused)
