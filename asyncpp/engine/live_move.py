@@ -20,6 +20,7 @@ import anyio
 
 from asyncpp.core.stages import format_partition
 from asyncpp.engine.virtual_engine import VirtualEngine
+from asyncpp.executor.executor import Executor
 from asyncpp.executor.supervisor import Supervisor
 
 log = logging.getLogger("asyncpp")
@@ -33,6 +34,7 @@ class MoveResult:
     pause_s: float = 0.0  # no microbatch sent: drain, preempt, switch
     recomputed: int = 0  # running sequences set to re-prefill
     reason: str = ""  # why it did not happen
+    retired: Executor | None = None  # the stages no longer serving: the caller shuts them down
 
 
 async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts: list[float]) -> MoveResult:
@@ -62,10 +64,9 @@ async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts
         for ve in ves:
             ve.resume()
     paused = time.perf_counter() - built
-    await (serving if switched else fresh).shutdown()  # after serving resumed; it shields itself
     if not switched:
         return MoveResult(False, list(supervisor.config.layer_partition), built - started,
-                          reason="a stage failed, or the engine began to shut down, during the move")
+                          reason="a stage failed, or the engine began to shut down, during the move", retired=fresh)
     log.info("layer split moved to %s: new stages built in %.2f s beside the old, pipeline paused %.1f ms, "
              "%d running sequence(s) re-prefill", format_partition(parts), built - started, paused * 1e3, recomputed)
-    return MoveResult(True, list(parts), built - started, paused, recomputed)
+    return MoveResult(True, list(parts), built - started, paused, recomputed, retired=serving)

@@ -80,6 +80,8 @@ class Rebalancer:
             else:
                 self.stats.abandoned += 1
             self._baseline = self._snapshot()  # the move's pause and re-prefill are no evidence
+            if result.retired is not None:  # counted first: serving goes on meanwhile (it shields itself)
+                await result.retired.shutdown()
             return result
 
     async def _consider(self, sample: WindowSample) -> Move | None:
