@@ -29,6 +29,7 @@ from asyncpp.engine.rebalancer import Rebalancer, RebalanceStats
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.speculator import SpecDecodeStats
 from asyncpp.engine.virtual_engine import VirtualEngine, VirtualEngineStats
 from asyncpp.engine_args import EngineArgs, create_engine_config
 from asyncpp.executor.executor import Executor
@@ -45,6 +46,7 @@ class EngineStats(VirtualEngineStats):
     """Every VE's counters summed (`VirtualEngine.snapshot()`), and the pipeline's."""
     pipeline: PipelineStats = field(default_factory=lambda: PipelineStats([], 0.0))
     layer_partition: list[float] = field(default_factory=list)  # the split serving now
+    spec_decode: SpecDecodeStats | None = None  # with speculative_config
     rebalance: RebalanceStats = field(default_factory=RebalanceStats)  # live moves of the split
 
     @property
@@ -103,9 +105,10 @@ class AsyncLLM:
         config = self.config
         self._supervisor = Supervisor(config, self._runner_factory)
         per_ve = await self._supervisor.start(self._task_group, self._blocks_per_ve)
-        log.info("microbatch token budget %d, %d prompt tokens while streams decode (%s); up to %d microbatch(es) "
+        log.info("microbatch token budget %d, %d prompt tokens while streams decode%s (%s); up to %d microbatch(es) "
                  "in flight per virtual engine", config.max_num_batched_tokens,
                  config.max_prefill_tokens_while_decoding,
+                 ", then as measured step costs allow" if config.adaptive_prefill_budget else "",
                  "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
                  else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
@@ -244,7 +247,18 @@ class AsyncLLM:
         serving = self._supervisor.config if self._supervisor else self.config
         moves = self._rebalancer.stats if self._rebalancer else RebalanceStats()
         return EngineStats(**sums, pipeline=executor.stats() if executor else PipelineStats([], 0.0),
-                           layer_partition=list(serving.layer_partition), rebalance=replace(moves))
+                           layer_partition=list(serving.layer_partition), rebalance=replace(moves),
+                           spec_decode=self._spec_decode_stats())
+
+    def _spec_decode_stats(self) -> SpecDecodeStats | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        total = SpecDecodeStats(accepted_per_position=[0] * spec.num_speculative_tokens)
+        for ve in self._ves:
+            if (stats := ve.spec_decode_stats()) is not None:
+                total.add(stats)
+        return total
 
     async def repartition(self, parts: list[float]) -> MoveResult:
         """Move the stage boundaries to `parts` now, as --pp-rebalance does on its own: new stages

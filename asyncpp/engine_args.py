@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from asyncpp.auto_partition import measured_partition
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape, RebalanceSettings
+from asyncpp.core.speculative import parse_speculative_config
 from asyncpp.core.stages import StageSpec, format_partition, partition_layers, stage_specs
 from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
@@ -79,8 +80,8 @@ class EngineArgs:
                                               "CPU at P > 1, 2048 on GPU; at least max_model_len without)")
     max_prefill_tokens_while_decoding: int | None = _arg(
         None, "prompt tokens in one microbatch while any sequence is decoding, so the streams behind it are "
-        "not held up long (default: 128 on CPU, 32 on CPU at P > 1, 512 on GPU; at most "
-        "--max-num-batched-tokens)")
+        "not held up long (default: 128 on CPU, 32 on CPU at P > 1, 512 on GPU, until measured step costs "
+        "set the share; given, it is fixed; at most --max-num-batched-tokens)")
     enable_chunked_prefill: bool = _arg(True, "split long prompts across steps and mix them with decodes")
     enable_prefix_caching: bool = _arg(True, "keep the KV of full blocks after their requests end and share it "
                                        "with later requests that start with the same tokens")
@@ -111,6 +112,10 @@ class EngineArgs:
                                          "busiest stage must be to move a layer half (0.10: 10%)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
+    speculative_config: dict[str, Any] | str | None = _arg(
+        None, "speculative decoding, as vLLM: a JSON object such as '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' "
+        "(optional \"disable_by_batch_size\": no proposals while that many sequences run)")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
@@ -190,6 +195,7 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         parse_bytes(self.kv_cache_memory)
+        parse_speculative_config(self.speculative_config)
 
     @property
     def world_size(self) -> int:
@@ -311,6 +317,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         quantization=_resolve_quantization(args, device), device=device,
         seed=args.seed, max_model_len=max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=batched, max_prefill_tokens_while_decoding=while_decoding,
+        adaptive_prefill_budget=args.max_prefill_tokens_while_decoding is None and args.enable_chunked_prefill,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         cache_aware_routing=args.cache_aware_placement,
         max_waiting_requests=args.max_waiting_requests, kv_cache_bytes=parse_bytes(args.kv_cache_memory),
@@ -325,6 +332,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                                     args.pp_rebalance_threshold),
         eos_token_ids=_eos_ids(Path(model_path), hf_config),
         stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
+        speculative=parse_speculative_config(args.speculative_config, device),
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
     return _with_measured_partition(config) if mode == "auto" and pp > 1 else _logged(config)
 

@@ -5,18 +5,6 @@
 #include <immintrin.h>
 #define ASYNCPP_BF16_DOT 1
 #endif
-#include "kernels.h"
-
-namespace asyncpp {
-namespace {
-#include "vec_impl.h"
-#include "decode_attention_impl.h"
-#include "small_ops_impl.h"
-constexpr int kMoeTile = 4;  // tokens a tile holds: the accumulators fill the vector registers
-#include "moe_impl.h"
-}  // namespace
-
-const KernelTable kAvx512Bf16 = {decode_items, rms_norm_rows, silu_and_mul_rows, rotary_rows,
-                                 moe_up_items, moe_down_blocks, pairs_bf16};
-
-}  // namespace asyncpp
+#define ASYNCPP_TABLE kAvx512Bf16
+#define ASYNCPP_MOE_TILE 4
+#include "isa_build.h"

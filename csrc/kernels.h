@@ -34,13 +34,14 @@ struct DecodeParams {
 struct RowsParams {
   const void* x;         // the input rows
   const void* residual;  // rms_norm: added to x first (null: none); its sum is written to `sum`
-  const float* weight;   // rms_norm: [width], float32
+  const void* weight;    // rms_norm: [width], the rows' dtype
   void* out;
   void* sum;             // rms_norm with a residual: x + residual
   int64_t width;         // rms_norm: the normalized width; silu_and_mul: the output width (input 2x)
   int64_t x_stride, out_stride;  // elements between rows
   float eps;
   float weight_offset;   // 0: x * w (Llama); 1: x * (1 + w) (Gemma)
+  bool round_normalized; // the normalized row rounded to the dtype before the weight (Llama), or not (Gemma, gpt-oss)
   bool bf16;
 };
 

@@ -157,9 +157,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   return out.view({S, H * D}).to(q.scalar_type());
 }
 
-// (norm(x + residual) * w, x + residual); without a residual the second is empty.
+// (norm(x + residual) * (w + weight_offset), x + residual); without a residual the second is empty.
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                                            const at::Tensor& weight, double eps, double weight_offset) {
+                                            const at::Tensor& weight, double eps, double weight_offset,
+                                            bool round_normalized) {
   const bool bf16 = is_bf16(x, "rms_norm");
   auto xs = x.contiguous();
   const int64_t width = xs.size(-1), rows = xs.numel() / width;
@@ -170,18 +171,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
     TORCH_CHECK(res.sizes() == xs.sizes() && res.scalar_type() == xs.scalar_type(), "rms_norm: residual must match x");
     sum = at::empty_like(xs);
   }
-  auto w = weight.to(at::kFloat).contiguous();
+  auto w = weight.to(xs.scalar_type()).contiguous();
   TORCH_CHECK(w.numel() == width, "rms_norm: weight must have the row's width");
   RowsParams p{};
   p.x = xs.data_ptr();
   p.residual = residual ? res.data_ptr() : nullptr;
-  p.weight = w.data_ptr<float>();
+  p.weight = w.data_ptr();
   p.out = out.data_ptr();
   p.sum = residual ? sum.data_ptr() : nullptr;
   p.width = width;
   p.x_stride = p.out_stride = width;
   p.eps = float(eps);
   p.weight_offset = float(weight_offset);
+  p.round_normalized = round_normalized;
   p.bf16 = bf16;
   at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) { kKernels.rms_norm_rows(p, b, e); });
   return {out, sum};

@@ -31,8 +31,9 @@ inline RF rounded(RF v) {  // what storing the value in T and reading it back gi
   return v;
 }
 
-// out = norm(x + residual) * w (Llama: the normalized row is rounded to the dtype, then times w)
-// or * (1 + w) (Gemma: in float, rounded once); sum = x + residual, rounded to the dtype.
+// out = norm(x + residual) * (w + weight_offset): Llama rounds the normalized row to the dtype,
+// then multiplies; Gemma ((1 + w)) and gpt-oss multiply in float and round once (round_normalized
+// false). sum = x + residual, rounded to the dtype.
 template <typename T>
 void rms_norm_row(const RowsParams& p, int64_t r) {
   const T* x = static_cast<const T*>(p.x) + r * p.x_stride;
@@ -55,8 +56,8 @@ void rms_norm_row(const RowsParams& p, int64_t r) {
   const T* src = res ? sum : x;
   for (int64_t i = 0; i < n; i += kRowW) {
     RF v = row_load(src, i, n - i) * inv;
-    RF w = row_load(p.weight, i, n - i) + p.weight_offset;
-    row_store(out, i, n - i, p.weight_offset != 0 ? v * w : rounded<T>(v) * w);
+    RF w = row_load(static_cast<const T*>(p.weight), i, n - i) + p.weight_offset;
+    row_store(out, i, n - i, p.round_normalized ? rounded<T>(v) * w : v * w);
   }
 }
 
@@ -83,7 +84,8 @@ void silu_and_mul_rows(const RowsParams& p, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) p.bf16 ? silu_and_mul_row<uint16_t>(p, r) : silu_and_mul_row<float>(p, r);
 }
 
-// x1, x2 = the two halves of the rotated part: x1 cos - x2 sin, x2 cos + x1 sin.
+// x1, x2 = the two halves of the rotated part: x1 cos - x2 sin, x2 cos + x1 sin; in bfloat16 each
+// product is rounded before the sum, as transformers' bf16 ops (cos and sin are the dtype's values).
 template <typename T>
 void rotary_row(const RotaryParams& p, int64_t t) {
   const int64_t half = p.rot_dim / 2;
@@ -95,8 +97,8 @@ void rotary_row(const RotaryParams& p, int64_t t) {
     for (int64_t i = 0; i < half; i += kRowW) {
       const int64_t n = half - i;
       RF a = row_load(x1, i, n), b = row_load(x2, i, n), c = row_load(cos, i, n), s = row_load(sin, i, n);
-      row_store(x1, i, n, a * c - b * s);
-      row_store(x2, i, n, b * c + a * s);
+      row_store(x1, i, n, rounded<T>(a * c) - rounded<T>(b * s));
+      row_store(x2, i, n, rounded<T>(b * c) + rounded<T>(a * s));
     }
   }
 }

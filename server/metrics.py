@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from asyncpp.async_llm import EngineStats
 from asyncpp.core.outputs import RequestOutput
+from asyncpp.engine.speculator import SpecDecodeStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -67,6 +68,23 @@ class EngineStatsCollector(Collector):
                     s.pipeline.in_flight_mean)
         yield gauge("microbatches_in_flight_max", "Most microbatches in the pipeline at once.",
                     s.pipeline.in_flight_max)
+        if s.spec_decode is not None:
+            yield from self._spec_decode(s.spec_decode, counter, gauge)
+
+    def _spec_decode(self, spec: SpecDecodeStats, counter: Callable[..., Metric],
+                     gauge: Callable[..., Metric]) -> Iterable[Metric]:
+        """vLLM's speculative-decoding metrics (vllm:spec_decode_*), and its acceptance rate."""
+        yield counter("spec_decode_num_drafts", "Proposals verified (one per sequence and step).", spec.num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Proposed tokens verified.", spec.num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.", spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("asyncpp:spec_decode_num_accepted_tokens_per_pos",
+                                      "Proposals whose token at this position was accepted.",
+                                      labels=["model_name", "position"])
+        for position, count in enumerate(spec.accepted_per_position):
+            per_pos.add_metric([self.model_name, str(position)], count)
+        yield per_pos
+        yield gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed tokens since start (0..1).",
+                    spec.acceptance_rate)
 
 
 class ServerMetrics:

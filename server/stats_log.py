@@ -22,6 +22,22 @@ def stats_line(before: EngineStats, now: EngineStats, elapsed_s: float) -> str:
             f"Pipeline bubble: {100 * now.pipeline.bubble_fraction:.1f}%")
 
 
+def spec_decode_line(before: EngineStats, now: EngineStats) -> str | None:
+    """vLLM's "SpecDecoding metrics" line over the interval; None without drafts in it."""
+    if before.spec_decode is None or now.spec_decode is None:
+        return None
+    a, b = before.spec_decode, now.spec_decode
+    drafts, drafted = b.num_drafts - a.num_drafts, b.num_draft_tokens - a.num_draft_tokens
+    if not drafts:
+        return None
+    accepted = b.num_accepted_tokens - a.num_accepted_tokens
+    per_position = ", ".join(f"{(y - x) / drafts:.3f}"
+                             for x, y in zip(a.accepted_per_position, b.accepted_per_position))
+    return (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, Accepted: {accepted} tokens, "
+            f"Drafted: {drafted} tokens, Per-position acceptance rate: {per_position}, "
+            f"Avg Draft acceptance rate: {100 * accepted / drafted if drafted else 0.0:.1f}%")
+
+
 def _hit_rate(before: EngineStats, now: EngineStats) -> float:
     queries = now.prefix_cache_queries - before.prefix_cache_queries
     return (now.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
@@ -41,4 +57,6 @@ async def log_stats_every(interval_s: float, stats: Callable[[], EngineStats]) -
         idle = _idle(before, now)
         if not (idle and was_idle):
             logger.info("%s", stats_line(before, now, max(at - since, 1e-9)))
+            if (spec := spec_decode_line(before, now)) is not None:
+                logger.info("%s", spec)
         before, since, was_idle = now, at, idle

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from asyncpp.core.speculative import SpeculativeConfig
 from asyncpp.core.stages import StageCosts, StageSpec, partition_layers, stage_specs
 
 # The decode step the default partition balances: this many sequences with this much
@@ -162,6 +163,7 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_prefill_tokens_while_decoding: int  # prompt tokens in a microbatch while any sequence decodes
+    adaptive_prefill_budget: bool  # that share follows measured step costs (engine/prompt_budget.py)
     enable_chunked_prefill: bool
     enable_prefix_caching: bool
     cache_aware_routing: bool  # requests go to the VE caching their prefix (else least loaded)
@@ -188,6 +190,7 @@ class EngineConfig:
     # how layer_partition was chosen: "auto" (measured stage times), "cost" (estimated from bytes),
     # "given"; "" for one stage
     layer_partition_source: str = ""
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
         """One KV block of `num_layers` layers (default: all) and `num_kv_heads` heads (default:

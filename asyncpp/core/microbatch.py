@@ -51,10 +51,17 @@ class SeqWork:
     block_table: list[int]  # physical blocks (in the VE's region) covering start_pos + len(token_ids)
     sample: SampleSpec | None  # set when this step ends with sampling a token
     prompt_logprobs: PromptLogprobsSpec | None = None  # set when the request asks for them
+    # Speculative decoding: the last `num_proposed` of token_ids are proposals to verify. The last
+    # stage samples each of those positions too and keeps the longest prefix it agrees with.
+    num_proposed: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def proposal(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_proposed:]
 
 
 @dataclass(slots=True)
@@ -73,11 +80,14 @@ class MicroBatch:
 
 @dataclass(slots=True)
 class StepOutput:
-    """Sampled tokens, in the order of the microbatch's sequences that sample."""
+    """Sampled tokens, in the order of the microbatch's sequences that sample: one each, or with
+    speculative decoding `num_accepted[i] + 1` for the i-th (its accepted proposals, then the
+    token sampled after them); logprobs follow token_ids."""
     token_ids: list[int]
     logprobs: list[float] | None = None  # logprob of each sampled token (when any asked)
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per sampled token, best first
     prompt_logprobs: dict[int, PromptLogprobs] | None = None  # by the sequence's index in the microbatch
+    num_accepted: list[int] | None = None  # per sampling sequence; None: no proposals in the microbatch
 
 
 # Tensors passed from one stage to the next: "hidden_states" and, for models that keep

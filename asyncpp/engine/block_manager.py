@@ -14,6 +14,7 @@ chunks still in flight. A failed microbatch's blocks are un-keyed (`uncache`).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from asyncpp.engine.sequence import Sequence
@@ -78,15 +79,29 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's blocks; the tail goes first, so it is evicted before the shared head."""
-        for block in reversed(seq.block_table):
+        self._release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_offered_blocks = 0
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll seq's block table back to cover `num_tokens` (speculative decoding: the blocks
+        taken only for rejected proposals). Those blocks were never keyed: keys follow
+        `num_scheduled`, which never counts a proposal."""
+        keep = self.blocks_for(num_tokens)
+        if keep >= len(seq.block_table):
+            return
+        assert keep >= seq.num_offered_blocks, "a keyed block holds rejected tokens"
+        self._release(reversed(seq.block_table[keep:]))
+        del seq.block_table[keep:]
+
+    def _release(self, blocks: Iterable[int]) -> None:
+        for block in blocks:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if self._key_of[block] is None:
                     self._free.append(block)
                 else:
                     self._evictable[block] = None
-        seq.block_table = []
-        seq.num_offered_blocks = 0
 
     # -- prefix caching -----------------------------------------------------------------
     def take_cached_prefix(self, seq: Sequence) -> int:

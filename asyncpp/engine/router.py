@@ -53,3 +53,6 @@ class Router:
 
     def decoding_besides(self, ve_id: int) -> bool:
         return any(ve.scheduler.num_decoding for ve in self.ves if ve.ve_id != ve_id)
+
+    def num_running_seqs(self) -> int:
+        return sum(len(ve.scheduler.running) for ve in self.ves)

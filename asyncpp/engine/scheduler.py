@@ -5,18 +5,22 @@ preemption by recompute.
 A sequence may be in several microbatches in flight: consecutive chunks of its prompt
 (stages run microbatches in order, so each stage writes a chunk's KV before the next
 chunk reads it). It is not scheduled again while a microbatch that samples its next
-token is in flight. Freeing the blocks of a sequence with work in flight (preemption,
+token is in flight (with speculative decoding, the microbatch that verifies its proposals:
+how many of them hold is known only when it returns). Freeing the blocks of a sequence with work in flight (preemption,
 abort) is safe for the same reason: any later microbatch that reuses a block runs after
 the earlier one on every stage, and rewrites the block before reading it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.prompt_budget import PromptBudget
 from asyncpp.engine.sequence import SeqStatus, Sequence
 
 
@@ -27,11 +31,12 @@ class SchedulerLimits:
     chunked_prefill: bool
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
     prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
+    adaptive_prefill: bool = False  # ... or as many as measured step costs allow (prompt_budget.py)
 
     @classmethod
     def of(cls, config: EngineConfig) -> SchedulerLimits:
         return cls(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                   config.decode_groups, config.max_prefill_tokens_while_decoding)
+                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget)
 
 
 @dataclass(slots=True)
@@ -41,19 +46,37 @@ class ScheduledSeq:
     num_new: int
     samples: bool  # this microbatch samples the sequence's next token
     epoch: int  # seq.epoch when scheduled: a preempted sequence ignores older results
+    proposal: list[int] = field(default_factory=list)  # speculative tokens after the last one, to verify
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions this microbatch computes for the sequence, proposals included."""
+        return self.num_new + len(self.proposal)
+
+
+class Proposer(Protocol):
+    """Speculative decoding's proposals (engine/speculator.py)."""
+
+    def propose(self, seq: Sequence, room: int) -> list[int]:
+        """Tokens to verify after a decoding sequence's last one, at most `room`."""
 
 
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, blocks: BlockManager,
-                 decoding_elsewhere: Callable[[], bool] = lambda: False):
+                 decoding_elsewhere: Callable[[], bool] = lambda: False, proposer: Proposer | None = None):
         """`decoding_elsewhere`: whether another VE has decoding sequences (their streams
-        wait behind this VE's microbatches in the shared pipeline too)."""
+        wait behind this VE's microbatches in the shared pipeline too). `proposer`: speculative
+        tokens for decoding sequences (None: no speculation)."""
         self.limits = limits
         self.blocks = blocks
         self.decoding_elsewhere = decoding_elsewhere
+        self.proposer = proposer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        cap = limits.prefill_while_decoding
+        self.prompt_budget = PromptBudget(limits.max_num_batched_tokens if cap is None else cap,
+                                          limits.max_num_batched_tokens, limits.adaptive_prefill)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,10 +116,23 @@ class Scheduler:
         return -(-num_decoding // self.limits.decode_groups)
 
     def _prefill_budget(self) -> int:
-        cap = self.limits.prefill_while_decoding
-        if cap is None or not (self.num_decoding or self.decoding_elsewhere()):
+        num_decoding = self.num_decoding
+        if self.limits.prefill_while_decoding is None or not (num_decoding or self.decoding_elsewhere()):
             return self.limits.max_num_batched_tokens
-        return cap
+        return self.prompt_budget.while_decoding(self._decode_share(num_decoding), self._oldest_prompt_wait())
+
+    def _oldest_prompt_wait(self) -> float:
+        """Seconds since the oldest request still without its first token arrived."""
+        arrivals = [s.request.metrics.arrival_time for s in self.running if not s.decoding]
+        if self.waiting:
+            arrivals.append(self.waiting[0].request.metrics.arrival_time)
+        return time.monotonic() - min(arrivals) if arrivals else 0.0
+
+    def observe_cost(self, batch: list[ScheduledSeq], seconds: float) -> None:
+        """A microbatch came back `seconds` after it was submitted: what the prompt budget learns from."""
+        decodes = sum(1 for item in batch if item.num_new == 1 and item.samples and item.start > 0)
+        prompt_tokens = sum(item.num_new for item in batch) - decodes
+        self.prompt_budget.fit.observe(decodes, prompt_tokens, seconds)
 
     def _schedule_running(self, batch: _Batch) -> bool:
         """Decodes first (a fair share of them per microbatch), then prompt chunks.
@@ -110,14 +146,30 @@ class Scheduler:
             num_new = min(seq.num_pending, batch.room(seq))
             if num_new <= 0:
                 continue
+            proposal = self._proposal(seq, batch.room(seq) - num_new) if seq.decoding else []
             while not self.blocks.allocate(seq, seq.num_scheduled + num_new):
                 victim = self.running.pop()  # the newest running sequence gives way
                 batch.drop(victim)
                 self._preempt(victim)
                 if victim is seq:
                     return True
-            batch.add(seq, num_new)
+            batch.add(seq, num_new, proposal)
         return False
+
+    def _proposal(self, seq: Sequence, room: int) -> list[int]:
+        """Speculative tokens for a decoding sequence, with blocks for them; [] when there are
+        none, or their blocks would leave a running sequence none to grow into (proposals
+        never cause a preemption)."""
+        if self.proposer is None or room <= 0:
+            return []
+        proposal = self.proposer.propose(seq, room)
+        if not proposal:
+            return []
+        end = seq.num_scheduled + 1 + len(proposal)
+        extra = self.blocks.blocks_for(end) - len(seq.block_table)
+        if extra > 0 and (self.blocks.num_free - extra < len(self.running) or not self.blocks.allocate(seq, end)):
+            return []
+        return proposal
 
     def _schedule_waiting(self, batch: _Batch) -> None:
         while self.waiting and batch.room(self.waiting[0]) > 0 and len(self.running) < self.limits.max_num_seqs:
@@ -190,18 +242,19 @@ class _Batch:
         """Tokens `seq` may add: a decode needs only the budget, a prompt chunk its share too."""
         return self.budget if seq.decoding else min(self.budget, self.prefill_budget)
 
-    def add(self, seq: Sequence, num_new: int) -> None:
+    def add(self, seq: Sequence, num_new: int, proposal: list[int] | None = None) -> None:
         if not seq.decoding:
             self.prefill_budget -= num_new
         samples = seq.num_scheduled + num_new == seq.num_tokens
-        self.items.append(ScheduledSeq(seq, seq.num_scheduled, num_new, samples, seq.epoch))
-        self.budget -= num_new
+        item = ScheduledSeq(seq, seq.num_scheduled, num_new, samples, seq.epoch, proposal or [])
+        self.items.append(item)
+        self.budget -= item.num_tokens
 
     def drop(self, seq: Sequence) -> None:
         for item in self.items:
             if item.seq is seq:
                 self.items.remove(item)
-                self.budget += item.num_new
+                self.budget += item.num_tokens
                 if not seq.decoding:
                     self.prefill_budget += item.num_new
                 return

@@ -9,6 +9,7 @@ from asyncpp.core.outputs import Logprob, RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.detokenizer import IncrementalDetokenizer
 from asyncpp.engine.grammar_state import GrammarState
+from asyncpp.engine.ngram import DraftState
 
 _seq_ids = itertools.count()
 
@@ -43,6 +44,7 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     grammar: GrammarState | None = None  # structured output: what its next token may be
+    draft: DraftState | None = None  # speculative decoding: its n-gram proposer
 
     @property
     def num_tokens(self) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -20,6 +20,7 @@ from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.speculator import SpecDecodeStats, Speculator
 from asyncpp.executor.executor import Executor
 from asyncpp.executor.supervisor import Supervisor
 
@@ -35,6 +36,9 @@ class VirtualEngineOwner(Protocol):
     def decoding_besides(self, ve_id: int) -> bool:
         """Whether another VE has decoding sequences (their streams wait behind this VE's
         microbatches in the shared pipeline too)."""
+
+    def num_running_seqs(self) -> int:
+        """Running sequences, every VE's together (speculation turns off above a batch size)."""
 
 
 @dataclass(slots=True)
@@ -65,7 +69,9 @@ class VirtualEngine:
         self.ve_id = ve_id
         self._bitmask_words = -(-config.shape.vocab_size // 32)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id))
+        self.speculator = Speculator(config.speculative, config.max_model_len) if config.speculative else None
+        self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id),
+                                   self.speculator)
         self.max_in_flight_per_ve = config.max_in_flight_per_ve
         self.supervisor = supervisor
         self.processor = processor
@@ -122,6 +128,9 @@ class VirtualEngine:
         stream.put(self.processor.request_output(request))
         self._wake.set()
         return True
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        return self.speculator.stats if self.speculator is not None else None
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix; returns how many cached, unused blocks that freed."""
@@ -187,6 +196,8 @@ class VirtualEngine:
         async with anyio.create_task_group() as tg:
             while self._error is None:
                 self._forget_lost_kv()
+                if self.speculator is not None:
+                    self.speculator.set_load(self.owner.num_running_seqs())
                 batch = self._schedule()
                 if batch:
                     self._in_flight += 1
@@ -210,7 +221,9 @@ class VirtualEngine:
         executor = self.supervisor.executor
         assert executor is not None
         try:
+            started = time.monotonic()
             output = await executor.submit(mb)
+            self.scheduler.observe_cost(batch, time.monotonic() - started)
             self._apply(batch, output)
         except MicrobatchError as e:
             self._fail_requests({item.seq.request for item in batch} | self._sharing(batch, mb), e)
@@ -250,8 +263,9 @@ class VirtualEngine:
                 spec.grammar_row = len(constrained)
                 constrained.append(seq.grammar)
             # Copies: later scheduling grows the live block table while this one is in flight.
-            seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new), start,
-                                list(seq.block_table), spec, _prompt_logprobs_spec(seq, start, item.num_new)))
+            seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new) + item.proposal, start,
+                                list(seq.block_table), spec, _prompt_logprobs_spec(seq, start, item.num_new),
+                                len(item.proposal)))
         return MicroBatch(self.ve_id, seqs), constrained
 
     def _token_bitmask(self, grammars: list[GrammarState]) -> np.ndarray:
@@ -277,35 +291,54 @@ class VirtualEngine:
 
     def _apply(self, batch: list[ScheduledSeq], output: StepOutput) -> None:
         touched: dict[str, Request] = {}
-        sample_index = 0
+        emitted = _emitted(output)
         for index, item in enumerate(batch):
             seq = item.seq
-            sampled = None
-            if item.samples:
-                sampled = self._sampled(output, sample_index)
-                sample_index += 1
+            sampled = next(emitted) if item.samples else []
             if seq.finished or item.epoch != seq.epoch:  # aborted, or preempted, while in flight
                 continue
-            seq.num_computed = item.start + item.num_new
+            accepted = len(sampled) - 1 if item.proposal else 0
+            seq.num_computed = item.start + item.num_new + accepted
             if output.prompt_logprobs and index in output.prompt_logprobs:
                 self.processor.add_prompt_logprobs(seq.request, item.start + 1, output.prompt_logprobs[index])
-            if sampled is None:
+            if not sampled:
                 continue
             seq.awaiting_sample = False
-            if seq.grammar is not None and not seq.grammar.advance([sampled.token_id]):
-                self._fail_requests([seq.request], RuntimeError(
-                    f"sampled token {sampled.token_id} breaks the request's structured-output grammar"))
+            if item.proposal:
+                self._settle_proposal(item, accepted)
+            if not self._append(seq, sampled):
                 continue
-            self.processor.append(seq, sampled)
-            self.counters.generation_tokens += 1
-            if seq.grammar is not None and seq.grammar.terminated and not seq.finished:
-                seq.finish("stop")  # the grammar is complete (even under ignore_eos)
             if seq.finished:
                 self.scheduler.remove(seq)
             touched[seq.request.request_id] = seq.request
         now = time.monotonic()
         for request_id, request in touched.items():
             self._emit(request_id, request, now)
+
+    def _settle_proposal(self, item: ScheduledSeq, accepted: int) -> None:
+        """The verified proposal's outcome: the accepted tokens count as computed; blocks taken
+        only for rejected ones go back (their KV is garbage, overwritten if ever reused)."""
+        seq = item.seq
+        assert self.speculator is not None
+        self.speculator.verified(seq, len(item.proposal), accepted)
+        seq.num_scheduled = seq.num_computed
+        self.blocks.truncate(seq, seq.num_computed + 1)  # + the token sampled after them, computed next
+
+    def _append(self, seq: Sequence, sampled: list[SampledToken]) -> bool:
+        """Add the sampled tokens in order, up to the first that finishes the sequence (a
+        stop token or string, max_tokens); False when the request failed instead."""
+        for token in sampled:
+            if seq.grammar is not None and not seq.grammar.advance([token.token_id]):
+                self._fail_requests([seq.request], RuntimeError(
+                    f"sampled token {token.token_id} breaks the request's structured-output grammar"))
+                return False
+            self.processor.append(seq, token)
+            self.counters.generation_tokens += 1
+            if seq.grammar is not None and seq.grammar.terminated and not seq.finished:
+                seq.finish("stop")  # the grammar is complete (even under ignore_eos)
+            if seq.finished:
+                break
+        return True
 
     def _emit(self, request_id: str, request: Request, now: float) -> None:
         entry = self._requests.get(request_id)
@@ -319,12 +352,18 @@ class VirtualEngine:
             self.owner.request_done(request_id)
         entry[1].put(self.processor.request_output(request))
 
-    @staticmethod
-    def _sampled(output: StepOutput, i: int) -> SampledToken:
-        return SampledToken(
-            output.token_ids[i],
-            output.logprobs[i] if output.logprobs is not None else None,
-            output.top_logprobs[i] if output.top_logprobs is not None else None)
+
+
+def _emitted(output: StepOutput) -> Iterator[list[SampledToken]]:
+    """Each sampling sequence's tokens, in order: one, or its accepted proposals and the next."""
+    counts = [1] * len(output.token_ids) if output.num_accepted is None else [a + 1 for a in output.num_accepted]
+    i = 0
+    for count in counts:
+        yield [SampledToken(output.token_ids[j],
+                            output.logprobs[j] if output.logprobs is not None else None,
+                            output.top_logprobs[j] if output.top_logprobs is not None else None)
+               for j in range(i, i + count)]
+        i += count
 
 
 def _prompt_logprobs_spec(seq: Sequence, start: int, num_new: int) -> PromptLogprobsSpec | None:

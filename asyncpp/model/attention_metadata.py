@@ -1,5 +1,11 @@
 """Per-step index tensors for paged attention, built once per microbatch and shared by all layers.
 
+Speculative decoding's verified positions (SeqWork.num_proposed) are decodes too, one per
+position, each attending to the context up to itself (the step writes every position's K/V
+before any layer reads): one batched decode call instead of a prefill gather and attention per
+sequence, measured 1.2x faster on the bundled model (4 sequences, 5 positions each, context
+250 and 1000, CPU) although each position reads the context again.
+
 Decode sequences (one new token) are handled together: by the compiled kernel (kernels.py), which
 needs only their block tables and lengths, or else by two `embedding_bag` passes that read the
 paged cache directly (see attention.py), whose index arrays are built here with numpy, much
@@ -114,20 +120,20 @@ def build_metadata(seqs: list[SeqWork], layout: HeadLayout, device: torch.device
     slot_offsets = positions % bs
 
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    prefills, prefill_seqs, decode_rows = [], [], []
+    prefills, prefill_seqs, decode_rows, decode_seqs = [], [], [], []
     for i, s in enumerate(seqs):
         a, b = int(token_starts[i]), int(token_starts[i + 1])
-        if b - a == 1:
-            decode_rows.append(i)
+        if b - a == 1 or s.num_proposed:  # a verification's positions: one decode each (see below)
+            decode_rows.extend(range(a, b))
+            decode_seqs.extend([s] * (b - a))
             continue
         prefills.append(_prefill(s, a, b, bs, device))
         prefill_seqs.append(s)
-    decode_seqs = [seqs[i] for i in decode_rows]
     decode = index = None
     rows = np.asarray(decode_rows, dtype=np.int64)
-    ctx = starts[rows] + 1  # positions each decode attends to, itself included
+    ctx = positions[rows] + 1  # positions each decode attends to, itself included
     if decode_rows:
-        index = None if len(rows) == num_tokens else to(token_starts[rows])
+        index = None if len(rows) == num_tokens else to(rows)
         if layout.latent:
             decode = _latent_decode(decode_seqs, ctx, index, bs, to)
         elif layout.decode_kernel:

@@ -26,7 +26,7 @@ from asyncpp.core.stages import StageSpec
 from asyncpp.model.attention import KVCache, PagedAttention, layer_caches
 from asyncpp.model.attention_metadata import AttentionMetadata
 from asyncpp.model.embedding import ParallelLMHead, VocabParallelEmbedding
-from asyncpp.model.layers import ACTIVATIONS
+from asyncpp.model.layers import ACTIVATIONS, fused_norm
 from asyncpp.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from asyncpp.model.llama import LlamaAttention, LlamaForCausalLM
 from asyncpp.model.loader import WeightPlan, whole
@@ -44,6 +44,8 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_norm(x, None, self.weight):
+            return torch.ops.asyncpp.rms_norm(x, None, self.weight, self.eps, 1.0, False)[0]
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float() + 1.0, self.eps).to(x.dtype)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from asyncpp.model.layers import fused
+
 # RoPE variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -61,14 +63,21 @@ class RotaryEmbedding(nn.Module):
 
 class RopeAt:
     """cos/sin for one step's positions, looked up once and shared by every layer."""
-    __slots__ = ("cos", "sin", "half")
+    __slots__ = ("cos", "sin", "half", "table")
 
     def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor):
-        self.cos, self.sin = rotary.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        rows = rotary.cos_sin[positions]
+        self.cos, self.sin = rows.unsqueeze(1).chunk(2, dim=-1)
         self.half = rotary.half
+        # The compiled op reads float32 [tokens, 2 * half]: the model dtype's values, widened.
+        self.table = rows.float().contiguous() if fused(rows) else None
 
     def apply(self, x: torch.Tensor) -> None:
         """Rotate x [tokens, heads, head_dim] in place (rotate-half layout)."""
+        if self.table is not None and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1 \
+                and x.stride(-2) == x.shape[-1]:
+            torch.ops.asyncpp.rotary_(x, self.table, x.shape[1])
+            return
         x1, x2 = x[..., : self.half], x[..., self.half: 2 * self.half]
         rotated1 = x1 * self.cos - x2 * self.sin
         x2.mul_(self.cos).addcmul_(x1, self.sin)

@@ -1,7 +1,6 @@
 """One rank's model: build and load its layers, hold its KV cache, run microbatches."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from asyncpp.core.config import EngineConfig
@@ -15,6 +14,7 @@ from asyncpp.model.kv_quant import kv_format
 from asyncpp.model.parallel import HeadSplit, SingleRankGroup, TPGroup
 from asyncpp.model.registry import build_model
 from asyncpp.model.sliding_window import stage_windows
+from asyncpp.worker import verification
 from asyncpp.worker.sampler import Sampler, prompt_logprobs
 
 PROMPT_LOGITS_ELEMENTS = 2**24  # logits computed at once for prompt logprobs: 64 MiB of float32
@@ -57,7 +57,8 @@ class ModelRunner:
         """A generous bound on one step's temporaries: the widest per-token tensors and the logits."""
         shape, elem = self.config.shape, torch.finfo(self.config.dtype).bits // 8
         per_token = 4 * shape.hidden_size + 3 * shape.intermediate_size // self.tp.size
-        logits = self.config.max_num_seqs * shape.vocab_size * 4 * 2
+        rows = 1 + (self.config.speculative.num_speculative_tokens if self.config.speculative else 0)
+        logits = self.config.max_num_seqs * rows * shape.vocab_size * 4 * 2
         return 2 * self.config.max_num_batched_tokens * per_token * elem + logits
 
     def init_kv_cache(self, num_virtual_engines: int, blocks_per_ve: int) -> None:
@@ -82,7 +83,7 @@ class ModelRunner:
     def forward(self, mb: MicroBatch, intermediate: IntermediateTensors | None
                 ) -> IntermediateTensors | torch.Tensor:
         """Non-last stage: the tensors for the next stage. Last stage: float32 logits
-        [sampling sequences, vocab], in microbatch order."""
+        [sampled rows, vocab], in microbatch order (verification.sampling_rows)."""
         states = self._states(mb, intermediate)
         return states if not self.stage.is_last else self._logits(mb, states)
 
@@ -98,10 +99,10 @@ class ModelRunner:
         return self.model.compute_logits(states, self._sampling_rows(mb)).float()
 
     def _sampling_rows(self, mb: MicroBatch) -> torch.Tensor | None:
-        """Rows of the last token of each sampling sequence; None when that is every row."""
-        ends = np.cumsum([len(s.token_ids) for s in mb.seqs]) - 1
-        rows = [int(e) for e, s in zip(ends, mb.seqs) if s.sample is not None]
-        if len(rows) == int(ends[-1]) + 1:
+        """Rows of the last token of each sampling sequence (and of its proposals); None when
+        that is every row."""
+        rows = verification.sampling_rows(mb.seqs)
+        if len(rows) == mb.num_tokens:
             return None
         return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
@@ -111,8 +112,10 @@ class ModelRunner:
         states = self._states(mb, intermediate)
         if not self.stage.is_last:
             return states
-        specs = [s.sample for s in mb.seqs if s.sample is not None]
+        specs = verification.row_specs(mb.seqs)
         out = self.sampler(self._logits(mb, states), specs, mb.token_bitmask) if specs else StepOutput([])
+        if any(s.num_proposed for s in mb.seqs):
+            out = verification.accept(out, mb.seqs)
         if any(s.prompt_logprobs is not None for s in mb.seqs):
             out.prompt_logprobs = self._prompt_logprobs(mb, states)
         return out

@@ -1,5 +1,6 @@
 """A Runner without a model, for engine tests: each sampling sequence's next token is its
-last token + 1 (mod the vocabulary), so every output is known in advance.
+last token + 1 (mod the vocabulary), so every output is known in advance (with speculative
+decoding, a proposal holds where it counts up too).
 
 It keeps a KV cache of labels, (digest, token) per slot, where a position's digest chains
 the digest of the position before it with its own token, as real KV depends on every token
@@ -16,6 +17,7 @@ from asyncpp.core.config import EngineConfig
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, SeqWork, StepOutput, TensorSpec
 from asyncpp.core.stages import StageSpec
 from asyncpp.model.parallel import TPGroup
+from asyncpp.worker import verification
 
 POISON = 500  # a prompt starting with it makes the runner raise (generated tokens never do)
 Label = tuple[int, int]  # (digest of the tokens up to this position, this position's token)
@@ -61,10 +63,13 @@ class FakeRunner:
                 raise RuntimeError(f"fake runner: a prompt starting with {POISON} is poison")
             self._attend(self.caches[mb.ve_id], work)
             offset += work.num_tokens
-            if work.sample is not None:
-                sampled.append((int(ids[offset - 1]) + 1) % self.config.shape.vocab_size)
+            if work.sample is not None:  # the last position's, and its proposals' (speculative decoding)
+                sampled += [(int(t) + 1) % self.config.shape.vocab_size
+                            for t in ids[offset - 1 - work.num_proposed:offset]]
         if not self.stage.is_last:
             return {"token_ids": ids}
+        if any(work.num_proposed for work in mb.seqs):
+            return verification.accept(StepOutput(sampled), mb.seqs)
         return StepOutput(sampled)
 
     def _attend(self, cache: list[Label | None], work: SeqWork) -> None:

@@ -91,6 +91,12 @@ def test_cpu_microbatch_defaults_depend_on_the_pipeline(llama_dir):
     assert given.max_prefill_tokens_while_decoding == 64
 
 
+def test_the_prompt_share_adapts_unless_it_is_given_or_prompts_are_whole(llama_dir):
+    assert engine_config(llama_dir).adaptive_prefill_budget
+    assert not engine_config(llama_dir, max_prefill_tokens_while_decoding=64).adaptive_prefill_budget
+    assert not engine_config(llama_dir, enable_chunked_prefill=False).adaptive_prefill_budget
+
+
 # -- the layer partition ---------------------------------------------------------------
 @pytest.mark.parametrize("layers, stages", [(4, 1), (4, 2), (4, 3), (4, 4), (30, 4), (5, 2)])
 def test_without_costs_the_partition_is_even(layers, stages):

@@ -1,8 +1,10 @@
 """Scheduler and block manager, without a model."""
+import time
+
 from asyncpp.core.outputs import RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.block_manager import BlockManager
-from asyncpp.engine.scheduler import Scheduler, SchedulerLimits
+from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, SeqStatus, Sequence
 
 
@@ -139,6 +141,57 @@ def test_prompt_chunks_shrink_while_streams_decode():
     d = make_seq(100)
     other.add(d)
     assert [i.num_new for i in other.schedule()] == [8]  # another VE's streams wait behind it too
+
+
+def adaptive_with_a_stream(arrival_time: float, costs: tuple[float, float, float] | None = None
+                           ) -> tuple[Scheduler, Sequence]:
+    """A scheduler whose prompt share follows step costs, one stream decoding, a 100-token
+    prompt that arrived at `arrival_time`; `costs` (base, per decode, per prompt token) fitted."""
+    sched = Scheduler(SchedulerLimits(8, 64, True, prefill_while_decoding=8, adaptive_prefill=True),
+                      BlockManager(64, 16))
+    stream = make_seq(4)
+    sched.add(stream)
+    run_step(sched)
+    if costs is not None:
+        base, per_decode, per_prompt = costs
+        for i in range(40):
+            decodes, prompt = 1 + i % 7, 16 * (i % 5) if i % 2 else 0
+            sched.prompt_budget.fit.observe(decodes, prompt, base + per_decode * decodes + per_prompt * prompt)
+    prompt = make_seq(100)
+    prompt.request.metrics.arrival_time = arrival_time
+    sched.add(prompt)
+    return sched, prompt
+
+
+def test_the_adaptive_prompt_share_is_the_fixed_cap_until_costs_are_known():
+    sched, prompt = adaptive_with_a_stream(time.monotonic())
+    assert [i.num_new for i in sched.schedule() if i.seq is prompt] == [8]
+
+
+def test_the_adaptive_prompt_share_follows_the_fitted_costs():
+    # A decode step of one stream costs 101 s, a prompt token 10 s: the mixed step may take
+    # 2.5x, so 1.5 * 101 / 10 = 15 prompt tokens; a prompt is overdue only after 16 such steps.
+    sched, prompt = adaptive_with_a_stream(time.monotonic(), (100.0, 1.0, 10.0))
+    assert [i.num_new for i in sched.schedule() if i.seq is prompt] == [15]
+
+
+def test_an_overdue_prompt_takes_what_the_microbatch_has_left():
+    sched, prompt = adaptive_with_a_stream(time.monotonic() - 1e6, (100.0, 1.0, 10.0))
+    assert [i.num_new for i in sched.schedule() if i.seq is prompt] == [64 - 1]
+
+
+def test_each_returned_microbatch_feeds_the_cost_fit():
+    sched = Scheduler(SchedulerLimits(8, 64, True), BlockManager(64, 16))
+    stream, prompt, last_chunk = make_seq(4), make_seq(50), make_seq(30)
+    batch = [ScheduledSeq(stream, 9, 1, True, 0), ScheduledSeq(prompt, 0, 20, False, 0),
+             ScheduledSeq(last_chunk, 25, 5, True, 0)]
+    sched.observe_cost(batch, 0.5)
+    fit = sched.prompt_budget.fit
+    assert (fit.with_prompts, fit.without_prompts) == (1, 0)
+    assert fit.xtx[1:, 1:].tolist() == [[1.0, 25.0], [25.0, 625.0]]  # one decode, 25 prompt tokens
+    assert fit.xty.tolist() == [0.5, 0.5, 12.5]
+    sched.observe_cost(batch[:1], 0.1)
+    assert (fit.with_prompts, fit.without_prompts) == (1, 1)
 
 
 def test_a_few_ready_decodes_wait_for_their_share_while_others_are_in_flight():

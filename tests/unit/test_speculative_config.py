@@ -1,0 +1,107 @@
+"""speculative_config: vLLM's keys, checked before any stage starts (each refusal names the
+field), from the SDK's dict or the command line's JSON; and the speculator's limits."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from asyncpp import LLM
+from asyncpp.core.outputs import RequestMetrics
+from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.core.speculative import DEFAULT_DISABLE_BY_BATCH_SIZE, SpeculativeConfig, parse_speculative_config
+from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.sequence import Request, Sequence
+from asyncpp.engine.speculator import SpecDecodeStats, Speculator
+from asyncpp.engine_args import EngineArgs, create_engine_config
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"method": "eagle", "num_speculative_tokens": 3}, "speculative_config.method"),
+    ({"num_speculative_tokens": 3}, "speculative_config.method"),
+    ({"model": "/some/draft", "num_speculative_tokens": 3}, "speculative_config.model"),
+    (NGRAM | {"model": "/some/draft"}, "speculative_config.model"),
+    ({"method": "ngram"}, "speculative_config.num_speculative_tokens"),
+    (NGRAM | {"num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
+    (NGRAM | {"num_speculative_tokens": 2.5}, "speculative_config.num_speculative_tokens"),
+    (NGRAM | {"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "speculative_config.prompt_lookup_min"),
+    (NGRAM | {"prompt_lookup_min": 0}, "speculative_config.prompt_lookup_min"),
+    (NGRAM | {"prompt_lookup_max": -1}, "speculative_config.prompt_lookup_max"),
+    (NGRAM | {"disable_by_batch_size": 0}, "speculative_config.disable_by_batch_size"),
+    (NGRAM | {"num_lookahead": 3}, "num_lookahead"),
+    ("{not json", "speculative_config"),
+    ("[1, 2]", "speculative_config"),
+])
+def test_bad_configs_name_the_field_before_anything_starts(config, field):
+    with pytest.raises(ValueError, match=field):
+        EngineArgs(speculative_config=config)
+    with pytest.raises(ValueError, match=field):
+        LLM(model="/nowhere", speculative_config=config)  # refused before the model is even looked for
+
+
+def test_defaults_follow_vllm():
+    assert parse_speculative_config(None) is None
+    assert parse_speculative_config(NGRAM) == SpeculativeConfig("ngram", 3, 5, 5, DEFAULT_DISABLE_BY_BATCH_SIZE["cpu"])
+    one_bound = parse_speculative_config(NGRAM | {"prompt_lookup_max": 4}, "cuda")
+    assert (one_bound.prompt_lookup_min, one_bound.prompt_lookup_max) == (4, 4)
+    assert one_bound.disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE["cuda"]
+
+
+def test_the_command_line_takes_json(llama_dir):
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    ns = parser.parse_args([str(llama_dir), "--speculative-config",
+                            '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                            '"prompt_lookup_max": 3, "disable_by_batch_size": 16}'])
+    config = create_engine_config(EngineArgs.from_cli_args(ns))
+    assert config.speculative == SpeculativeConfig("ngram", 4, 2, 3, 16)
+
+
+def _sequence(prompt: list[int], max_tokens: int = 16) -> Sequence:
+    request = Request("r", None, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, RequestMetrics(0.0))
+    request.seqs = [Sequence(request, 0, prompt)]
+    return request.seqs[0]
+
+
+def test_proposals_stop_at_the_batch_size_limit_and_respect_max_tokens_and_the_context():
+    speculator = Speculator(SpeculativeConfig("ngram", 4, 1, 2, disable_by_batch_size=3), max_model_len=64)
+    seq = _sequence([5, 6, 7, 8, 9, 5, 6])
+    assert speculator.propose(seq, room=10) == [7, 8, 9, 5]
+    assert speculator.propose(seq, room=2) == [7, 8]
+    speculator.set_load(3)
+    assert speculator.propose(seq, room=10) == []
+    speculator.set_load(2)
+    seq.output_token_ids = [7, 8, 9, 5, 6] * 2 + [7, 8, 9]  # 16 - 13 - 1 (the token after them): 2 to propose
+    assert len(speculator.propose(seq, room=10)) == 2
+    short = Speculator(SpeculativeConfig("ngram", 4, 1, 2, 8), max_model_len=len(seq.prompt_token_ids) + 14)
+    assert short.propose(seq, room=10) == []  # the context is full but for the token after
+
+
+def test_counts_follow_each_verified_draft():
+    speculator = Speculator(SpeculativeConfig("ngram", 3, 1, 2, 8), max_model_len=64)
+    seq = _sequence([1, 2, 1])
+    speculator.propose(seq, room=3)
+    speculator.verified(seq, 3, 2)
+    speculator.verified(seq, 2, 0)
+    stats = speculator.stats
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (2, 5, 2)
+    assert stats.accepted_per_position == [1, 1, 0]
+    assert stats.acceptance_rate == 0.4 and stats.mean_acceptance_length == 2.0
+    total = SpecDecodeStats(accepted_per_position=[0, 0, 0])
+    total.add(stats)
+    total.add(stats)
+    assert total.accepted_per_position == [2, 2, 0] and total.num_drafts == 4
+
+
+def test_rolling_back_frees_only_the_blocks_past_the_kept_tokens():
+    blocks = BlockManager(8, 4, enable_caching=True)
+    seq = _sequence(list(range(6)))
+    assert blocks.allocate(seq, 13)  # 6 tokens and 7 proposals: 4 blocks
+    blocks.cache_full_blocks(seq, 6)
+    blocks.truncate(seq, 8)
+    assert len(seq.block_table) == 2 and blocks.num_used == 2
+    blocks.truncate(seq, 8)  # nothing left to roll back
+    blocks.free(seq)
+    assert blocks.num_used == 0
