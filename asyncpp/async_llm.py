@@ -6,22 +6,26 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from xgrammar import CompiledGrammar
 
+from asyncpp.auto_partition import cached_predictor
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, InvalidRequest, QueueFullError
 from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.placement import RankPlacement
+from asyncpp.core.rebalance_rule import RebalancePolicy
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.engine.grammar_compiler import GrammarCompiler, GrammarLimits
 from asyncpp.engine.grammar_state import GrammarState
+from asyncpp.engine.live_move import MoveResult
 from asyncpp.engine.output_processor import OutputProcessor
 from asyncpp.engine.reasoning import REASONING_PARSERS, ReasoningMarkers, ReasoningTokens
+from asyncpp.engine.rebalancer import Rebalancer, RebalanceStats
 from asyncpp.engine.request_stream import RequestStream
 from asyncpp.engine.router import Router
 from asyncpp.engine.sequence import Request, Sequence
@@ -41,8 +45,9 @@ log = logging.getLogger("asyncpp")
 class EngineStats(VirtualEngineStats):
     """Every VE's counters summed (`VirtualEngine.snapshot()`), and the pipeline's."""
     pipeline: PipelineStats = field(default_factory=lambda: PipelineStats([], 0.0))
-    layer_partition: list[float] = field(default_factory=list)
+    layer_partition: list[float] = field(default_factory=list)  # the split serving now
     spec_decode: SpecDecodeStats | None = None  # with speculative_config
+    rebalance: RebalanceStats = field(default_factory=RebalanceStats)  # live moves of the split
 
     @property
     def kv_usage(self) -> float:
@@ -62,6 +67,7 @@ class AsyncLLM:
         self.grammars: GrammarCompiler | None = None  # with a tokenizer, once started
         self._reasoning: ReasoningTokens | None = None
         self._supervisor: Supervisor | None = None
+        self._rebalancer: Rebalancer | None = None
         self._ves: list[VirtualEngine] = []
         self._router = Router(self.config)
         self._task_group: TaskGroup | None = None
@@ -110,6 +116,12 @@ class AsyncLLM:
                                         for i in range(config.num_virtual_engines)]
         for ve in self._ves:
             self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")
+        settings = config.rebalance
+        self._rebalancer = Rebalancer(self._supervisor, self._ves, RebalancePolicy(threshold=settings.threshold),
+                                      settings.window_s,
+                                      cached_predictor(config) if settings.enabled else None)
+        if settings.enabled:
+            self._task_group.start_soon(self._rebalancer.run, name="asyncpp-rebalancer")
 
     async def _serve(self, ve: VirtualEngine) -> None:
         self._mark_dead(await ve.run())  # it returns only when the engine cannot serve again
@@ -232,8 +244,11 @@ class AsyncLLM:
         snapshots = [ve.snapshot() for ve in self._ves]
         sums = {f.name: sum(getattr(s, f.name) for s in snapshots) for f in fields(VirtualEngineStats)}
         executor = self._supervisor.executor if self._supervisor else None
+        serving = self._supervisor.config if self._supervisor else self.config
+        moves = self._rebalancer.stats if self._rebalancer else RebalanceStats()
         return EngineStats(**sums, pipeline=executor.stats() if executor else PipelineStats([], 0.0),
-                           layer_partition=list(self.config.layer_partition), spec_decode=self._spec_decode_stats())
+                           layer_partition=list(serving.layer_partition), rebalance=replace(moves),
+                           spec_decode=self._spec_decode_stats())
 
     def _spec_decode_stats(self) -> SpecDecodeStats | None:
         spec = self.config.speculative
@@ -244,6 +259,15 @@ class AsyncLLM:
             if (stats := ve.spec_decode_stats()) is not None:
                 total.add(stats)
         return total
+
+    async def repartition(self, parts: list[float]) -> MoveResult:
+        """Move the stage boundaries to `parts` now, as --pp-rebalance does on its own: new stages
+        start beside the serving ones, then the pipeline pauses, running requests re-prefill on
+        the new stages, and serving resumes. No request fails; `moved` is False (the old split
+        still serving) when the new stages cannot start or a stage fails meanwhile."""
+        if self._rebalancer is None or not self._started:
+            raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
+        return await self._rebalancer.move(parts)
 
     # -- requests ------------------------------------------------------------------
     async def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,

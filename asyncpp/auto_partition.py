@@ -7,7 +7,15 @@ import time
 from collections.abc import Callable
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.partition_choice import DEFAULT_MIX, PartitionChoice, TrafficMix, choose_partition
+from asyncpp.core.partition_choice import (
+    DEFAULT_MIX,
+    PartitionChoice,
+    TrafficMix,
+    choose_partition,
+    mix_cost,
+    stage_seconds,
+)
+from asyncpp.core.rebalance_rule import Predict
 from asyncpp.core.stage_profile import TimingTable
 from asyncpp.core.stages import format_partition
 from asyncpp.profile_cache import load_profile, profile_key, profile_path, store_profile
@@ -48,6 +56,15 @@ def measured_partition(config: EngineConfig, measure_fn: Measure | None = None,
     _log_choice(table, choice, mix, f"cached in {profile_path(key)}" if cached
                 else f"measured in {time.perf_counter() - started:.1f} s")
     return choice
+
+
+def cached_predictor(config: EngineConfig, mix: TrafficMix = DEFAULT_MIX) -> Predict | None:
+    """Each stage's predicted time per request under a split, from the cached timing table of
+    `config`'s model, layout and host; None when none is cached (nothing is measured here)."""
+    table = load_profile(profile_key(config, config.threads_per_rank * config.stages[0].tp_size))
+    if table is None:
+        return None
+    return lambda parts: stage_seconds(table, parts, lambda p: mix_cost(p, table, mix))
 
 
 def _capacity(config: EngineConfig, table: TimingTable) -> float | None:

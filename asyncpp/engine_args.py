@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig
 
 from asyncpp.auto_partition import measured_partition
-from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape
+from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape, RebalanceSettings
 from asyncpp.core.speculative import parse_speculative_config
-from asyncpp.core.stages import StageSpec, format_partition, layer_spans, partition_layers
+from asyncpp.core.stages import StageSpec, format_partition, partition_layers, stage_specs
 from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
@@ -106,6 +106,12 @@ class EngineArgs:
         "auto", "layers per stage: auto (from each piece's time measured at start-up on the stage's threads, "
                 "cached per model, layout and host) | cost (balanced by an estimate from bytes) | counts, e.g. "
                 "8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5")
+    pp_rebalance: bool = _arg(False, "re-balance the split while serving: when the busiest stage stays more than "
+                              "--pp-rebalance-threshold above the mean for a window, move a layer half to its "
+                              "less busy neighbour (the pipeline pauses, running requests re-prefill)")
+    pp_rebalance_window: float = _arg(10.0, "with --pp-rebalance: seconds of busy fractions behind each decision")
+    pp_rebalance_threshold: float = _arg(0.10, "with --pp-rebalance: how far above the mean busy fraction the "
+                                         "busiest stage must be to move a layer half (0.10: 10%)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     speculative_config: dict[str, Any] | str | None = _arg(
@@ -182,6 +188,9 @@ class EngineArgs:
         if self.ray_address and self.distributed_executor_backend != "ray":
             raise ValueError("ray_address joins a Ray cluster: it needs distributed_executor_backend='ray', "
                              f"got {self.distributed_executor_backend!r}")
+        if self.pp_rebalance_window <= 0 or self.pp_rebalance_threshold < 0:
+            raise ValueError("pp_rebalance_window must be > 0 and pp_rebalance_threshold >= 0, got "
+                             f"{self.pp_rebalance_window!r} and {self.pp_rebalance_threshold!r}")
         for name in ("stage_timeout", "stage_restart_window", "max_stage_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -320,7 +329,10 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
-        stage_restart_window_s=args.stage_restart_window, eos_token_ids=_eos_ids(Path(model_path), hf_config),
+        stage_restart_window_s=args.stage_restart_window,
+        rebalance=RebalanceSettings(args.pp_rebalance and pp > 1, args.pp_rebalance_window,
+                                    args.pp_rebalance_threshold),
+        eos_token_ids=_eos_ids(Path(model_path), hf_config),
         stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
         speculative=parse_speculative_config(args.speculative_config, device),
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
@@ -338,8 +350,7 @@ def partition_mode(value: str | None) -> str:
 
 
 def _stages(parts: list[float], pp: int, tp: int) -> list[StageSpec]:
-    return [StageSpec(p, pp, t, tp, s.start, s.end, s.mlp_only_first, s.attention_only_last)
-            for p, s in enumerate(layer_spans(parts)) for t in range(tp)]
+    return stage_specs(parts, pp, tp)
 
 
 def _with_measured_partition(config: EngineConfig) -> EngineConfig:

@@ -60,6 +60,10 @@ class EngineStatsCollector(Collector):
             layers.add_metric([self.model_name, str(stage)], count)
         yield busy
         yield layers
+        yield counter("pp_rebalance_moves", "Live moves of the stage split made (--pp-rebalance).",
+                      s.rebalance.moves)
+        yield gauge("pp_rebalance_last_pause_ms", "The last live move's pause: milliseconds no microbatch was sent.",
+                    s.rebalance.last_pause_ms)
         yield gauge("microbatches_in_flight_mean", "Microbatches in the pipeline, averaged over active time.",
                     s.pipeline.in_flight_mean)
         yield gauge("microbatches_in_flight_max", "Most microbatches in the pipeline at once.",

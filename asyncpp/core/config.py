@@ -1,13 +1,14 @@
 """The resolved configuration every process works from, and the model's sizes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from asyncpp.core.speculative import SpeculativeConfig
-from asyncpp.core.stages import StageCosts, StageSpec
+from asyncpp.core.stages import StageCosts, StageSpec, partition_layers, stage_specs
 
 # The decode step the default partition balances: this many sequences with this much
 # context each (workload W's shape). Bytes moved per step stand for time: decode is bound
@@ -135,6 +136,14 @@ def _moe_fields(c: Any, inner: int) -> dict[str, Any]:
             "moe_layers": tuple(i for i in range(c.num_hidden_layers) if i not in dense and (i + 1) % step == 0)}
 
 
+@dataclass(frozen=True, slots=True)
+class RebalanceSettings:
+    """--pp-rebalance: live moves of a layer half between stages (engine/rebalancer.py)."""
+    enabled: bool = False
+    window_s: float = 10.0
+    threshold: float = 0.10
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything resolved once in the engine process from EngineArgs and the checkpoint,
@@ -173,6 +182,7 @@ class EngineConfig:
     stage_timeout_s: float  # the watchdog: a stage silent this long with work pending is hung (0: off)
     max_stage_restarts: int  # within stage_restart_window_s
     stage_restart_window_s: float
+    rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
     eos_token_ids: list[int] = field(default_factory=list)
     max_logprobs: int = 20  # most logprobs a request may ask for per token
     stages: list[StageSpec] = field(default_factory=list)
@@ -191,6 +201,12 @@ class EngineConfig:
             per_token = per_token * num_kv_heads // self.shape.num_kv_heads
         elem = torch.finfo(self.kv_cache_dtype).bits // 8
         return layers * self.block_size * per_token * elem
+
+    def with_partition(self, parts: Sequence[float]) -> EngineConfig:
+        """The same engine with another split (a live re-balancing move); checked as a given one."""
+        first = self.stages[0]
+        checked = partition_layers(self.shape.num_layers, first.pp_size, list(parts))
+        return replace(self, layer_partition=checked, stages=stage_specs(checked, first.pp_size, first.tp_size))
 
     def stage(self, rank: int) -> StageSpec:
         return self.stages[rank]

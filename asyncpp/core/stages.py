@@ -96,6 +96,12 @@ def layer_spans(parts: Sequence[float]) -> list[LayerSpan]:
     return spans
 
 
+def stage_specs(parts: Sequence[float], pp: int, tp: int) -> list[StageSpec]:
+    """Every rank's place under a partition, by rank."""
+    return [StageSpec(p, pp, t, tp, s.start, s.end, s.mlp_only_first, s.attention_only_last)
+            for p, s in enumerate(layer_spans(parts)) for t in range(tp)]
+
+
 @dataclass(frozen=True, slots=True)
 class StageCosts:
     """What a stage runs, in one unit: bytes moved per decode step (ModelShape.stage_costs), seconds

@@ -212,6 +212,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def preempt_all(self) -> int:
+        """Every running sequence back to the waiting queue's head, in its order, to recompute
+        its KV (new stages have empty caches). Only with nothing in flight. Returns how many."""
+        running, self.running = self.running, []
+        for seq in reversed(running):
+            self._preempt(seq)
+        return len(running)
+
     def remove(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence and free its blocks."""
         if seq in self.running:

@@ -83,6 +83,8 @@ class VirtualEngine:
         self._failed: Executor | None = None  # the executor that raised self._error
         self._kv_owner: Executor | None = None  # the executor whose KV the cached blocks hold
         self._wake = anyio.Event()
+        self._paused = False  # a live move: schedule nothing until resumed
+        self._drained = anyio.Event()  # set as each microbatch of this VE returns
 
     # -- called by the engine and its router -----------------------------------------
     @property
@@ -134,6 +136,24 @@ class VirtualEngine:
         """Forget every cached prefix; returns how many cached, unused blocks that freed."""
         return self.blocks.reset_cache()
 
+    async def pause(self) -> None:
+        """Send no more microbatches, and return once those in flight have come back."""
+        self._paused = True
+        while self._in_flight:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+    def recompute_all(self) -> int:
+        """While paused: every running sequence re-prefills once resumed (the stages it will run
+        on hold none of its KV); returns how many."""
+        count = self.scheduler.preempt_all()
+        self.blocks.reset_cache()
+        return count
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
     def fail_all(self, error: BaseException) -> None:
         self._fail_requests([request for request, _ in self._requests.values()], error)
 
@@ -178,7 +198,7 @@ class VirtualEngine:
                 self._forget_lost_kv()
                 if self.speculator is not None:
                     self.speculator.set_load(self.owner.num_running_seqs())
-                batch = self.scheduler.schedule(self._in_flight) if self._in_flight < self.max_in_flight_per_ve else []
+                batch = self._schedule()
                 if batch:
                     self._in_flight += 1
                     mb, grammars = self._microbatch(batch)
@@ -191,6 +211,11 @@ class VirtualEngine:
             tg.cancel_scope.cancel()
         assert self._error is not None
         raise self._error
+
+    def _schedule(self) -> list[ScheduledSeq]:
+        if self._paused or self._in_flight >= self.max_in_flight_per_ve:
+            return []
+        return self.scheduler.schedule(self._in_flight)
 
     async def _run_microbatch(self, batch: list[ScheduledSeq], mb: MicroBatch) -> None:
         executor = self.supervisor.executor
@@ -208,6 +233,7 @@ class VirtualEngine:
         finally:
             self._in_flight -= 1
             self._wake.set()
+            self._drained.set()
 
     def _forget_lost_kv(self) -> None:
         """Restarted stages start with empty KV caches: no cached prefix survives them."""

@@ -31,6 +31,7 @@ class Supervisor:
         self._restarts: deque[float] = deque()  # when each restart began
         self._task_group: TaskGroup | None = None
         self._blocks_per_ve = 0
+        self._closing = False
 
     async def start(self, task_group: TaskGroup, blocks_per_ve: Callable[[int], int]) -> int:
         """Start the first executor; `blocks_per_ve` turns the blocks every rank can hold into
@@ -117,6 +118,34 @@ class Supervisor:
         fresh.on_dead = self._on_dead
         return fresh
 
+    # -- live moves (engine/live_move.py) ------------------------------------------------
+    async def prepare(self, config: EngineConfig) -> Executor:
+        """Start stages for another split beside the serving ones: their weights load and their
+        KV caches are made while the old stages still serve, so a move pauses only to switch.
+        Raises when they fail to start or cannot hold each VE's share of blocks."""
+        fresh = create_executor(config, self.runner_factory)
+        try:
+            assert self._task_group is not None
+            await fresh.start(self._task_group)
+            if fresh.num_available_blocks() // config.num_virtual_engines < self._blocks_per_ve:
+                raise RuntimeError(f"the split {config.layer_partition} holds fewer KV blocks per virtual engine "
+                                   f"than the {self._blocks_per_ve} the engine runs with")
+            await fresh.init_kv_cache(self._blocks_per_ve)
+        except BaseException:
+            await fresh.shutdown()
+            raise
+        return fresh
+
+    def switch(self, serving: Executor, fresh: Executor) -> bool:
+        """Serve from `fresh` (and its config) from now on, if `serving` still serves healthy;
+        the caller shuts the old one down. False (nothing changed) otherwise."""
+        if self.executor is not serving or self.error() is not None or self._closing:
+            return False
+        serving.on_dead = None  # its shutdown is no failure
+        self.executor, self.config = fresh, fresh.config
+        fresh.on_dead = self._on_dead
+        return True
+
     async def recovered(self, failed: Executor) -> bool:
         """After `failed` raised EngineDeadError: wait for its restart; False when the
         engine is down for good (or shutting down)."""
@@ -125,5 +154,6 @@ class Supervisor:
         return self.dead is None and self.executor is not failed
 
     async def shutdown(self) -> None:
+        self._closing = True  # a live move in progress keeps the stages it serves from
         if self.executor is not None:
             await self.executor.shutdown()

@@ -144,3 +144,27 @@ def test_an_explicit_split_the_estimate_or_one_stage_measure_nothing(llama_dir, 
     one = auto_config(llama_dir, pp=1)
     assert (one.layer_partition, one.layer_partition_source) == ([4], "")
     assert measured.calls == []
+
+
+def test_the_rebalancer_predicts_from_the_cached_table_only(llama_dir, cache, measured):
+    given = auto_config(llama_dir, pp_layer_partition="3,1")
+    assert auto_partition.cached_predictor(given) is None and measured.calls == []  # nothing measured for it
+    auto_config(llama_dir)  # measures and caches the table of this model, layout and host
+    predict = auto_partition.cached_predictor(given)
+    assert predict is not None
+    assert max(predict([2.5, 1.5])) < max(predict([3.0, 1.0]))
+
+
+def test_pp_rebalance_flags_reach_the_config(llama_dir):
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = EngineArgs.from_cli_args(parser.parse_args(["--pp-rebalance", "--pp-rebalance-window", "5",
+                                                       "--pp-rebalance-threshold", "0.2"]))
+    assert (args.pp_rebalance, args.pp_rebalance_window, args.pp_rebalance_threshold) == (True, 5.0, 0.2)
+    assert EngineArgs().pp_rebalance is False
+    settings = auto_config(llama_dir, pp_layer_partition="3,1", pp_rebalance=True,
+                           pp_rebalance_window=5.0).rebalance
+    assert (settings.enabled, settings.window_s, settings.threshold) == (True, 5.0, 0.10)
+    assert auto_config(llama_dir, pp=1, pp_rebalance=True).rebalance.enabled is False  # one stage: nothing to move
+    with pytest.raises(ValueError, match="pp_rebalance_window"):
+        EngineArgs(pp_rebalance_window=0)

@@ -220,3 +220,20 @@ def test_uneven_decode_groups_both_stay_in_flight():
         complete(item)
     assert len(sched.schedule(in_flight=1)) == 3
 
+
+
+def test_preempt_all_requeues_every_running_sequence_ahead_of_the_waiting_in_order():
+    """A live move of the split: every running sequence re-prefills on the new stages, in the
+    order it ran, before any request that was still waiting."""
+    blocks = BlockManager(16, 4, enable_caching=False)
+    sched = Scheduler(SchedulerLimits(2, 64, True), blocks)
+    a, b, c = make_seq(8), make_seq(6), make_seq(5)
+    sched.add(a), sched.add(b), sched.add(c)
+    run_step(sched)
+    run_step(sched)  # a and b decoding, c waiting (max_num_seqs 2)
+    assert sched.running == [a, b] and blocks.num_used > 0
+    assert sched.preempt_all() == 2
+    assert list(sched.waiting) == [a, b, c] and sched.running == [] and blocks.num_used == 0
+    assert all(s.status is SeqStatus.WAITING and s.num_computed == 0 and s.epoch == 1 for s in (a, b))
+    assert len(a.output_token_ids) == 2  # its tokens are kept: the prompt and them are recomputed
+    assert [s.seq for s in run_step(sched)] == [a, b]

@@ -19,6 +19,19 @@ def test_metrics_registries_are_per_app():
     assert (observed(first), observed(second)) == (1, 0)
 
 
+def test_metrics_show_the_split_and_its_live_moves():
+    from asyncpp.async_llm import EngineStats
+    from asyncpp.engine.rebalancer import RebalanceStats
+    from asyncpp.executor.stats import PipelineStats
+
+    stats = EngineStats(pipeline=PipelineStats([1.0, 2.0], 4.0), layer_partition=[2.5, 1.5],
+                        rebalance=RebalanceStats(moves=2, last_pause_ms=12.5))
+    text = ServerMetrics(lambda: stats, "m").render().decode()
+    assert 'asyncpp:stage_layers{model_name="m",stage="0"} 2.5' in text
+    assert 'asyncpp:pp_rebalance_moves_total{model_name="m"} 2.0' in text
+    assert 'asyncpp:pp_rebalance_last_pause_ms{model_name="m"} 12.5' in text
+
+
 def test_speculative_decoding_metrics_use_vllms_names():
     spec = SpecDecodeStats(num_drafts=4, num_draft_tokens=10, num_accepted_tokens=6, accepted_per_position=[4, 2, 0])
     stats = EngineStats(spec_decode=spec)

@@ -1,0 +1,78 @@
+"""When to move a layer half across a stage boundary while serving: a pure function of each
+window's per-stage busy fractions, the current split and the moves made so far, so that the
+rule is tested without an engine (tests/unit/test_rebalance_rule.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from asyncpp.core.stages import from_halves, to_halves
+
+# Each stage's predicted seconds under a split (from the measured timing table), when known.
+Predict = Callable[[list[float]], list[float]]
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePolicy:
+    threshold: float = 0.10  # the slowest stage this far above the mean busy fraction triggers a move
+    min_active: float = 0.5  # share of the window with work in flight: an idle window is no evidence
+    min_gain: float = 0.02  # with a timing table: the slowest stage's predicted time must drop this much
+    hold_windows: int = 2  # a move is never undone within this many windows
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    window: int  # the window whose evidence made it
+    donor: int  # the stage that gives one layer half
+    receiver: int  # its neighbour that takes it
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSample:
+    """One window of the pipeline: each stage's busy fraction over the window's active time."""
+    index: int
+    busy: tuple[float, ...]
+    active_share: float  # the window's share with at least one microbatch in flight
+
+
+def decide(policy: RebalancePolicy, sample: WindowSample, parts: Sequence[float], moves: Sequence[Move],
+           predict: Predict | None = None) -> Move | None:
+    """The move this window calls for, if any: one layer half from the busiest stage to its
+    less busy neighbour. None when the window is idle or follows a move (its times include the
+    pause and the re-prefill), the imbalance is under the threshold, the donor would lose its
+    last layer, the move would undo a recent one, or the timing table predicts no gain."""
+    if len(parts) < 2 or sample.active_share < policy.min_active or _settling(sample.index, moves):
+        return None
+    busy = sample.busy
+    mean = sum(busy) / len(busy)
+    donor = max(range(len(busy)), key=lambda s: busy[s])
+    if mean <= 0 or busy[donor] <= (1 + policy.threshold) * mean:
+        return None
+    receiver = min((s for s in (donor - 1, donor + 1) if 0 <= s < len(busy)), key=lambda s: busy[s])
+    after = _shifted(parts, donor, receiver)
+    if after is None or _undoes(donor, receiver, sample.index, moves, policy.hold_windows):
+        return None
+    if predict is not None and max(predict(after)) >= (1 - policy.min_gain) * max(predict(list(parts))):
+        return None
+    return Move(sample.index, donor, receiver, tuple(parts), tuple(after))
+
+
+def _settling(index: int, moves: Sequence[Move]) -> bool:
+    return bool(moves) and index - moves[-1].window <= 1
+
+
+def _undoes(donor: int, receiver: int, index: int, moves: Sequence[Move], hold: int) -> bool:
+    return any(m.donor == receiver and m.receiver == donor and index - m.window <= hold for m in moves)
+
+
+def _shifted(parts: Sequence[float], donor: int, receiver: int) -> list[float] | None:
+    """The split with one half moved across the boundary between two neighbours; None when the
+    donor would keep less than one layer (every stage holds at least one)."""
+    halves = to_halves(parts)
+    if halves[donor] - 1 < 2:
+        return None
+    halves[donor] -= 1
+    halves[receiver] += 1
+    return from_halves(halves)
