@@ -10,7 +10,14 @@ import pytest
 
 from asyncpp import LLM, ChatPrompt, SamplingParams
 from asyncpp.testing.tiny_tokenizer import make_tokenizer
+from helpers.fake_engine import LAYOUTS
 from helpers.http_server import CHAT_MESSAGES, COMPLETION_PROMPT, MAX_MODEL_LEN, MAX_TOKENS, ServerPool
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request) -> dict[str, Any]:
+    """The fake-runner tests' layouts: P = 1 in-process, P = 2 in stage processes."""
+    return LAYOUTS[request.param]
 
 
 @pytest.fixture(scope="session")

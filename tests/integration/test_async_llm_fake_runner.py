@@ -4,48 +4,25 @@ Under the uni backend (P = 1) and, where it matters, the mp backend (P = 2, two 
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
-from asyncpp import AsyncLLM, SamplingParams
+from asyncpp import AsyncLLM
 from asyncpp.core.errors import MicrobatchError
 from asyncpp.core.outputs import RequestOutput
-from helpers.fake_runner import POISON, fake_runner_factory, next_tokens
+from helpers.fake_engine import abort_each_after_three, all_finals, assert_idle, counting, fake_engine, stream
+from helpers.fake_runner import POISON, next_tokens
 from helpers.models import TINY_LLAMA_BLOCK_BYTES, VOCAB
 
 pytestmark = pytest.mark.anyio
 
 EOS = 2  # the tiny checkpoints' eos_token_id
-LAYOUTS = {"P1-uni": {}, "P2-mp": {"pipeline_parallel_size": 2}}
 
 
-@pytest.fixture(params=list(LAYOUTS))
-def layout(request) -> dict[str, Any]:
-    return LAYOUTS[request.param]
 
 
-def fake_engine(model_dir: Path, **overrides: Any) -> AsyncLLM:
-    """The tiny Llama's config (its vocabulary, EOS and layer count), the fake runner's tokens."""
-    settings = {"skip_tokenizer_init": True, "dtype": "float32", "device": "cpu", "max_model_len": 256,
-                "kv_cache_memory": "4MiB"} | overrides
-    return AsyncLLM(str(model_dir), runner_factory=fake_runner_factory, **settings)
 
-
-def counting(max_tokens: int | None, **kwargs: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, **kwargs)
-
-
-async def stream(llm: AsyncLLM, prompt: list[int], params: SamplingParams,
-                 request_id: str | None = None) -> list[RequestOutput]:
-    return [out async for out in llm.generate({"prompt_token_ids": prompt}, params, request_id)]
-
-
-def assert_idle(llm: AsyncLLM) -> None:
-    stats = llm.stats()
-    assert (stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0), stats
 
 
 async def test_stream_is_cumulative_and_ends_at_max_tokens(llama_dir, layout):
@@ -87,22 +64,9 @@ async def test_max_model_len_caps_an_open_ended_request(llama_dir):
 
 async def test_abort_mid_stream_frees_every_block(llama_dir, layout):
     async with fake_engine(llama_dir, **layout) as llm:
-        finals: dict[int, RequestOutput] = {}
-
-        async def abort_after_three(i: int) -> None:
-            seen = 0
-            async for out in llm.generate({"prompt_token_ids": [3 + i] * 20}, counting(None), f"r{i}"):
-                seen += 1
-                if seen == 3:
-                    assert llm.stats().kv_blocks_used > 0
-                    assert await llm.abort(f"r{i}")
-                finals[i] = out
-
-        async with anyio.create_task_group() as tg:
-            for i in range(4):
-                tg.start_soon(abort_after_three, i)
+        finals = await abort_each_after_three(llm, [[3 + i] * 20 for i in range(4)])
         assert_idle(llm)
-    assert {out.outputs[0].finish_reason for out in finals.values()} == {"abort"}
+    assert {out.outputs[0].finish_reason for out in finals} == {"abort"}
 
 
 async def test_preemption_in_a_tiny_cache_keeps_outputs_right(llama_dir, layout):
@@ -112,14 +76,7 @@ async def test_preemption_in_a_tiny_cache_keeps_outputs_right(llama_dir, layout)
     blocks_per_ve = 10  # room for one max_model_len sequence; eight sequences contend for it
     memory = str(ves * blocks_per_ve * TINY_LLAMA_BLOCK_BYTES)
     async with fake_engine(llama_dir, max_model_len=128, kv_cache_memory=memory, **layout) as llm:
-        finals = [None] * len(prompts)
-
-        async def run(i: int) -> None:
-            finals[i] = (await stream(llm, prompts[i], counting(60)))[-1]
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(prompts)):
-                tg.start_soon(run, i)
+        finals = await all_finals(llm, prompts, counting(60))
         stats = llm.stats()
         assert_idle(llm)
     assert stats.num_preemptions > 0 and stats.kv_blocks_total == ves * blocks_per_ve

@@ -49,6 +49,11 @@ class Load:
             for _ in range(CONCURRENT):
                 tg.start_soon(self._client)
 
+    async def serving(self) -> None:
+        """Until the engine has streamed some tokens of this load."""
+        while self.llm.stats().generation_tokens_total < 20:
+            await anyio.sleep(0.01)
+
     async def _client(self) -> None:
         while not self.stop.is_set():
             i = next(self._next)
@@ -69,8 +74,7 @@ async def move_under_load(llm: AsyncLLM, splits: list[list[float]]) -> Load:
     async with anyio.create_task_group() as tg:
         tg.start_soon(load.run)
         for parts in splits:
-            while llm.stats().generation_tokens_total < 20:  # serving before the first move
-                await anyio.sleep(0.01)
+            await load.serving()  # before the first move
             result = await llm.repartition(parts)
             assert result.moved, result.reason
             assert result.recomputed > 0  # the load was running when the pipeline paused
@@ -112,8 +116,7 @@ async def test_a_move_whose_new_stage_dies_is_abandoned_and_nothing_fails(llama_
         load = Load(llm)
         async with anyio.create_task_group() as tg:
             tg.start_soon(load.run)
-            while llm.stats().generation_tokens_total < 20:
-                await anyio.sleep(0.01)
+            await load.serving()
             result = await llm.repartition([2.5, 1.5])
             served = len(load.tokens)
             while len(load.tokens) < served + CONCURRENT:
@@ -138,8 +141,7 @@ async def test_a_move_while_a_serving_stage_dies_fails_cleanly(llama_dir):
         load = Load(llm)
         async with anyio.create_task_group() as tg:
             tg.start_soon(load.run)
-            while llm.stats().generation_tokens_total < 20:
-                await anyio.sleep(0.01)
+            await load.serving()
             moving = anyio.Event()
             outcome: list = []
 

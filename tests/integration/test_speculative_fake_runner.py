@@ -5,19 +5,15 @@ Under the uni backend (P = 1) and the mp backend (P = 2, two VEs)."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
-import anyio
 import pytest
 
-from asyncpp import AsyncLLM, SamplingParams
-from asyncpp.core.outputs import RequestOutput
-from helpers.fake_runner import fake_runner_factory, next_tokens
+from helpers.fake_engine import abort_each_after_three, all_finals, assert_idle, counting, fake_engine, stream
+from helpers.fake_runner import next_tokens
 from helpers.models import TINY_LLAMA_BLOCK_BYTES, VOCAB
 
 pytestmark = pytest.mark.anyio
 
-LAYOUTS = {"P1-uni": {}, "P2-mp": {"pipeline_parallel_size": 2}}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 # Counts up from 10 and starts again: after "10 11" the lookup proposes 12, 13, ... (all accepted).
 COPY = list(range(10, 40)) + [10, 11]
@@ -25,30 +21,9 @@ COPY = list(range(10, 40)) + [10, 11]
 DECOY = [20, 7, 8, 20, 7, 8, 19]
 
 
-@pytest.fixture(params=list(LAYOUTS))
-def layout(request) -> dict[str, Any]:
-    return LAYOUTS[request.param]
 
 
-def fake_engine(model_dir, **overrides: Any) -> AsyncLLM:
-    """The tiny Llama's config, the fake runner's tokens."""
-    settings = {"skip_tokenizer_init": True, "dtype": "float32", "device": "cpu", "max_model_len": 256,
-                "kv_cache_memory": "4MiB"} | overrides
-    return AsyncLLM(str(model_dir), runner_factory=fake_runner_factory, **settings)
 
-
-def counting(max_tokens: int | None, **kwargs: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, **kwargs)
-
-
-async def stream(llm: AsyncLLM, prompt: list[int], params: SamplingParams,
-                 request_id: str | None = None) -> list[RequestOutput]:
-    return [out async for out in llm.generate({"prompt_token_ids": prompt}, params, request_id)]
-
-
-def assert_idle(llm: AsyncLLM) -> None:
-    stats = llm.stats()
-    assert (stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0), stats
 
 
 async def test_accepted_proposals_give_the_same_tokens_in_fewer_steps(llama_dir, layout):
@@ -96,22 +71,10 @@ async def test_n_sequences_each_speculate(llama_dir, layout):
 
 async def test_aborts_with_proposals_in_flight_free_every_block(llama_dir, layout):
     async with fake_engine(llama_dir, speculative_config=NGRAM, **layout) as llm:
-        finals: dict[int, RequestOutput] = {}
-
-        async def abort_after_three(i: int) -> None:
-            seen = 0
-            async for out in llm.generate({"prompt_token_ids": COPY + [12 + i]}, counting(None), f"r{i}"):
-                seen += 1
-                if seen == 3:
-                    assert await llm.abort(f"r{i}")
-                finals[i] = out
-
-        async with anyio.create_task_group() as tg:
-            for i in range(4):
-                tg.start_soon(abort_after_three, i)
+        finals = await abort_each_after_three(llm, [COPY + [12 + i] for i in range(4)])
         assert_idle(llm)
         assert llm.stats().spec_decode.num_drafts > 0
-    assert {out.outputs[0].finish_reason for out in finals.values()} == {"abort"}
+    assert {out.outputs[0].finish_reason for out in finals} == {"abort"}
 
 
 async def test_preemption_with_proposals_keeps_outputs_right(llama_dir, layout):
@@ -125,14 +88,7 @@ async def test_preemption_with_proposals_keeps_outputs_right(llama_dir, layout):
     memory = str(ves * 12 * TINY_LLAMA_BLOCK_BYTES)
     async with fake_engine(llama_dir, max_model_len=128, kv_cache_memory=memory, speculative_config=NGRAM,
                            **layout) as llm:
-        finals: list[Any] = [None] * len(prompts)
-
-        async def run_one(i: int) -> None:
-            finals[i] = (await stream(llm, prompts[i], counting(60)))[-1]
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(prompts)):
-                tg.start_soon(run_one, i)
+        finals = await all_finals(llm, prompts, counting(60))
         stats = llm.stats()
         assert_idle(llm)
     assert stats.num_preemptions > 0 and stats.spec_decode.num_accepted_tokens > 0
