@@ -111,7 +111,7 @@ class EngineArgs:
                               "less busy neighbour (the pipeline pauses, running requests re-prefill)")
     pp_rebalance_window: float = _arg(10.0, "with --pp-rebalance: seconds of busy fractions behind each decision")
     pp_rebalance_threshold: float = _arg(0.10, "with --pp-rebalance: how far above the mean busy fraction the "
-                                         "busiest stage must be to move a layer half (0.10: 10%)")
+                                         "busiest stage must be to move a layer half (0.10: 10 percent)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     speculative_config: dict[str, Any] | str | None = _arg(
