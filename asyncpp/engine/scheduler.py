@@ -119,6 +119,8 @@ class Scheduler:
         num_decoding = self.num_decoding
         if self.limits.prefill_while_decoding is None or not (num_decoding or self.decoding_elsewhere()):
             return self.limits.max_num_batched_tokens
+        if not self.limits.adaptive_prefill:
+            return self.prompt_budget.fixed_cap
         return self.prompt_budget.while_decoding(self._decode_share(num_decoding), self._oldest_prompt_wait())
 
     def _oldest_prompt_wait(self) -> float:
@@ -129,7 +131,10 @@ class Scheduler:
         return time.monotonic() - min(arrivals) if arrivals else 0.0
 
     def observe_cost(self, batch: list[ScheduledSeq], seconds: float) -> None:
-        """A microbatch came back `seconds` after it was submitted: what the prompt budget learns from."""
+        """A microbatch came back `seconds` after it was submitted: what the adaptive prompt budget
+        learns from (nothing to learn with a fixed cap)."""
+        if not self.limits.adaptive_prefill:
+            return
         decodes = sum(1 for item in batch if item.num_new == 1 and item.samples and item.start > 0)
         prompt_tokens = sum(item.num_new for item in batch) - decodes
         self.prompt_budget.fit.observe(decodes, prompt_tokens, seconds)

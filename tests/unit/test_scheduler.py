@@ -181,7 +181,8 @@ def test_an_overdue_prompt_takes_what_the_microbatch_has_left():
 
 
 def test_each_returned_microbatch_feeds_the_cost_fit():
-    sched = Scheduler(SchedulerLimits(8, 64, True), BlockManager(64, 16))
+    """With the adaptive budget on (a fixed cap has no fit to feed)."""
+    sched = Scheduler(SchedulerLimits(8, 64, True, adaptive_prefill=True), BlockManager(64, 16))
     stream, prompt, last_chunk = make_seq(4), make_seq(50), make_seq(30)
     batch = [ScheduledSeq(stream, 9, 1, True, 0), ScheduledSeq(prompt, 0, 20, False, 0),
              ScheduledSeq(last_chunk, 25, 5, True, 0)]
