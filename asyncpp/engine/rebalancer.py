@@ -85,7 +85,7 @@ class Rebalancer:
         move = decide(self.policy, sample, parts, self.history, self.predict)
         if move is None:
             return None
-        log.info("re-balancing: stage busy fractions %s over the last %g s; moving a layer half from stage %d to "
+        log.info("re-balancing: stage busy fractions %s over the last %g s; moving layer halves from stage %d to "
                  "stage %d (%s -> %s)", "/".join(f"{b:.2f}" for b in sample.busy), self.window_s, move.donor,
                  move.receiver, format_partition(move.before), format_partition(move.after))
         if not (await self.move(list(move.after))).moved:
