@@ -261,10 +261,10 @@ class AsyncLLM:
         return total
 
     async def repartition(self, parts: list[float]) -> MoveResult:
-        """Move the stage boundaries to `parts` now, as --pp-rebalance does on its own: new stages
-        start beside the serving ones, then the pipeline pauses, running requests re-prefill on
-        the new stages, and serving resumes. No request fails; `moved` is False (the old split
-        still serving) when the new stages cannot start or a stage fails meanwhile."""
+        """Move the stage boundaries to `parts` now, as --pp-rebalance does on its own: the
+        pipeline pauses and drains, the stages whose layers change build them in place, running
+        requests re-prefill, and serving resumes. No request fails; `moved` is False (the old
+        split still serving) when a stage cannot build its new layers or fails meanwhile."""
         if self._rebalancer is None or not self._started:
             raise EngineDeadError("the engine is not running (use `async with AsyncLLM(...)`)", permanent=True)
         return await self._rebalancer.move(parts)

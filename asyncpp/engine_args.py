@@ -107,11 +107,12 @@ class EngineArgs:
                 "cached per model, layout and host) | cost (balanced by an estimate from bytes) | counts, e.g. "
                 "8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5")
     pp_rebalance: bool = _arg(False, "re-balance the split while serving: when the busiest stage stays more than "
-                              "--pp-rebalance-threshold above the mean for a window, move a layer half to its "
-                              "less busy neighbour (the pipeline pauses, running requests re-prefill)")
+                              "--pp-rebalance-threshold above the mean for a window, move layer halves to its "
+                              "less busy neighbour, as many as the busy fractions say balance the two (the "
+                              "pipeline pauses, the two stages rebuild in place, running requests re-prefill)")
     pp_rebalance_window: float = _arg(10.0, "with --pp-rebalance: seconds of busy fractions behind each decision")
     pp_rebalance_threshold: float = _arg(0.10, "with --pp-rebalance: how far above the mean busy fraction the "
-                                         "busiest stage must be to move a layer half (0.10: 10 percent)")
+                                         "busiest stage must be to move layer halves (0.10: 10 percent)")
     max_waiting_requests: int = _arg(4096, "bounded waiting queue; beyond it requests are refused")
     max_logprobs: int = _arg(20, "most logprobs a request may ask for per token")
     speculative_config: dict[str, Any] | str | None = _arg(

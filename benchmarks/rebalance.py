@@ -80,7 +80,7 @@ async def measure(engine: AsyncLLM, args: argparse.Namespace, result: CaseResult
         result.splits.append(",".join(f"{p:g}" for p in stats.layer_partition))
         if stats.rebalance.moves > moves:
             result.pause_ms.append(stats.rebalance.last_pause_ms)
-        window = busy_since(snap, PipelineSnapshot.of(engine))  # None across a move (new counters)
+        window = busy_since(snap, PipelineSnapshot.of(engine))
         if window is not None and stats.rebalance.moves == moves:
             if not result.busy_first:
                 result.busy_first = window[0]
@@ -114,7 +114,7 @@ async def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="--pp-rebalance-window")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    logging.getLogger("asyncpp").setLevel(logging.INFO)  # the moves, with their build time and pause
+    logging.getLogger("asyncpp").setLevel(logging.INFO)  # the moves and their pauses
     model = str(make_workload_model())
     report([await run_case(spec, model, args) for spec in args.cases], args.interval)
 

@@ -6,6 +6,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from asyncpp.core.config import EngineConfig
 from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.core.placement import RankPlacement
 
@@ -25,11 +26,20 @@ class InitKv:
 
 
 @dataclass(frozen=True, slots=True)
+class Reshape:
+    """Serve `config`'s split from now on (a live move): a rank whose layers change builds
+    them anew, from the checkpoint, with an empty KV cache of the same size; the others keep
+    theirs. Sent only while no microbatch is in flight."""
+    config: EngineConfig
+    blocks_per_ve: int
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Finish what is queued, release the links and the world, exit."""
 
 
-ToRank = Run | InitKv | Stop
+ToRank = Run | InitKv | Reshape | Stop
 
 
 # -- a rank -> the engine ------------------------------------------------------------
@@ -45,6 +55,16 @@ class Ready:
 @dataclass(frozen=True, slots=True)
 class KvReady:
     rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reshaped:
+    """The answer to Reshape: the rank serves the new split (`error` empty, `rebuilt` when its
+    layers changed), or could not build its new layers and serves the old ones (`error`)."""
+    rank: int
+    param_bytes: int
+    rebuilt: bool = False
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,4 +102,4 @@ class Failure:
         return cls(rank, time.monotonic(), summary, "".join(traceback.format_exception(exc)))
 
 
-FromRank = Ready | KvReady | Result | Failure
+FromRank = Ready | KvReady | Reshaped | Result | Failure

@@ -26,8 +26,7 @@ log = logging.getLogger("asyncpp")
 @dataclass(slots=True)
 class RebalanceStats:
     moves: int = 0  # moves made
-    last_pause_ms: float = 0.0  # the last move's pause: no microbatch sent
-    last_build_s: float = 0.0  # the last move's new stages starting, beside the serving ones
+    last_pause_ms: float = 0.0  # the last move's pause: no microbatch sent (the changed stages rebuild in it)
     abandoned: int = 0  # moves begun and given up (the old split kept serving)
 
 
@@ -76,12 +75,9 @@ class Rebalancer:
             if result.moved:
                 self.stats.moves += 1
                 self.stats.last_pause_ms = result.pause_s * 1e3
-                self.stats.last_build_s = result.build_s
             else:
                 self.stats.abandoned += 1
             self._baseline = self._snapshot()  # the move's pause and re-prefill are no evidence
-            if result.retired is not None:  # counted first: serving goes on meanwhile (it shields itself)
-                await result.retired.shutdown()
             return result
 
     async def _consider(self, sample: WindowSample) -> Move | None:
@@ -89,7 +85,7 @@ class Rebalancer:
         move = decide(self.policy, sample, parts, self.history, self.predict)
         if move is None:
             return None
-        log.info("re-balancing: stage busy fractions %s over the last %g s; moving a layer half from stage %d to "
+        log.info("re-balancing: stage busy fractions %s over the last %g s; moving layer halves from stage %d to "
                  "stage %d (%s -> %s)", "/".join(f"{b:.2f}" for b in sample.busy), self.window_s, move.donor,
                  move.receiver, format_partition(move.before), format_partition(move.after))
         if not (await self.move(list(move.after))).moved:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 from anyio.abc import TaskGroup
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError, StageHungError
-from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, LinkTimes, Ready, Result, Run
+from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, LinkTimes, Ready, Reshape, Reshaped, Result, Run
 from asyncpp.core.microbatch import MicroBatch, StepOutput
 from asyncpp.core.placement import RankPlacement
 from asyncpp.executor.failures import RootCause
@@ -42,12 +42,12 @@ class _Waiter:
 
 @dataclass(slots=True)
 class _Replies:
-    """Every rank's answer to one broadcast (start: Ready, InitKv: KvReady)."""
+    """Every rank's answer to one broadcast (start: Ready, InitKv: KvReady, Reshape: Reshaped)."""
     expected: int
     by_rank: dict[int, FromRank] = field(default_factory=dict)
     done: anyio.Event = field(default_factory=anyio.Event)
 
-    def add(self, msg: Ready | KvReady) -> None:
+    def add(self, msg: Ready | KvReady | Reshaped) -> None:
         self.by_rank[msg.rank] = msg
         if len(self.by_rank) == self.expected:
             self.done.set()
@@ -85,10 +85,39 @@ class Executor:
 
     async def init_kv_cache(self, blocks_per_ve: int) -> None:
         """Allocate each rank's physical KV cache: one region of `blocks_per_ve` per VE."""
+        await self._broadcast(InitKv(self.config.num_virtual_engines, blocks_per_ve))
+
+    async def reshape(self, config: EngineConfig, blocks_per_ve: int) -> int:
+        """Serve `config`'s split with the same ranks (a live move; nothing may be in flight).
+        Returns how many ranks built new layers. When one cannot, every rank goes back to the
+        old split and this raises RuntimeError naming why; when even that fails, the pipeline
+        fails as after a stage death (the restart path brings the old split back)."""
+        assert not self._pending, "a live move needs a drained pipeline"
+        old = self.config
+        replies = await self._broadcast(Reshape(config, blocks_per_ve))
+        errors = [f"rank {r.rank}: {r.error}" for r in replies if r.error]
+        if not errors:
+            self._adopt(config, replies)
+            return sum(r.rebuilt for r in replies)
+        back = await self._broadcast(Reshape(old, blocks_per_ve))
+        if any(r.error for r in back):
+            self._dead = EngineDeadError(f"a stage could not return to the split {old.layer_partition} after a "
+                                         f"failed move: {'; '.join(r.error for r in back if r.error)}")
+            await self._fail()
+            raise self._dead
+        self._adopt(old, back)
+        raise RuntimeError("; ".join(errors))
+
+    async def _broadcast(self, msg: InitKv | Reshape) -> list:
+        """Send `msg` to every rank; their answers, by rank."""
         self._raise_if_unusable()
         self._replies = _Replies(self._world)
-        self.transport.send(InitKv(self.config.num_virtual_engines, blocks_per_ve))
-        await self._await_replies()
+        self.transport.send(msg)
+        return await self._await_replies()
+
+    def _adopt(self, config: EngineConfig, replies: list[Reshaped]) -> None:
+        self.config = config
+        self._ready = [replace(ready, param_bytes=r.param_bytes) for ready, r in zip(self._ready, replies)]
 
     async def _await_replies(self) -> list:
         await self._replies.done.wait()
@@ -162,7 +191,7 @@ class Executor:
         match msg:
             case Result():
                 self._on_result(msg)
-            case Ready() | KvReady():
+            case Ready() | KvReady() | Reshaped():
                 self._replies.add(msg)
             case Failure():
                 self._blame.reported(msg)

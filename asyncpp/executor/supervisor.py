@@ -119,32 +119,15 @@ class Supervisor:
         return fresh
 
     # -- live moves (engine/live_move.py) ------------------------------------------------
-    async def prepare(self, config: EngineConfig) -> Executor:
-        """Start stages for another split beside the serving ones: their weights load and their
-        KV caches are made while the old stages still serve, so a move pauses only to switch.
-        Raises when they fail to start or cannot hold each VE's share of blocks."""
-        fresh = create_executor(config, self.runner_factory)
-        try:
-            assert self._task_group is not None
-            await fresh.start(self._task_group)
-            if fresh.num_available_blocks() // config.num_virtual_engines < self._blocks_per_ve:
-                raise RuntimeError(f"the split {config.layer_partition} holds fewer KV blocks per virtual engine "
-                                   f"than the {self._blocks_per_ve} the engine runs with")
-            await fresh.init_kv_cache(self._blocks_per_ve)
-        except BaseException:
-            await fresh.shutdown()
-            raise
-        return fresh
-
-    def switch(self, serving: Executor, fresh: Executor) -> bool:
-        """Serve from `fresh` (and its config) from now on, if `serving` still serves healthy;
-        the caller shuts the old one down. False (nothing changed) otherwise."""
-        if self.executor is not serving or self.error() is not None or self._closing:
-            return False
-        serving.on_dead = None  # its shutdown is no failure
-        self.executor, self.config = fresh, fresh.config
-        fresh.on_dead = self._on_dead
-        return True
+    async def reshape(self, config: EngineConfig) -> int:
+        """Serve `config`'s split on the running stages (nothing in flight); how many ranks
+        built new layers. Raises, the old split serving, when it cannot (Executor.reshape)."""
+        executor = self.executor
+        if executor is None or self.error() is not None or self._closing:
+            raise RuntimeError("the pipeline is not serving")
+        rebuilt = await executor.reshape(config, self._blocks_per_ve)
+        self.config = config  # a restart from now on starts this split
+        return rebuilt
 
     async def recovered(self, failed: Executor) -> bool:
         """After `failed` raised EngineDeadError: wait for its restart; False when the

@@ -14,7 +14,20 @@ from typing import Protocol
 import torch
 
 from asyncpp.core.config import EngineConfig
-from asyncpp.core.messages import Failure, FromRank, InitKv, KvReady, LinkTimes, Ready, Result, Run, Stop, ToRank
+from asyncpp.core.messages import (
+    Failure,
+    FromRank,
+    InitKv,
+    KvReady,
+    LinkTimes,
+    Ready,
+    Reshape,
+    Reshaped,
+    Result,
+    Run,
+    Stop,
+    ToRank,
+)
 from asyncpp.core.microbatch import IntermediateTensors, MicroBatch, StepOutput, TensorSpec
 from asyncpp.core.placement import Node, RankPlacement
 from asyncpp.core.stages import StageSpec
@@ -69,8 +82,9 @@ class StageWorker:
             device = local_device(config.device)
         self.device = device
         self.sync_cuda = device.type == "cuda"
-        tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
-        self.runner = args.runner_factory(config, self.stage, tp)
+        self.tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
+        self.runner_factory = args.runner_factory
+        self.runner = args.runner_factory(config, self.stage, self.tp)
         self.link = connect_stage_links(self.stage, device, self._message_bytes(config),
                                         num_slots=config.max_in_flight_total + 1, choice=config.pp_comm,
                                         node=self.node.node_id)
@@ -95,7 +109,35 @@ class StageWorker:
             case InitKv(num_virtual_engines, blocks_per_ve):
                 self.runner.init_kv_cache(num_virtual_engines, blocks_per_ve)
                 return KvReady(self.rank)
+            case Reshape(config, blocks_per_ve):
+                return self.reshape(config, blocks_per_ve)
         raise ValueError(f"unexpected message {msg!r}")
+
+    def reshape(self, config: EngineConfig, blocks_per_ve: int) -> Reshaped:
+        """Serve `config`'s split. Only this rank's own layers are built, in this process: no
+        new process, world or stage link, so a move costs the load of one stage's weights.
+        The old KV cache goes before the new one is made (the engine re-prefills every running
+        sequence after a move, whatever its outcome), the old weights only once the new ones
+        are loaded, so a failed build leaves this rank serving its old layers."""
+        stage = config.stage(self.rank)
+        if stage == self.stage:
+            return Reshaped(self.rank, self.runner.param_bytes())
+        try:
+            runner = self.runner_factory(config, stage, self.tp)
+            self.runner.init_kv_cache(0, 0)
+            needed = config.num_virtual_engines * blocks_per_ve
+            if runner.num_available_blocks() < needed:
+                raise RuntimeError(f"stage {stage.pp_rank} of the split {config.layer_partition} holds "
+                                   f"{runner.num_available_blocks()} KV blocks, fewer than the {needed} the engine "
+                                   "runs with")
+            runner.init_kv_cache(config.num_virtual_engines, blocks_per_ve)
+        except _DEVICE_ERRORS:
+            raise
+        except Exception as exc:
+            self.runner.init_kv_cache(config.num_virtual_engines, blocks_per_ve)
+            return Reshaped(self.rank, self.runner.param_bytes(), error=Failure.of(self.rank, exc).summary)
+        self.runner, self.stage = runner, stage
+        return Reshaped(self.rank, runner.param_bytes(), rebuilt=True)
 
     def run(self, mb: MicroBatch) -> tuple[StepOutput | None, Failure | None, LinkTimes | None]:
         """Run one microbatch: (the sampled tokens on the rank that reports them, else None;

@@ -77,8 +77,30 @@ def test_no_oscillation_over_an_alternating_history():
             assert b.window - a.window > POLICY.hold_windows
 
 
+def test_a_move_takes_as_many_halves_as_balance_the_two_stages():
+    # 2,6 with the second stage 3.3x as busy: 4 of its 12 halves balance them
+    move = decide(POLICY, window(0, 0.29, 0.97), [2, 6], [])
+    assert move is not None and move.after == (4, 4)
+    # rounded down: 0.95 vs 0.59 over 12 halves is 2.27 halves' worth
+    move = decide(POLICY, window(0, 0.95, 0.59), [6, 2], [])
+    assert move is not None and move.after == (5, 3)
+    # never past the donor's last layer
+    move = decide(POLICY, window(0, 0.2, 0.99), [1, 2], [])
+    assert move is not None and move.after == (1.5, 1.5)
+
+
+def test_a_timing_table_picks_the_count_it_predicts_best():
+    def head_heavy(parts: list[float]) -> list[float]:  # the last stage's head weighs two layers
+        return [parts[0], parts[1] + 2]
+
+    move = decide(POLICY, window(0, 0.29, 0.97), [2, 6], [], predict=head_heavy)
+    assert move is not None and move.after == (4, 4)
+    move = decide(POLICY, window(0, 0.97, 0.29), [6, 2], [], predict=head_heavy)
+    assert move is not None and move.after == (5, 3)  # 5 vs 5 where 4,4 gives 4 vs 6
+
+
 def test_one_move_per_window_converges_on_a_steady_history():
-    """Stage times proportional to layers: from 6,2 the rule walks toward 4,4 and stops."""
+    """Stage times proportional to layers: from 6,2 the rule reaches 4,4 and stops."""
     parts, moves = [6.0, 2.0], []
     for i in range(20):
         busy = tuple(p / max(parts) for p in parts)

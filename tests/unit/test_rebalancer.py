@@ -44,9 +44,9 @@ class FakeSupervisor:
 def fake_moves(monkeypatch):
     async def move_split(supervisor, ves, parts) -> MoveResult:
         supervisor.moves.append(parts)
-        supervisor.executor = FakeExecutor([0.0, 0.0])  # new stages: counters from zero
+        supervisor.executor.work(0.3, 0.3, 0.1)  # the same stages, their counters run on
         supervisor.config = FakeConfig(parts)
-        return MoveResult(True, parts, build_s=1.5, pause_s=0.012, recomputed=3)
+        return MoveResult(True, parts, pause_s=0.012, rebuilt=2, recomputed=3)
 
     monkeypatch.setattr(rebalancer_module, "move_split", move_split)
 
@@ -67,7 +67,7 @@ async def test_each_window_counts_only_its_own_work(fake_moves):
     assert move is not None and (move.donor, move.receiver, move.after) == (0, 1, (2.5, 1.5))
     assert supervisor.moves == [[2.5, 1.5]]
     stats = r.stats
-    assert (stats.moves, stats.last_pause_ms, stats.last_build_s, stats.abandoned) == (1, 12.0, 1.5, 0)
+    assert (stats.moves, stats.last_pause_ms, stats.abandoned) == (1, 12.0, 0)
 
 
 async def test_the_window_after_a_move_is_measured_on_the_new_stages(fake_moves):
