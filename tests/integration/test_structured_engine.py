@@ -45,11 +45,14 @@ async def final(llm: AsyncLLM, prompt: str, params: SamplingParams, request_id: 
     return out
 
 
-async def test_every_constrained_output_follows_its_grammar_through_the_pipeline(llama_dir, tok_dir):
+@pytest.mark.parametrize("speculative_config", [None, NGRAM])
+async def test_every_constrained_output_follows_its_grammar_through_the_pipeline(llama_dir, tok_dir,
+                                                                                 speculative_config):
+    """With speculation too: proposals in flight through preemption and aborts."""
     memory = str(2 * 12 * TINY_LLAMA_BLOCK_BYTES)  # 12 blocks a VE: the requests below contend for them
     async with AsyncLLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", device="cpu", max_model_len=128,
                         kv_cache_memory=memory, pipeline_parallel_size=2, num_virtual_engines=2,
-                        max_num_batched_tokens=32) as llm:
+                        max_num_batched_tokens=32, speculative_config=speculative_config) as llm:
         greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         alone = await final(llm, "San Francisco is a", greedy)
         outs: dict[int, RequestOutput] = {}
@@ -82,6 +85,7 @@ async def test_every_constrained_output_follows_its_grammar_through_the_pipeline
         stats = llm.stats()
         assert (stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0)
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert speculative_config is None or stats.spec_decode.num_drafts > 0
     assert outs[-1].outputs[0].token_ids == alone.outputs[0].token_ids  # unconstrained output unchanged
     assert outs[-2].outputs[0].text == FORCED and outs[-2].outputs[0].finish_reason == "stop"
     for i in range(12):
