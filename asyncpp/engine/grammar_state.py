@@ -71,18 +71,7 @@ class GrammarState:
         otherwise those the grammar accepts, short of a stop token that completes it (the
         output ends there, so no row after it may be sampled). The row that would take the
         cut-off token still samples it, so the cut costs no step."""
-        if self.reasoning:
-            tail = list(self._tail)
-            return next((i for i, token in enumerate(proposal) if self._ends_reasoning(tail, token)), len(proposal))
-        accepted = 0
-        try:
-            for token in proposal:
-                if self._matcher.is_terminated() or not self._matcher.accept_token(token):
-                    break
-                accepted += 1
-            return accepted - 1 if self._matcher.is_terminated() else accepted
-        finally:
-            self._matcher.rollback(accepted)
+        return self._before_reasoning_ends(proposal) if self.reasoning else self._accepted_short_of_the_end(proposal)
 
     def fill_masks(self, bitmask: np.ndarray, row: int, proposal: list[int]) -> None:
         """The masks of a verified draft's rows, `bitmask[row + i]` after `proposal[:i]` (i = 0 ..
@@ -95,6 +84,24 @@ class GrammarState:
                     raise RuntimeError(f"proposed token {token} breaks the grammar it was checked against")
                 accepted += 1
                 self.fill_mask(bitmask, row + i)
+        finally:
+            self._matcher.rollback(accepted)
+
+    def _before_reasoning_ends(self, proposal: list[int]) -> int:
+        tail = list(self._tail)
+        for i, token in enumerate(proposal):
+            if self._ends_reasoning(tail, token):
+                return i
+        return len(proposal)
+
+    def _accepted_short_of_the_end(self, proposal: list[int]) -> int:
+        accepted = 0
+        try:
+            for token in proposal:
+                if self._matcher.is_terminated() or not self._matcher.accept_token(token):
+                    break
+                accepted += 1
+            return accepted - 1 if accepted and self._matcher.is_terminated() else accepted
         finally:
             self._matcher.rollback(accepted)
 

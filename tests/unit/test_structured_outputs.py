@@ -177,6 +177,7 @@ async def test_a_proposal_is_cut_at_the_first_token_the_grammar_forbids(tokenize
     assert state.valid_prefix(ids(tokenizer, "23-ab") + [EOS, EOS]) == 5
     assert state.valid_prefix([EOS]) == 0
     assert state.num_accepted == 1 and allowed(state) == first and not state.terminated
+    assert state.advance(ids(tokenizer, "23-ab") + [EOS]) and state.valid_prefix([EOS]) == 0
 
 
 @pytest.mark.anyio
