@@ -22,7 +22,9 @@ class SampleSpec:
     blocked_token_ids: list[int] = field(default_factory=list)  # masked (min_tokens)
     prompt_token_ids: list[int] | None = None  # only when penalties are active
     output_token_ids: list[int] | None = None  # only when penalties are active
-    grammar_row: int | None = None  # row of MicroBatch.token_bitmask that this sequence's token must pass
+    # Row of MicroBatch.token_bitmask that this sequence's token must pass; a verified proposal's
+    # row i (after proposal[:i]) uses grammar_row + i.
+    grammar_row: int | None = None
 
 
 @dataclass(slots=True)
@@ -70,7 +72,7 @@ class MicroBatch:
     seqs: list[SeqWork]
     mb_id: int = -1  # set by the executor
     # Structured output: int32 [rows, ceil(vocab / 32)], bit t of row r set when token t may
-    # follow (xgrammar's layout); one row per constrained sampling sequence (SampleSpec.grammar_row).
+    # follow (xgrammar's layout); one row per constrained sampled row (SampleSpec.grammar_row).
     token_bitmask: np.ndarray | None = None
 
     @property

@@ -54,7 +54,7 @@ class Speculator:
 
     def propose(self, seq: Sequence, room: int) -> list[int]:
         """Tokens to verify after seq's last one, at most `room`; [] when it should not speculate now."""
-        if not self.enabled or seq.grammar is not None:  # a grammar would have to check each proposal
+        if not self.enabled:
             return []
         most = min(self.config.num_speculative_tokens, room,
                    seq.request.max_tokens - len(seq.output_token_ids) - 1,  # the bonus token counts too
@@ -67,7 +67,12 @@ class Speculator:
         if state.pause:
             state.pause -= 1
             return []
-        return state.index.propose(seq.tokens, seq.num_tokens, most)
+        proposal = state.index.propose(seq.tokens, seq.num_tokens, most)
+        if proposal and seq.grammar is not None:
+            # A few matcher steps here, as the VE's advance with each sampled token; the masks of
+            # the verified rows, far dearer, fill in a worker thread.
+            proposal = proposal[:seq.grammar.valid_prefix(proposal)]
+        return proposal
 
     def verified(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """A draft of `proposed` tokens came back with its first `accepted` taken."""

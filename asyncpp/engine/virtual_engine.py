@@ -26,6 +26,8 @@ from asyncpp.executor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+MaskRows = tuple[GrammarState, list[int]]  # a constrained sample's grammar and the proposal it verifies
+
 
 class VirtualEngineOwner(Protocol):
     """What a VE asks of whoever holds every VE (the engine's router)."""
@@ -251,29 +253,34 @@ class VirtualEngine:
         self.blocks.uncache(written)
         return {seq.request for seq in self.scheduler.running if written.intersection(seq.block_table)}
 
-    def _microbatch(self, batch: list[ScheduledSeq]) -> tuple[MicroBatch, list[GrammarState]]:
-        """The microbatch, and the grammars of its constrained samples (their masks' rows, in order).
-        Their states stay put until it returns: none of them has another sample in flight."""
+    def _microbatch(self, batch: list[ScheduledSeq]) -> tuple[MicroBatch, list[MaskRows]]:
+        """The microbatch, and the grammars of its constrained samples (their masks' rows, in order:
+        one per verified row, so 1 + the proposal's length). Their states stay put until it
+        returns: none of them has another sample in flight."""
         seqs: list[SeqWork] = []
-        constrained: list[GrammarState] = []
+        constrained: list[MaskRows] = []
+        num_rows = 0
         for item in batch:
             seq, start = item.seq, item.start
             spec = self._sample_spec(seq) if item.samples else None
             if spec is not None and seq.grammar is not None and seq.grammar.constrains:
-                spec.grammar_row = len(constrained)
-                constrained.append(seq.grammar)
+                spec.grammar_row = num_rows
+                constrained.append((seq.grammar, item.proposal))
+                num_rows += 1 + len(item.proposal)
             # Copies: later scheduling grows the live block table while this one is in flight.
             seqs.append(SeqWork(seq.seq_id, seq.tokens(start, start + item.num_new) + item.proposal, start,
                                 list(seq.block_table), spec, _prompt_logprobs_spec(seq, start, item.num_new),
                                 len(item.proposal)))
         return MicroBatch(self.ve_id, seqs), constrained
 
-    def _token_bitmask(self, grammars: list[GrammarState]) -> np.ndarray:
-        """The next token's mask of each constrained sequence, a row each (0.01 to a few ms a
-        sequence, by grammar and state: benchmarks/grammar_mask_cost.py)."""
-        bitmask = np.zeros((len(grammars), self._bitmask_words), dtype=np.int32)
-        for row, grammar in enumerate(grammars):
-            grammar.fill_mask(bitmask, row)
+    def _token_bitmask(self, grammars: list[MaskRows]) -> np.ndarray:
+        """The masks of each constrained sequence's verified rows (0.01 to a few ms a row, by
+        grammar and state: benchmarks/grammar_mask_cost.py)."""
+        bitmask = np.zeros((sum(1 + len(proposal) for _, proposal in grammars), self._bitmask_words), dtype=np.int32)
+        row = 0
+        for grammar, proposal in grammars:
+            grammar.fill_masks(bitmask, row, proposal)
+            row += 1 + len(proposal)
         return bitmask
 
     def _sample_spec(self, seq: Sequence) -> SampleSpec:

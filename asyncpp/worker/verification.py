@@ -42,9 +42,10 @@ def row_specs(seqs: list[SeqWork]) -> list[SampleSpec]:
 
 
 def _proposal_spec(spec: SampleSpec, proposal: list[int], i: int) -> SampleSpec:
-    """Row i's spec: the token after proposal[:i], as if those were already accepted."""
+    """Row i's spec: the token after proposal[:i], as if those were already accepted (its grammar
+    mask, if any, is the row after the previous one's)."""
     step = spec.step + i
-    return replace(spec, step=step,
+    return replace(spec, step=step, grammar_row=None if spec.grammar_row is None else spec.grammar_row + i,
                    blocked_token_ids=spec.blocked_token_ids if step < spec.params.min_tokens else [],
                    output_token_ids=None if spec.output_token_ids is None else spec.output_token_ids + proposal[:i])
 

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from asyncpp import LLM, AsyncLLM, SamplingParams
+from asyncpp.async_llm import EngineStats
 from asyncpp.core.outputs import RequestOutput
 from helpers.models import TINY_LLAMA_BLOCK_BYTES
 
@@ -28,6 +29,8 @@ CONSTRAINTS = [  # (structured_outputs, does this text follow it)
      or True),
     ({"grammar": 'root ::= "(" [a-c] [a-c]? ")"'}, lambda text: re.fullmatch(r"\([a-c]{1,2}\)", text)),
 ]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "disable_by_batch_size": 64}
 SYSTEM = "The capital of France is Paris. Paris sits on the Seine, a river that bends through the city. "
 FORCED = "forced-answer"
 
@@ -42,11 +45,14 @@ async def final(llm: AsyncLLM, prompt: str, params: SamplingParams, request_id: 
     return out
 
 
-async def test_every_constrained_output_follows_its_grammar_through_the_pipeline(llama_dir, tok_dir):
+@pytest.mark.parametrize("speculative_config", [None, NGRAM])
+async def test_every_constrained_output_follows_its_grammar_through_the_pipeline(llama_dir, tok_dir,
+                                                                                 speculative_config):
+    """With speculation too: proposals in flight through preemption and aborts."""
     memory = str(2 * 12 * TINY_LLAMA_BLOCK_BYTES)  # 12 blocks a VE: the requests below contend for them
     async with AsyncLLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", device="cpu", max_model_len=128,
                         kv_cache_memory=memory, pipeline_parallel_size=2, num_virtual_engines=2,
-                        max_num_batched_tokens=32) as llm:
+                        max_num_batched_tokens=32, speculative_config=speculative_config) as llm:
         greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         alone = await final(llm, "San Francisco is a", greedy)
         outs: dict[int, RequestOutput] = {}
@@ -79,6 +85,7 @@ async def test_every_constrained_output_follows_its_grammar_through_the_pipeline
         stats = llm.stats()
         assert (stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0)
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert speculative_config is None or stats.spec_decode.num_drafts > 0
     assert outs[-1].outputs[0].token_ids == alone.outputs[0].token_ids  # unconstrained output unchanged
     assert outs[-2].outputs[0].text == FORCED and outs[-2].outputs[0].finish_reason == "stop"
     for i in range(12):
@@ -92,9 +99,12 @@ async def test_every_constrained_output_follows_its_grammar_through_the_pipeline
                                                                 for e, t in zip(c.logprobs, c.token_ids))
 
 
-async def test_the_grammar_applies_after_the_reasoning(llama_dir, tok_dir):
+@pytest.mark.parametrize("speculative_config", [None, NGRAM])
+async def test_the_grammar_applies_after_the_reasoning(llama_dir, tok_dir, speculative_config):
+    """With speculation too: a proposal made while reasoning stops before the end marker."""
     async with AsyncLLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", device="cpu", max_model_len=128,
-                        kv_cache_memory="8MiB", reasoning_parser="deepseek_r1") as llm:
+                        kv_cache_memory="8MiB", reasoning_parser="deepseek_r1",
+                        speculative_config=speculative_config) as llm:
         params = SamplingParams(temperature=1.0, max_tokens=8, seed=0, structured_outputs={"regex": "z{5}"})
         closed = await final(llm, "Question: <think>I know this.</think>", params)
         thinking = await final(llm, "Question: <think>", params)
@@ -119,3 +129,63 @@ def test_offline_chat_renders_tools_and_constrains_the_reply(llama_dir, tok_dir)
                         chat_template=template, tools=tools)
     assert outs[0].prompt == "[tool add]user: 1 + 2? | assistant: add(a=1) | tool: 3 | assistant:"
     assert [o.outputs[0].text in ("3", "three") for o in outs] == [True, True]
+
+
+# -- with n-gram speculation ---------------------------------------------------------------------------
+
+ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta"]}, "minItems": 6, "maxItems": 6}
+REPEATING = [  # (structured_outputs, prompt, does this text follow it): text the output's or prompt's n-grams propose
+    ({"json": ITEMS, "disable_any_whitespace": True}, "List:",
+     lambda text: jsonschema.validate(json.loads(text), ITEMS) or True),
+    ({"regex": r"(ab-){5}[0-9]{2}"}, "Code:", lambda text: re.fullmatch(r"(ab-){5}[0-9]{2}", text)),
+    ({"choice": ["Paris sits on the Seine", "Paris is big"]}, SYSTEM + " Where is Paris?",
+     lambda text: text in ("Paris sits on the Seine", "Paris is big")),
+    (CONSTRAINTS[2][0], 'Reply {"id": 12, "tag": "x", "ok": true} again:', CONSTRAINTS[2][1]),
+]
+
+
+async def constrained_outputs(llama_dir, tok_dir, params: list[SamplingParams], speculative_config=None,
+                              **kwargs) -> tuple[list[RequestOutput], EngineStats]:
+    """REPEATING's prompts, each under its grammar (params[i] with REPEATING[i % 4]), concurrently;
+    and the engine's stats."""
+    outs: dict[int, RequestOutput] = {}
+    async with AsyncLLM(str(llama_dir), tokenizer=str(tok_dir), dtype="float32", device="cpu", max_model_len=128,
+                        kv_cache_memory="8MiB", speculative_config=speculative_config, **kwargs) as llm:
+        async def run(i: int) -> None:
+            outs[i] = await final(llm, REPEATING[i % len(REPEATING)][1], params[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(params)):
+                tg.start_soon(run, i)
+        return [outs[i] for i in range(len(params))], llm.stats()
+
+
+def assert_follow(outs: list[RequestOutput]) -> None:
+    for i, out in enumerate(outs):
+        for c in out.outputs:
+            assert c.finish_reason == "stop" and REPEATING[i % len(REPEATING)][2](c.text), (i, c.text)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+async def test_speculation_under_a_grammar_keeps_greedy_output(llama_dir, tok_dir, pp):
+    """The grammar cuts each proposal and masks each verified row: the same tokens as without
+    speculation, several of them accepted per step where the grammar forces what was said before."""
+    params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=entry[0]) for entry in REPEATING]
+    plain, _ = await constrained_outputs(llama_dir, tok_dir, params, pipeline_parallel_size=pp)
+    spec, stats = await constrained_outputs(llama_dir, tok_dir, params, NGRAM, pipeline_parallel_size=pp)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert_follow(spec)
+    assert stats.spec_decode.num_accepted_tokens > 0 and stats.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+async def test_seeded_sampling_under_a_grammar_with_speculation(llama_dir, tok_dir, pp):
+    """Each verified row samples as the plain sampler would there, mask included: a seeded
+    request's tokens do not depend on speculation, and follow the grammar."""
+    params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=48, seed=i, n=2, structured_outputs=entry[0])
+              for i, entry in enumerate(REPEATING * 2)]
+    plain, _ = await constrained_outputs(llama_dir, tok_dir, params, pipeline_parallel_size=pp)
+    spec, stats = await constrained_outputs(llama_dir, tok_dir, params, NGRAM, pipeline_parallel_size=pp)
+    assert [[c.token_ids for c in o.outputs] for o in spec] == [[c.token_ids for c in o.outputs] for o in plain]
+    assert_follow(spec)
+    assert stats.spec_decode.num_drafts > 0 and stats.kv_blocks_used == 0

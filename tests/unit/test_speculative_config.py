@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import xgrammar as xgr
 
 from asyncpp import LLM
 from asyncpp.core.outputs import RequestMetrics
 from asyncpp.core.sampling_params import SamplingParams
 from asyncpp.core.speculative import DEFAULT_DISABLE_BY_BATCH_SIZE, SpeculativeConfig, parse_speculative_config
 from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.speculator import SpecDecodeStats, Speculator
 from asyncpp.engine_args import EngineArgs, create_engine_config
@@ -77,6 +79,19 @@ def test_proposals_stop_at_the_batch_size_limit_and_respect_max_tokens_and_the_c
     assert len(speculator.propose(seq, room=10)) == 2
     short = Speculator(SpeculativeConfig("ngram", 4, 1, 2, 8), max_model_len=len(seq.prompt_token_ids) + 14)
     assert short.propose(seq, room=10) == []  # the context is full but for the token after
+
+
+@pytest.mark.parametrize("regex,proposal", [(r"(abc)+", [4]),  # "d" is forbidden after "abc"
+                                             (r"abcda", [4, 5, 2]),  # "b" is past the end
+                                             (r"abc", [4])])  # the stop token is left to the row after "c"
+def test_a_grammar_cuts_the_proposal(regex, proposal):
+    vocab = ["<s>", "</s>", "a", "b", "c", "d"]
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[1])).compile_regex(regex)
+    seq = _sequence([2, 3, 4, 1, 5] if regex == "abc" else [2, 3, 4, 5])  # "abc</s>d", "abcd"
+    seq.output_token_ids, seq.grammar = [2, 3], GrammarState(compiled)  # "ab": the n-grams propose what followed it
+    assert seq.grammar.advance([2, 3])
+    assert Speculator(SpeculativeConfig("ngram", 4, 1, 2, 8), max_model_len=64).propose(seq, room=10) == proposal
+    assert seq.grammar.num_accepted == 2
 
 
 def test_counts_follow_each_verified_draft():

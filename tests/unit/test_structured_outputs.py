@@ -165,6 +165,53 @@ async def test_the_grammar_waits_until_the_reasoning_ends(tokenizer):
     assert state.advance(ids(tokenizer, "yes") + [EOS]) and state.terminated
 
 
+@pytest.mark.anyio
+async def test_a_proposal_is_cut_at_the_first_token_the_grammar_forbids(tokenizer):
+    compiled = await compiler(tokenizer).compile(StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"))
+    state = GrammarState(compiled)
+    state.advance(ids(tokenizer, "1"))
+    first = allowed(state)
+    assert state.valid_prefix(ids(tokenizer, "23x-ab")) == 2  # "x" where "-" must come
+    assert state.valid_prefix(ids(tokenizer, "23-ab")) == 5
+    # The stop token that completes the grammar is left to the row before it: no row after the end.
+    assert state.valid_prefix(ids(tokenizer, "23-ab") + [EOS, EOS]) == 5
+    assert state.valid_prefix([EOS]) == 0
+    assert state.num_accepted == 1 and allowed(state) == first and not state.terminated
+    assert state.advance(ids(tokenizer, "23-ab") + [EOS]) and state.valid_prefix([EOS]) == 0
+
+
+@pytest.mark.anyio
+async def test_each_verified_row_gets_the_mask_after_the_proposal_before_it(tokenizer):
+    compiled = await compiler(tokenizer).compile(StructuredOutputsParams(choice=["red", "blue"]))
+    state, walker = GrammarState(compiled), GrammarState(compiled)
+    proposal = ids(tokenizer, "blue")
+    bitmask = np.zeros((1 + len(proposal), WORDS), dtype=np.int32)
+    state.fill_masks(bitmask, 0, proposal)
+    for i in range(len(proposal) + 1):
+        row = np.zeros((1, WORDS), dtype=np.int32)
+        walker.fill_mask(row, 0)
+        assert (bitmask[i] == row[0]).all()
+        walker.advance(proposal[i:i + 1])
+    assert bitmask[-1].any() and state.num_accepted == 0 and allowed(state) == allowed(GrammarState(compiled))
+    with pytest.raises(RuntimeError):
+        state.fill_masks(bitmask, 0, ids(tokenizer, "bed"))
+    assert state.num_accepted == 0 and state.advance(ids(tokenizer, "red") + [EOS]) and state.terminated
+
+
+@pytest.mark.anyio
+async def test_a_proposal_while_reasoning_stops_before_the_end_of_reasoning(tokenizer):
+    compiled = await compiler(tokenizer).compile(StructuredOutputsParams(choice=["yes"]))
+    marks = ReasoningTokens.of(REASONING_PARSERS["qwen3"], tokenizer)
+    state = GrammarState(compiled, marks.end, reasoning=True)
+    thinking, end = ids(tokenizer, "Let me think."), list(marks.end)
+    # Unchecked while reasoning (not "yes"), up to the marker's last token: the row after it is the grammar's.
+    assert state.valid_prefix(thinking + end + ids(tokenizer, "no")) == len(thinking) + len(end) - 1
+    state.advance(thinking + end[:1])
+    rest = end[1:]
+    assert state.valid_prefix(rest + ids(tokenizer, "yes")) == len(rest) - 1
+    assert state.reasoning and state.advance(rest) and state.constrains
+
+
 # -- the sampler --------------------------------------------------------------------------------------
 
 def bitmask_of(rows: list[set[int]], vocab: int) -> np.ndarray:

@@ -24,7 +24,8 @@ def test_the_accepted_prefix_ends_at_the_first_disagreement():
 
 def test_rows_and_specs_cover_each_proposal_as_if_those_before_it_were_accepted():
     params = SamplingParams(temperature=0.5, min_tokens=2, repetition_penalty=1.2)
-    spec = SampleSpec(params, seed=7, step=1, blocked_token_ids=[2], prompt_token_ids=[9], output_token_ids=[5])
+    spec = SampleSpec(params, seed=7, step=1, blocked_token_ids=[2], prompt_token_ids=[9], output_token_ids=[5],
+                      grammar_row=3)
     seqs = [SeqWork(0, [1, 2, 3], 0, [0], None),  # a prompt chunk: nothing sampled
             SeqWork(1, [5, 6, 7], 10, [1], spec, num_proposed=2),
             SeqWork(2, [8], 4, [2], SampleSpec(params, None, 0))]
@@ -34,6 +35,7 @@ def test_rows_and_specs_cover_each_proposal_as_if_those_before_it_were_accepted(
     assert [r.blocked_token_ids for r in rows[:3]] == [[2], [], []]  # min_tokens reached at step 2
     assert [r.output_token_ids for r in rows[:3]] == [[5], [5, 6], [5, 6, 7]]
     assert all(r.seed == 7 for r in rows[:3])
+    assert [r.grammar_row for r in rows] == [3, 4, 5, None]  # each row its own mask: after proposal[:i]
 
 
 def _verify(logits: list[torch.Tensor], proposal: list[int], temperature: float = 0.9) -> list[list[int]]:
