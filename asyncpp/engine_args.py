@@ -18,8 +18,9 @@ from transformers import AutoConfig
 
 from asyncpp.auto_partition import measured_partition
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape, RebalanceSettings
-from asyncpp.core.speculative import parse_speculative_config
+from asyncpp.core.speculative import SpeculativeConfig, parse_speculative_config
 from asyncpp.core.stages import StageSpec, format_partition, partition_layers, stage_specs
+from asyncpp.engine.draft_config import check_draft_model
 from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
@@ -306,6 +307,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                          "when chunked prefill is off")
     pp, tp = args.pipeline_parallel_size, args.tensor_parallel_size
     ves = args.num_virtual_engines or pp
+    speculative = parse_speculative_config(args.speculative_config, device)
+    if speculative is not None and speculative.model is not None:
+        check_draft_model(speculative, hf_config, max_model_len)
     check_tensor_parallel(shape, tp)
     dtype = _resolve_dtype(args, hf_config, device)
     kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
@@ -327,14 +331,14 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
+        threads_per_rank=_threads_per_rank(args, device, speculative), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window,
         rebalance=RebalanceSettings(args.pp_rebalance and pp > 1, args.pp_rebalance_window,
                                     args.pp_rebalance_threshold),
         eos_token_ids=_eos_ids(Path(model_path), hf_config),
         stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
-        speculative=parse_speculative_config(args.speculative_config, device),
+        speculative=speculative,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
     return _with_measured_partition(config) if mode == "auto" and pp > 1 else _logged(config)
 
@@ -421,10 +425,12 @@ def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
                          f"({shape.expert_intermediate_size}): every rank holds a slice of every expert")
 
 
-def _threads_per_rank(args: EngineArgs, device: str) -> int:
+def _threads_per_rank(args: EngineArgs, device: str, speculative: SpeculativeConfig | None = None) -> int:
     """Torch threads per rank: cores // ranks. More ranks than cores still runs (one thread
-    each, sharing cores), with a warning: that layout is for testing, not for speed."""
-    cores, ranks = available_cores(), args.world_size
+    each, sharing cores), with a warning: that layout is for testing, not for speed. A draft
+    model counts as one more rank (it runs in the engine process beside the stages)."""
+    cores = available_cores()
+    ranks = args.world_size + int(speculative is not None and speculative.model is not None)
     threads = args.num_threads or max(1, cores // ranks)
     if device == "cpu" and threads * ranks > cores:
         log.warning(
