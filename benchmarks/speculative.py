@@ -23,6 +23,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncpp import AsyncLLM, ChatPrompt, SamplingParams  # noqa: E402
+from asyncpp.prompts import PromptInput  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
@@ -52,7 +53,7 @@ def chats(count: int) -> list[ChatPrompt]:
     return [ChatPrompt([{"role": "user", "content": TASKS[i % len(TASKS)]}]) for i in range(count)]
 
 
-async def one_round(engine: AsyncLLM, prompts: list[ChatPrompt], params: SamplingParams, tag: str
+async def one_round(engine: AsyncLLM, prompts: list[PromptInput], params: SamplingParams, tag: str
                     ) -> tuple[float, float, list[list[int]]]:
     """(seconds in all, seconds after the last request's first token, each request's tokens)."""
     outputs: list[list[int]] = [[] for _ in prompts]
