@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncpp import AsyncLLM, SamplingParams  # noqa: E402
-from benchmarks.speculative import one_round  # noqa: E402
+from asyncpp.prompts import PromptInput  # noqa: E402
+from benchmarks.speculative import take_turns  # noqa: E402
 
 
 def make_pair(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -50,7 +51,7 @@ def make_pair(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return folder / "target", folder / "draft"
 
 
-def prompts(args: argparse.Namespace) -> list[dict[str, list[int]]]:
+def prompts(args: argparse.Namespace) -> list[PromptInput]:
     rng = random.Random(0)
     return [{"prompt_token_ids": [rng.randrange(3, args.vocab) for _ in range(rng.randint(32, 96))]}
             for _ in range(args.concurrency)]
@@ -59,28 +60,18 @@ def prompts(args: argparse.Namespace) -> list[dict[str, list[int]]]:
 async def compare(target: Path, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     common = {"model": str(target), "pipeline_parallel_size": args.pp, "dtype": "float32",
               "skip_tokenizer_init": True, "pp_layer_partition": "cost"}
-    batch = prompts(args)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    times: dict[str, list[float]] = {"plain": [], "draft": []}
-    outputs: dict[str, list[list[int]]] = {}
     async with AsyncLLM(**common) as plain, AsyncLLM(**common, speculative_config=spec) as drafted:
-        engines = {"plain": plain, "draft": drafted}
-        for name, engine in engines.items():  # warm-up
-            await one_round(engine, batch[:1], SamplingParams(temperature=0, max_tokens=8), f"warm-{name}")
-        before = drafted.stats().spec_decode
-        for r in range(args.rounds):
-            for name, engine in engines.items():
-                seconds, _, outputs[name] = await one_round(engine, batch, params, f"{name}-{r}")
-                times[name].append(seconds)
+        measured = await take_turns({"plain": plain, "draft": drafted}, prompts(args), params, args.rounds)
         stats = drafted.stats().spec_decode
-    assert stats is not None and before is not None
+    assert stats is not None
+    times, outputs = measured.times, measured.outputs
     row = {name: statistics.median(t) for name, t in times.items()}
     return {"tokens": sum(len(o) for o in outputs["plain"]), "plain_s": row["plain"], "draft_s": row["draft"],
             "speedup": row["plain"] / row["draft"], "identical": outputs["plain"] == outputs["draft"],
             "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
             "drafts": stats.num_drafts,
-            # the draft's forwards over the measured rounds' time with speculation
-            "draft_share": (stats.draft_seconds - before.draft_seconds) / sum(times["draft"]),
+            "draft_share": stats.draft_seconds / measured.busy_s("draft"),
             "speculative_config": spec}
 
 
