@@ -118,7 +118,8 @@ class EngineArgs:
     speculative_config: dict[str, Any] | str | None = _arg(
         None, "speculative decoding, as vLLM: a JSON object such as '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' "
-        "(optional \"disable_by_batch_size\": no proposals while that many sequences run)")
+        "(optional \"disable_by_batch_size\": no proposals while that many sequences run), or a draft model "
+        "with the target's tokenizer: '{\"model\": \"/path/to/draft\", \"num_speculative_tokens\": 4}'")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncpp import AsyncLLM, SamplingParams
+from asyncpp import LLM, AsyncLLM, SamplingParams
 from helpers.fake_engine import abort_each_after_three
 from helpers.models import TINY_LLAMA_BLOCK_BYTES
 from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, repeating_prompts
@@ -43,6 +43,20 @@ def test_the_target_as_its_own_draft_accepts_every_proposal(llama_dir, pp):
     spec = stats.spec_decode
     assert spec.num_accepted_tokens > 0 and spec.acceptance_rate > 0.9
     assert_no_blocks_held(stats)
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_a_draft(llama_v12_dir, llama_v12_draft_dir):
+    """Verification samples each position with the noise the plain sampler would use there: a
+    greedy draft's proposals change how many tokens a step yields, not which."""
+    params = SamplingParams(temperature=0.8, top_k=6, max_tokens=MAX_TOKENS, ignore_eos=True, seed=99, n=2)
+    outputs = []
+    for config in (None, draft(llama_v12_draft_dir)):
+        with LLM(str(llama_v12_dir), skip_tokenizer_init=True, speculative_config=config) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in repeating_prompts(5)[:3]], params)
+            outputs.append([c.token_ids for o in outs for c in o.outputs])
+            stats = llm.engine.stats()
+    assert stats.spec_decode.num_drafts > 0
+    assert outputs[0] == outputs[1]
 
 
 def test_preemption_frees_the_drafts_blocks_and_keeps_output_right(llama_v12_dir, llama_v12_draft_dir):
