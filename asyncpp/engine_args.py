@@ -332,7 +332,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        threads_per_rank=_threads_per_rank(args, device, speculative), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
+        threads_per_rank=_threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args)),
+        tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window,
         rebalance=RebalanceSettings(args.pp_rebalance and pp > 1, args.pp_rebalance_window,
@@ -426,12 +427,20 @@ def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
                          f"({shape.expert_intermediate_size}): every rank holds a slice of every expert")
 
 
-def _threads_per_rank(args: EngineArgs, device: str, speculative: SpeculativeConfig | None = None) -> int:
+def _draft_beside_stages(speculative: SpeculativeConfig | None, ves: int, pp: int, args: EngineArgs) -> bool:
+    """Whether a draft model runs while stages work: unless one VE keeps one microbatch in flight,
+    it drafts while other microbatches are in the pipeline (with one, draft and stages take turns)."""
+    if speculative is None or speculative.model is None:
+        return False
+    return ves * (args.max_microbatches_in_flight or pp) > 1
+
+
+def _threads_per_rank(args: EngineArgs, device: str, draft_beside: bool = False) -> int:
     """Torch threads per rank: cores // ranks. More ranks than cores still runs (one thread
     each, sharing cores), with a warning: that layout is for testing, not for speed. A draft
-    model counts as one more rank (it runs in the engine process beside the stages)."""
+    model that runs beside the stages counts as one more rank (engine/draft_runner.py)."""
     cores = available_cores()
-    ranks = args.world_size + int(speculative is not None and speculative.model is not None)
+    ranks = args.world_size + int(draft_beside)
     threads = args.num_threads or max(1, cores // ranks)
     if device == "cpu" and threads * ranks > cores:
         log.warning(

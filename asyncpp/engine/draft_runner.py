@@ -3,8 +3,10 @@ every layer) with a KV region per virtual engine.
 
 Placement: the VEs drive it from the event loop, its forwards run in a worker thread (so the
 other VEs keep scheduling and streaming meanwhile), one forward at a time (one model, one set
-of torch threads). Its threads: the engine counts it as one more rank when it divides the cores
-(engine_args), so the draft and the stages do not oversubscribe the machine.
+of torch threads). Its threads, those of one rank: when it may run while stages work (more than
+one microbatch in flight, all VEs together), the engine counts it as one more rank when it
+divides the cores (engine_args), so the draft and the stages do not oversubscribe the machine;
+with one VE and one microbatch in flight (P = 1, V = 1) draft and stage take turns, and share them.
 """
 from __future__ import annotations
 

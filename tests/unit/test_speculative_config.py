@@ -151,3 +151,14 @@ def test_bad_draft_model_configs_name_the_field(llama_dir, config, field):
     config = {key: str(llama_dir) if value == "DRAFT" else value for key, value in config.items()}
     with pytest.raises(ValueError, match=field):
         EngineArgs(speculative_config=config)
+
+
+@pytest.mark.parametrize("pp,draft_config,threads", [(1, None, 8), (1, True, 8), (2, None, 4), (2, True, 2)])
+def test_a_draft_beside_the_stages_takes_a_ranks_share_of_the_cores(llama_dir, monkeypatch, pp, draft_config,
+                                                                    threads):
+    """At P = 1, V = 1 draft and model take turns on the same threads; else the draft is one more rank."""
+    monkeypatch.setattr("asyncpp.engine_args.available_cores", lambda: 8)
+    spec = config_json(llama_dir) if draft_config else None
+    config = create_engine_config(EngineArgs(model=str(llama_dir), pipeline_parallel_size=pp,
+                                             pp_layer_partition="cost", speculative_config=spec))
+    assert config.threads_per_rank == threads
