@@ -33,9 +33,10 @@ class DraftProposer:
         self.blocks = BlockManager(num_blocks, block_size)
         self.slots: dict[int, DraftSlot] = {}  # by seq_id
 
-    async def prepare(self, wanted: list[tuple[Sequence, int]]) -> bool:
+    async def prepare(self, wanted: list[tuple[Sequence, int]]) -> float | None:
         """Draft up to `k` tokens for each (sequence, k) without a proposal for its current
-        length; False when none needed one. Sequences released meanwhile keep nothing."""
+        length; the seconds the draft computed, None when none needed one. Sequences released
+        meanwhile keep nothing."""
         jobs: list[tuple[Sequence, DraftSlot, DraftJob]] = []
         for seq, k in wanted:
             slot = self.slots.setdefault(seq.seq_id, DraftSlot())
@@ -45,12 +46,12 @@ class DraftProposer:
             jobs.append((seq, slot, DraftJob(seq.tokens(slot.computed, seq.num_tokens), slot.computed,
                                              list(slot.block_table), k)))
         if not jobs:
-            return False
-        proposals = await self.runner.propose(self.ve_id, [job for _, _, job in jobs])
+            return None
+        proposals, seconds = await self.runner.propose(self.ve_id, [job for _, _, job in jobs])
         for (seq, slot, _), proposal in zip(jobs, proposals):
             if self.slots.get(seq.seq_id) is slot:
                 slot.computed, slot.proposal, slot.proposal_at = seq.num_tokens, proposal, seq.num_tokens
-        return True
+        return seconds
 
     def take(self, seq: Sequence, most: int) -> list[int]:
         """The drafted tokens after seq's last one, at most `most`; [] when none were drafted for it."""

@@ -11,6 +11,7 @@ with one VE and one microbatch in flight (P = 1, V = 1) draft and stage take tur
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -69,11 +70,17 @@ class DraftRunner:
                  "%d torch thread(s), forwards in a worker thread; its KV cache %.1f MiB", self.config.model_path,
                  shape.num_layers, shape.vocab_size, self.threads, total / 2**20)
 
-    async def propose(self, ve_id: int, jobs: list[DraftJob]) -> list[list[int]]:
-        """Each job's greedy tokens (its k of them), from a worker thread."""
+    async def propose(self, ve_id: int, jobs: list[DraftJob]) -> tuple[list[list[int]], float]:
+        """Each job's greedy tokens (its k of them), from a worker thread, and the seconds the
+        draft computed (not counting the wait for another VE's draft)."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(self._greedy, ve_id, jobs, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(self._timed, ve_id, jobs, limiter=self._limiter)
+
+    def _timed(self, ve_id: int, jobs: list[DraftJob]) -> tuple[list[list[int]], float]:
+        started = time.perf_counter()
+        drafted = self._greedy(ve_id, jobs)
+        return drafted, time.perf_counter() - started
 
     def _greedy(self, ve_id: int, jobs: list[DraftJob]) -> list[list[int]]:
         torch.set_num_threads(self.threads)  # per calling thread

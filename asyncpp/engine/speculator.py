@@ -9,7 +9,6 @@ from the sequence's own n-grams (ngram.py) or from a draft model run before the 
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts whose token i was accepted
-    draft_seconds: float = 0.0  # draft model: wall time its forwards took (0 for n-grams)
+    draft_seconds: float = 0.0  # draft model: seconds its forwards took (0 for n-grams)
 
     @property
     def acceptance_rate(self) -> float:
@@ -79,12 +78,11 @@ class Speculator:
         tokens; False when there was nothing to run (n-grams need no preparation)."""
         if self.drafts is None:
             return False
-        wanted = [(seq, most) for seq in seqs if (most := self.wanted(seq)) > 0]
-        started = time.perf_counter()
-        ran = await self.drafts.prepare(wanted)
-        if ran:
-            self.stats.draft_seconds += time.perf_counter() - started
-        return ran
+        seconds = await self.drafts.prepare([(seq, most) for seq in seqs if (most := self.wanted(seq)) > 0])
+        if seconds is None:
+            return False
+        self.stats.draft_seconds += seconds
+        return True
 
     def propose(self, seq: Sequence, room: int) -> list[int]:
         """Tokens to verify after seq's last one, at most `room`; [] when it should not speculate now."""

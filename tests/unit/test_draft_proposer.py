@@ -19,9 +19,9 @@ class StubRunner:
     def __init__(self) -> None:
         self.jobs: list[DraftJob] = []
 
-    async def propose(self, ve_id: int, jobs: list[DraftJob]) -> list[list[int]]:
+    async def propose(self, ve_id: int, jobs: list[DraftJob]) -> tuple[list[list[int]], float]:
         self.jobs.extend(jobs)
-        return [list(range(7, 7 + job.k)) for job in jobs]
+        return [list(range(7, 7 + job.k)) for job in jobs], 0.5
 
 
 def _sequence(prompt: list[int]) -> Sequence:
@@ -34,11 +34,11 @@ async def test_drafts_catch_up_then_cut_back_to_the_accepted_tokens():
     runner = StubRunner()
     drafts = DraftProposer(0, runner, num_blocks=8, block_size=4)  # type: ignore[arg-type]
     seq = _sequence(list(range(10)))
-    assert await drafts.prepare([(seq, 3)])
+    assert await drafts.prepare([(seq, 3)]) == 0.5
     assert (runner.jobs[-1].tokens, runner.jobs[-1].start) == (list(range(10)), 0)
     assert drafts.take(seq, 2) == [7, 8]
     assert len(drafts.slots[seq.seq_id].block_table) == 3  # 10 tokens and 2 drafted ones written
-    assert not await drafts.prepare([(seq, 3)])  # already drafted for this length
+    assert await drafts.prepare([(seq, 3)]) is None  # already drafted for this length
 
     drafts.verified(seq, 1)  # 7 accepted, then the target's own 5
     seq.output_token_ids = [7, 5]
@@ -56,7 +56,7 @@ async def test_a_sequence_released_while_the_draft_runs_keeps_nothing():
     seq = _sequence([3, 4, 5])
 
     class Releasing(StubRunner):
-        async def propose(self, ve_id: int, jobs: list[DraftJob]) -> list[list[int]]:
+        async def propose(self, ve_id: int, jobs: list[DraftJob]) -> tuple[list[list[int]], float]:
             drafts.release(seq)  # aborted meanwhile
             return await super().propose(ve_id, jobs)
 
