@@ -20,6 +20,7 @@ from asyncpp.core.outputs import RequestMetrics, RequestOutput
 from asyncpp.core.placement import RankPlacement
 from asyncpp.core.rebalance_rule import RebalancePolicy
 from asyncpp.core.sampling_params import SamplingParams
+from asyncpp.engine.draft_runner import DraftRunner
 from asyncpp.engine.grammar_compiler import GrammarCompiler, GrammarLimits
 from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.live_move import MoveResult
@@ -103,8 +104,16 @@ class AsyncLLM:
 
     async def _start_executor(self) -> None:
         config = self.config
+        spec = config.speculative
+        draft = None
+        if spec is not None and spec.model is not None:  # loaded first: a draft that fails starts no stage
+            draft = await anyio.to_thread.run_sync(DraftRunner.for_target, config)
         self._supervisor = Supervisor(config, self._runner_factory)
         per_ve = await self._supervisor.start(self._task_group, self._blocks_per_ve)
+        draft_blocks = 0
+        if draft is not None:
+            draft_blocks = draft.blocks_per_ve(per_ve)
+            draft.init_kv_cache(config.num_virtual_engines, draft_blocks)
         log.info("microbatch token budget %d, %d prompt tokens while streams decode%s (%s); up to %d microbatch(es) "
                  "in flight per virtual engine", config.max_num_batched_tokens,
                  config.max_prefill_tokens_while_decoding,
@@ -112,7 +121,8 @@ class AsyncLLM:
                  "given" if self.args.max_num_batched_tokens or self.args.max_prefill_tokens_while_decoding
                  else "defaults", config.max_in_flight_per_ve)
         processor = OutputProcessor(config.eos_token_ids, config.max_model_len, self.tokenizer)
-        self._ves = self._router.ves = [VirtualEngine(i, config, per_ve, self._supervisor, processor, self._router)
+        self._ves = self._router.ves = [VirtualEngine(i, config, per_ve, self._supervisor, processor, self._router,
+                                                      draft, draft_blocks)
                                         for i in range(config.num_virtual_engines)]
         for ve in self._ves:
             self._task_group.start_soon(self._serve, ve, name=f"virtual-engine-{ve.ve_id}")

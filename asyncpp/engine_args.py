@@ -18,8 +18,9 @@ from transformers import AutoConfig
 
 from asyncpp.auto_partition import measured_partition
 from asyncpp.core.config import COST_SEQS, EngineConfig, ModelShape, RebalanceSettings
-from asyncpp.core.speculative import parse_speculative_config
+from asyncpp.core.speculative import SpeculativeConfig, parse_speculative_config
 from asyncpp.core.stages import StageSpec, format_partition, partition_layers, stage_specs
+from asyncpp.engine.draft_config import check_draft_model
 from asyncpp.engine.reasoning import REASONING_PARSERS
 from asyncpp.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
 from asyncpp.model.registry import check_supported
@@ -118,7 +119,8 @@ class EngineArgs:
     speculative_config: dict[str, Any] | str | None = _arg(
         None, "speculative decoding, as vLLM: a JSON object such as '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' "
-        "(optional \"disable_by_batch_size\": no proposals while that many sequences run)")
+        "(optional \"disable_by_batch_size\": no proposals while that many sequences run), or a draft model "
+        "with the target's tokenizer: '{\"model\": \"/path/to/draft\", \"num_speculative_tokens\": 4}'")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
@@ -307,6 +309,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                          "when chunked prefill is off")
     pp, tp = args.pipeline_parallel_size, args.tensor_parallel_size
     ves = args.num_virtual_engines or pp
+    speculative = parse_speculative_config(args.speculative_config, device)
+    if speculative is not None and speculative.model is not None:
+        check_draft_model(speculative, hf_config, max_model_len)
     check_tensor_parallel(shape, tp)
     dtype = _resolve_dtype(args, hf_config, device)
     kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
@@ -328,14 +333,15 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        threads_per_rank=_threads_per_rank(args, device), tp_comm=args.tp_comm, pp_comm=args.pp_comm,
+        threads_per_rank=_threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args)),
+        tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window,
         rebalance=RebalanceSettings(args.pp_rebalance and pp > 1, args.pp_rebalance_window,
                                     args.pp_rebalance_threshold),
         eos_token_ids=_eos_ids(Path(model_path), hf_config),
         stages=_stages(parts, pp, tp), max_logprobs=args.max_logprobs,
-        speculative=parse_speculative_config(args.speculative_config, device),
+        speculative=speculative,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None)
     return _with_measured_partition(config) if mode == "auto" and pp > 1 else _logged(config)
 
@@ -422,10 +428,20 @@ def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
                          f"({shape.expert_intermediate_size}): every rank holds a slice of every expert")
 
 
-def _threads_per_rank(args: EngineArgs, device: str) -> int:
+def _draft_beside_stages(speculative: SpeculativeConfig | None, ves: int, pp: int, args: EngineArgs) -> bool:
+    """Whether a draft model runs while stages work: unless one VE keeps one microbatch in flight,
+    it drafts while other microbatches are in the pipeline (with one, draft and stages take turns)."""
+    if speculative is None or speculative.model is None:
+        return False
+    return ves * (args.max_microbatches_in_flight or pp) > 1
+
+
+def _threads_per_rank(args: EngineArgs, device: str, draft_beside: bool = False) -> int:
     """Torch threads per rank: cores // ranks. More ranks than cores still runs (one thread
-    each, sharing cores), with a warning: that layout is for testing, not for speed."""
-    cores, ranks = available_cores(), args.world_size
+    each, sharing cores), with a warning: that layout is for testing, not for speed. A draft
+    model that runs beside the stages counts as one more rank (engine/draft_runner.py)."""
+    cores = available_cores()
+    ranks = args.world_size + int(draft_beside)
     threads = args.num_threads or max(1, cores // ranks)
     if device == "cpu" and threads * ranks > cores:
         log.warning(

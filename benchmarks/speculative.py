@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncpp import AsyncLLM, ChatPrompt, SamplingParams  # noqa: E402
+from asyncpp.prompts import PromptInput  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
@@ -52,7 +54,7 @@ def chats(count: int) -> list[ChatPrompt]:
     return [ChatPrompt([{"role": "user", "content": TASKS[i % len(TASKS)]}]) for i in range(count)]
 
 
-async def one_round(engine: AsyncLLM, prompts: list[ChatPrompt], params: SamplingParams, tag: str
+async def one_round(engine: AsyncLLM, prompts: list[PromptInput], params: SamplingParams, tag: str
                     ) -> tuple[float, float, list[list[int]]]:
     """(seconds in all, seconds after the last request's first token, each request's tokens)."""
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -72,24 +74,42 @@ async def one_round(engine: AsyncLLM, prompts: list[ChatPrompt], params: Samplin
     return end - start, end - max(first), outputs
 
 
+@dataclass(slots=True)
+class Rounds:
+    """Each engine's seconds per round (in all, and after the last first token) and last outputs."""
+    times: dict[str, list[float]] = field(default_factory=dict)
+    decode: dict[str, list[float]] = field(default_factory=dict)
+    outputs: dict[str, list[list[int]]] = field(default_factory=dict)
+    warm_s: dict[str, float] = field(default_factory=dict)  # each one's warm-up request
+
+    def busy_s(self, name: str) -> float:
+        """All the time `name` served, its warm-up too."""
+        return self.warm_s[name] + sum(self.times[name])
+
+
+async def take_turns(engines: dict[str, AsyncLLM], prompts: list[PromptInput], params: SamplingParams,
+                     rounds: int) -> Rounds:
+    """One warm-up request each, then `rounds` rounds in which the engines take turns."""
+    result = Rounds({name: [] for name in engines}, {name: [] for name in engines})
+    for name, engine in engines.items():
+        warm = SamplingParams(temperature=0, max_tokens=8)
+        result.warm_s[name] = (await one_round(engine, prompts[:1], warm, f"warm-{name}"))[0]
+    for r in range(rounds):
+        for name, engine in engines.items():
+            seconds, decoding, result.outputs[name] = await one_round(engine, prompts, params, f"{name}-{r}")
+            result.times[name].append(seconds)
+            result.decode[name].append(decoding)
+    return result
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = json.loads(args.speculative_config) if args.speculative_config else NGRAM
     common = {"model": args.model, "pipeline_parallel_size": args.pp, "dtype": args.dtype}
-    prompts = chats(args.concurrency)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    times: dict[str, list[float]] = {"plain": [], "ngram": []}
-    decode: dict[str, list[float]] = {"plain": [], "ngram": []}
-    outputs: dict[str, list[list[int]]] = {}
     async with AsyncLLM(**common) as plain, AsyncLLM(**common, speculative_config=spec) as ngram:
-        engines = {"plain": plain, "ngram": ngram}
-        for name, engine in engines.items():  # warm-up
-            await one_round(engine, prompts[:1], SamplingParams(temperature=0, max_tokens=8), f"warm-{name}")
-        for r in range(args.rounds):
-            for name, engine in engines.items():
-                seconds, decoding, outputs[name] = await one_round(engine, prompts, params, f"{name}-{r}")
-                times[name].append(seconds)
-                decode[name].append(decoding)
+        measured = await take_turns({"plain": plain, "ngram": ngram}, chats(args.concurrency), params, args.rounds)
         stats = ngram.stats().spec_decode
+    times, decode, outputs = measured.times, measured.decode, measured.outputs
     tokens = sum(len(o) for o in outputs["plain"])
     row = {name: statistics.median(t) for name, t in times.items()}
     tail = {name: statistics.median(t) for name, t in decode.items()}

@@ -85,6 +85,8 @@ class EngineStatsCollector(Collector):
         yield per_pos
         yield gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed tokens since start (0..1).",
                     spec.acceptance_rate)
+        yield counter("spec_decode_draft_seconds", "Seconds the draft model's forwards took (draft-model "
+                      "speculation; they run in the engine process).", spec.draft_seconds)
 
 
 class ServerMetrics:

@@ -35,7 +35,8 @@ def spec_decode_line(before: EngineStats, now: EngineStats) -> str | None:
                              for x, y in zip(a.accepted_per_position, b.accepted_per_position))
     return (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, Accepted: {accepted} tokens, "
             f"Drafted: {drafted} tokens, Per-position acceptance rate: {per_position}, "
-            f"Avg Draft acceptance rate: {100 * accepted / drafted if drafted else 0.0:.1f}%")
+            f"Avg Draft acceptance rate: {100 * accepted / drafted if drafted else 0.0:.1f}%"
+            + (f", Draft model time: {b.draft_seconds - a.draft_seconds:.2f} s" if b.draft_seconds else ""))
 
 
 def _hit_rate(before: EngineStats, now: EngineStats) -> float:

@@ -28,6 +28,9 @@ def _checkpoint(make: Callable[..., Path], folder: str, **kwargs: Any) -> Any:
 llama_dir = _checkpoint(models.make_llama, "tiny-llama")
 # A vocabulary of 12: greedy output soon repeats itself, so n-gram proposals get accepted.
 llama_v12_dir = _checkpoint(models.make_llama, "tiny-llama-v12", vocab=12)
+# Draft models: the target's embeddings, first layer, norm and head.
+llama_draft_dir = _checkpoint(models.make_llama_draft, "tiny-llama-draft")
+llama_v12_draft_dir = _checkpoint(models.make_llama_draft, "tiny-llama-v12-draft", vocab=12)
 gpt2_dir = _checkpoint(models.make_gpt2, "tiny-gpt2")
 qwen2_dir = _checkpoint(models.make_llama, "tiny-qwen2", qkv_bias=True, tie=True)
 qwen3_dir = _checkpoint(models.make_qwen3, "tiny-qwen3", tie=True)

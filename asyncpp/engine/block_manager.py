@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from asyncpp.engine.sequence import Sequence
 
@@ -26,6 +27,12 @@ BlockKey = tuple[int, tuple[int, ...], str | None]  # (hash of parent's key, tok
 class PrefixCacheCounters:
     queries: int = 0  # prompt tokens looked up (at each admission)
     hits: int = 0  # of those, tokens found cached
+
+
+class BlockHolder(Protocol):
+    """What allocation reads of a sequence: a Sequence, or a draft model's view of one."""
+    block_table: list[int]
+    num_offered_blocks: int
 
 
 class BlockManager:
@@ -58,7 +65,7 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # -- allocation ---------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+    def allocate(self, seq: BlockHolder, num_tokens: int) -> bool:
         """Grow seq's block table to cover num_tokens; False (and nothing taken) if short."""
         missing = self.blocks_for(num_tokens) - len(seq.block_table)
         if missing <= 0:
@@ -77,13 +84,13 @@ class BlockManager:
         self._refs[block] = 1
         return block
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: BlockHolder) -> None:
         """Drop seq's blocks; the tail goes first, so it is evicted before the shared head."""
         self._release(reversed(seq.block_table))
         seq.block_table = []
         seq.num_offered_blocks = 0
 
-    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+    def truncate(self, seq: BlockHolder, num_tokens: int) -> None:
         """Roll seq's block table back to cover `num_tokens` (speculative decoding: the blocks
         taken only for rejected proposals). Those blocks were never keyed: keys follow
         `num_scheduled`, which never counts a proposal."""

@@ -55,8 +55,9 @@ class NgramIndex:
 
 @dataclass(slots=True)
 class DraftState:
-    """One sequence's proposer: its index, and the back-off after drafts nothing of which was accepted."""
-    index: NgramIndex
+    """One sequence's proposer: its n-gram index (None: a draft model proposes), and the back-off
+    after drafts nothing of which was accepted."""
+    index: NgramIndex | None
     misses: int = 0  # drafts in a row with no token accepted
     pause: int = 0  # steps left without proposals
 

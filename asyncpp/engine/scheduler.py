@@ -60,6 +60,9 @@ class Proposer(Protocol):
     def propose(self, seq: Sequence, room: int) -> list[int]:
         """Tokens to verify after a decoding sequence's last one, at most `room`."""
 
+    def release(self, seq: Sequence) -> None:
+        """seq finished, was aborted or preempted (a draft model frees its KV of it)."""
+
 
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, blocks: BlockManager,
@@ -210,6 +213,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its KV, keep its tokens, put it back at the queue's head."""
         self.blocks.free(seq)
+        self._release_draft(seq)
         seq.num_computed = seq.num_scheduled = 0
         seq.awaiting_sample = False
         seq.epoch += 1
@@ -232,6 +236,11 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        self._release_draft(seq)
+
+    def _release_draft(self, seq: Sequence) -> None:
+        if self.proposer is not None:
+            self.proposer.release(seq)
 
 
 class _Batch:

@@ -15,6 +15,8 @@ from asyncpp.core.config import EngineConfig
 from asyncpp.core.errors import EngineDeadError, MicrobatchError
 from asyncpp.core.microbatch import MicroBatch, PromptLogprobsSpec, SampleSpec, SeqWork, StepOutput
 from asyncpp.engine.block_manager import BlockManager
+from asyncpp.engine.draft_proposer import DraftProposer
+from asyncpp.engine.draft_runner import DraftRunner
 from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
@@ -51,6 +53,7 @@ class VirtualEngineStats:
     kv_blocks_used: int = 0  # held by some sequence
     kv_blocks_cached: int = 0  # cached prefixes no sequence holds (freed when blocks are needed)
     kv_blocks_total: int = 0
+    draft_kv_blocks_used: int = 0  # draft-model speculation: blocks of the draft's KV held
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions: int = 0
@@ -66,12 +69,16 @@ class TokenCounters:
 
 class VirtualEngine:
     def __init__(self, ve_id: int, config: EngineConfig, num_blocks: int, supervisor: Supervisor,
-                 processor: OutputProcessor, owner: VirtualEngineOwner):
-        """`num_blocks`: this VE's share of the KV blocks every rank holds."""
+                 processor: OutputProcessor, owner: VirtualEngineOwner, draft: DraftRunner | None = None,
+                 draft_blocks: int = 0):
+        """`num_blocks`: this VE's share of the KV blocks every rank holds. `draft`: the draft model
+        (draft-model speculation), shared by every VE, of whose KV this VE holds `draft_blocks`."""
         self.ve_id = ve_id
         self._bitmask_words = -(-config.shape.vocab_size // 32)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.speculator = Speculator(config.speculative, config.max_model_len) if config.speculative else None
+        self.drafts = None if draft is None else DraftProposer(ve_id, draft, draft_blocks, config.block_size)
+        self.speculator = Speculator(config.speculative, config.max_model_len, self.drafts) \
+            if config.speculative else None
         self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id),
                                    self.speculator)
         self.max_in_flight_per_ve = config.max_in_flight_per_ve
@@ -104,7 +111,8 @@ class VirtualEngine:
             kv_blocks_used=blocks.num_used, kv_blocks_cached=blocks.num_cached_free, kv_blocks_total=blocks.num_blocks,
             prompt_tokens_total=self.counters.prompt_tokens, generation_tokens_total=self.counters.generation_tokens,
             num_preemptions=scheduler.num_preemptions, prefix_cache_queries=blocks.counters.queries,
-            prefix_cache_hits=blocks.counters.hits)
+            prefix_cache_hits=blocks.counters.hits,
+            draft_kv_blocks_used=self.drafts.blocks.num_used if self.drafts is not None else 0)
 
     def add(self, request: Request, stream: RequestStream) -> None:
         for seq in request.seqs:
@@ -200,6 +208,8 @@ class VirtualEngine:
                 self._forget_lost_kv()
                 if self.speculator is not None:
                     self.speculator.set_load(self.owner.num_running_seqs())
+                    if await self._draft():
+                        continue  # sequences may have ended or failed while the draft ran
                 batch = self._schedule()
                 if batch:
                     self._in_flight += 1
@@ -213,6 +223,14 @@ class VirtualEngine:
             tg.cancel_scope.cancel()
         assert self._error is not None
         raise self._error
+
+    async def _draft(self) -> bool:
+        """Draft-model speculation: draft for the decoding sequences the next microbatch may take;
+        whether the draft ran."""
+        if self._paused or self._in_flight >= self.max_in_flight_per_ve:
+            return False
+        assert self.speculator is not None
+        return await self.speculator.prepare(s for s in self.scheduler.running if s.decoding and s.schedulable)
 
     def _schedule(self) -> list[ScheduledSeq]:
         if self._paused or self._in_flight >= self.max_in_flight_per_ve:

@@ -22,6 +22,19 @@ VOCAB = VOCAB_SIZE
 
 
 def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool = False, vocab: int = VOCAB) -> Path:
+    return _save(_llama(layers, tie, qkv_bias, vocab), path)
+
+
+def make_llama_draft(path: Path, *, keep: int = 1, layers: int = 4, vocab: int = VOCAB) -> Path:
+    """A draft model for make_llama's (same `layers` and `vocab`): its embeddings, its first `keep`
+    layers, its final norm and head. It shares the target's vocabulary and agrees with it often."""
+    model = _llama(layers, False, False, vocab)
+    del model.model.layers[keep:]
+    model.config.num_hidden_layers = keep
+    return _save(model, path)
+
+
+def _llama(layers: int, tie: bool, qkv_bias: bool, vocab: int) -> Any:
     # transformers' model classes take seconds to import; only a build needs them.
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -31,7 +44,7 @@ def make_llama(path: Path, *, layers: int = 4, tie: bool = False, qkv_bias: bool
         num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=tie,
         initializer_range=0.2, bos_token_id=1, eos_token_id=2)
     model: Any = Qwen2ForCausalLM(Qwen2Config(**common)) if qkv_bias else LlamaForCausalLM(LlamaConfig(**common))
-    return _save(model.eval(), path)
+    return model.eval()
 
 
 def make_gpt2(path: Path, *, layers: int = 4) -> Path:

@@ -43,14 +43,15 @@ async def all_finals(llm: AsyncLLM, prompts: list[list[int]], params: SamplingPa
     return finals
 
 
-async def abort_each_after_three(llm: AsyncLLM, prompts: list[list[int]]) -> list[RequestOutput]:
-    """Each prompt streamed at once with no length limit and aborted at its third output (KV
-    blocks held then); each one's last output."""
+async def abort_each_after_three(llm: AsyncLLM, prompts: list[list[int]],
+                                 params: SamplingParams | None = None) -> list[RequestOutput]:
+    """Each prompt streamed at once with no length limit (or `params`) and aborted at its third
+    output (KV blocks held then); each one's last output."""
     finals: list[Any] = [None] * len(prompts)
 
     async def run(i: int) -> None:
         seen = 0
-        async for out in llm.generate({"prompt_token_ids": prompts[i]}, counting(None), f"r{i}"):
+        async for out in llm.generate({"prompt_token_ids": prompts[i]}, params or counting(None), f"r{i}"):
             seen += 1
             if seen == 3:
                 assert llm.stats().kv_blocks_used > 0

@@ -19,6 +19,7 @@ from asyncpp.testing.tiny_model import (
     make_gpt2,
     make_gpt_oss,
     make_llama,
+    make_llama_draft,
     make_mistral_swa,
     make_mixtral,
     make_phi3,
@@ -31,7 +32,8 @@ from helpers.driver import engine_config
 
 __all__ = ["GEMMA_ATTENTION_HALF", "TINY_LLAMA_BLOCK_BYTES", "VOCAB", "checkpoint_share", "expected_rank_bytes",
            "make_deepseek_v3", "make_gemma2", "make_gemma3", "make_gpt2", "make_gpt_oss", "make_llama",
-           "make_mistral_swa", "make_mixtral", "make_phi3", "make_qwen2_swa", "make_qwen3", "make_qwen3_moe"]
+           "make_llama_draft", "make_mistral_swa", "make_mixtral", "make_phi3", "make_qwen2_swa", "make_qwen3",
+           "make_qwen3_moe"]
 
 # KV bytes per block of the tiny models: 2 (K,V) * 4 layers * 16 tokens * 2 heads * 16 dims * 4 B.
 TINY_LLAMA_BLOCK_BYTES = 2 * 4 * 16 * 2 * 16 * 4

@@ -13,6 +13,7 @@ from asyncpp.core.stages import format_partition
 from helpers.models import VOCAB, expected_rank_bytes
 
 BLOCK = 16  # the engine's default KV block size
+SMALL_VOCAB = 12  # the vocabulary of llama_v12_dir: greedy output soon repeats itself
 
 
 def mixed_prompts(count: int = 8, lo: int = 1, hi: int = 300, seed: int = 0) -> list[list[int]]:
@@ -39,6 +40,14 @@ def shared_prefix_prompts(seed: int = 0) -> list[list[int]]:
         base + tokens(40),
         base[:3 * BLOCK] + tokens(25),
     ]
+
+
+def repeating_prompts(seed: int = 0) -> list[list[int]]:
+    """Prompts of the small-vocabulary model: a phrase said again, and runs of noise."""
+    rng = random.Random(seed)
+    phrase = [rng.randrange(3, SMALL_VOCAB) for _ in range(9)]
+    noise = [rng.randrange(3, SMALL_VOCAB) for _ in range(70)]
+    return [phrase * 3, phrase + noise[:20] + phrase[:4], noise, noise[:5], phrase * 2 + noise[:33]]
 
 
 _HF_CACHE: dict[tuple, list[int]] = {}

@@ -2,25 +2,14 @@
 transformers' and to asyncpp's own without speculation, for P = 1..3 and V = 1..2."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from asyncpp import LLM, SamplingParams
 from helpers.models import TINY_LLAMA_BLOCK_BYTES
-from helpers.parity import engine_tokens, hf_greedy, mixed_prompts
+from helpers.parity import engine_tokens, hf_greedy, mixed_prompts, repeating_prompts
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-SMALL_VOCAB = 12
 MAX_TOKENS = 24
-
-
-def repeating_prompts(seed: int = 0) -> list[list[int]]:
-    """Prompts of the small-vocabulary model: a phrase said again, and runs of noise."""
-    rng = random.Random(seed)
-    phrase = [rng.randrange(3, SMALL_VOCAB) for _ in range(9)]
-    noise = [rng.randrange(3, SMALL_VOCAB) for _ in range(70)]
-    return [phrase * 3, phrase + noise[:20] + phrase[:4], noise, noise[:5], phrase * 2 + noise[:33]]
 
 
 @pytest.mark.parametrize("pp,ves", [(1, None), (2, 1), (2, 2), (3, None)])

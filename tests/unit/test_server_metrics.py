@@ -47,3 +47,13 @@ def test_speculative_decoding_metrics_use_vllms_names():
     assert spec_decode_line(before, stats) == (
         "SpecDecoding metrics: Mean acceptance length: 2.50, Accepted: 6 tokens, Drafted: 10 tokens, "
         "Per-position acceptance rate: 1.000, 0.500, 0.000, Avg Draft acceptance rate: 60.0%")
+
+
+def test_a_draft_models_time_is_reported_beside_the_counters():
+    spec = SpecDecodeStats(num_drafts=2, num_draft_tokens=6, num_accepted_tokens=3, accepted_per_position=[2, 1, 0],
+                           draft_seconds=1.25)
+    stats = EngineStats(spec_decode=spec)
+    assert 'asyncpp:spec_decode_draft_seconds_total{model_name="m"} 1.25' in ServerMetrics(lambda: stats,
+                                                                                            "m").render().decode()
+    before = EngineStats(spec_decode=SpecDecodeStats(accepted_per_position=[0, 0, 0], draft_seconds=0.25))
+    assert spec_decode_line(before, stats).endswith("Avg Draft acceptance rate: 50.0%, Draft model time: 1.00 s")

@@ -120,3 +120,60 @@ def test_rolling_back_frees_only_the_blocks_past_the_kept_tokens():
     blocks.truncate(seq, 8)  # nothing left to roll back
     blocks.free(seq)
     assert blocks.num_used == 0
+
+
+def test_a_draft_model_is_configured_as_vllm_does(llama_dir):
+    config = parse_speculative_config({"model": str(llama_dir), "num_speculative_tokens": 3})
+    assert (config.method, config.model, config.num_speculative_tokens) == ("draft_model", str(llama_dir), 3)
+    assert parse_speculative_config({"method": "draft_model", "model": str(llama_dir),
+                                     "num_speculative_tokens": 3}) == config
+    engine = create_engine_config(EngineArgs(model=str(llama_dir), speculative_config=config_json(llama_dir)))
+    assert engine.speculative == config
+
+
+def config_json(model_dir) -> str:
+    return f'{{"model": "{model_dir}", "num_speculative_tokens": 3}}'
+
+
+@pytest.fixture
+def bad_drafts(tmp_path, llama_dir):
+    """Draft folders each wrong in one way, by name."""
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "config.json").write_text("{not json")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 12}')
+    return {"garbled": garbled, "bert": bert, "larger_vocab": llama_dir}
+
+
+@pytest.mark.parametrize("which,message", [("garbled", "does not load"), ("bert", "BertModel"),
+                                           ("larger_vocab", "vocab_size")])
+def test_a_draft_the_target_cannot_use_is_refused_before_anything_starts(llama_v12_dir, bad_drafts, which, message):
+    config = {"model": str(bad_drafts[which]), "num_speculative_tokens": 3}
+    with pytest.raises(ValueError, match=f"speculative_config.model.*{message}"):
+        LLM(model=str(llama_v12_dir), skip_tokenizer_init=True, speculative_config=config)
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"method": "draft_model", "num_speculative_tokens": 3}, "speculative_config.model"),
+    ({"method": "draft_model", "model": "/no/such/draft", "num_speculative_tokens": 3}, "speculative_config.model"),
+    ({"method": "draft_model", "model": "DRAFT", "num_speculative_tokens": 3, "prompt_lookup_max": 2},
+     "speculative_config.prompt_lookup_max"),
+    ({"model": "DRAFT"}, "speculative_config.num_speculative_tokens"),
+])
+def test_bad_draft_model_configs_name_the_field(llama_dir, config, field):
+    config = {key: str(llama_dir) if value == "DRAFT" else value for key, value in config.items()}
+    with pytest.raises(ValueError, match=field):
+        EngineArgs(speculative_config=config)
+
+
+@pytest.mark.parametrize("pp,draft_config,threads", [(1, None, 8), (1, True, 8), (2, None, 4), (2, True, 2)])
+def test_a_draft_beside_the_stages_takes_a_ranks_share_of_the_cores(llama_dir, monkeypatch, pp, draft_config,
+                                                                    threads):
+    """At P = 1, V = 1 draft and model take turns on the same threads; else the draft is one more rank."""
+    monkeypatch.setattr("asyncpp.engine_args.available_cores", lambda: 8)
+    spec = config_json(llama_dir) if draft_config else None
+    config = create_engine_config(EngineArgs(model=str(llama_dir), pipeline_parallel_size=pp,
+                                             pp_layer_partition="cost", speculative_config=spec))
+    assert config.threads_per_rank == threads
