@@ -131,7 +131,7 @@ def test_offline_chat_renders_tools_and_constrains_the_reply(llama_dir, tok_dir)
     assert [o.outputs[0].text in ("3", "three") for o in outs] == [True, True]
 
 
-# -- with n-gram speculation ---------------------------------------------------------------------------
+# -- with speculation ------------------------------------------------------------------------------------
 
 ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta"]}, "minItems": 6, "maxItems": 6}
 REPEATING = [  # (structured_outputs, prompt, does this text follow it): text the output's or prompt's n-grams propose
@@ -176,6 +176,20 @@ async def test_speculation_under_a_grammar_keeps_greedy_output(llama_dir, tok_di
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     assert_follow(spec)
     assert stats.spec_decode.num_accepted_tokens > 0 and stats.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+async def test_a_draft_model_under_a_grammar_keeps_greedy_output(llama_dir, tok_dir, pp):
+    """The target as its own draft: its proposals are what the target would sample unmasked, so
+    the grammar cuts many of them; the output stays the plain one and follows the grammar."""
+    params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=entry[0]) for entry in REPEATING]
+    draft = {"model": str(llama_dir), "num_speculative_tokens": 3, "disable_by_batch_size": 64}
+    plain, _ = await constrained_outputs(llama_dir, tok_dir, params, pipeline_parallel_size=pp)
+    spec, stats = await constrained_outputs(llama_dir, tok_dir, params, draft, pipeline_parallel_size=pp)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert_follow(spec)
+    assert stats.spec_decode.num_accepted_tokens > 0
+    assert stats.kv_blocks_used == 0 and stats.draft_kv_blocks_used == 0
 
 
 @pytest.mark.parametrize("pp", [1, 2])
