@@ -180,15 +180,16 @@ async def test_speculation_under_a_grammar_keeps_greedy_output(llama_dir, tok_di
 
 @pytest.mark.parametrize("pp", [1, 2])
 async def test_a_draft_model_under_a_grammar_keeps_greedy_output(llama_dir, tok_dir, pp):
-    """The target as its own draft: its proposals are what the target would sample unmasked, so
-    the grammar cuts many of them; the output stays the plain one and follows the grammar."""
+    """The target as its own draft: its proposals are what the random target would pick unmasked,
+    which the grammar mostly forbids, so it cuts them (often to nothing); the output stays the
+    plain one and follows the grammar, and no block of either model is left."""
     params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=entry[0]) for entry in REPEATING]
     draft = {"model": str(llama_dir), "num_speculative_tokens": 3, "disable_by_batch_size": 64}
     plain, _ = await constrained_outputs(llama_dir, tok_dir, params, pipeline_parallel_size=pp)
     spec, stats = await constrained_outputs(llama_dir, tok_dir, params, draft, pipeline_parallel_size=pp)
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     assert_follow(spec)
-    assert stats.spec_decode.num_accepted_tokens > 0
+    assert stats.spec_decode.draft_seconds > 0  # the draft ran for the constrained sequences
     assert stats.kv_blocks_used == 0 and stats.draft_kv_blocks_used == 0
 
 
