@@ -85,9 +85,9 @@ def _log_choice(table: TimingTable, choice: PartitionChoice, mix: TrafficMix, ho
         log.info("  %s", line)
     if not choice.fits_memory:
         log.warning("layer partition: no split fits every stage's memory; choosing by time alone")
-    log.info("layer partition %s (auto: the split whose slowest stage is fastest, for %g prompt token(s) per "
-             "generated token); predicted ms per stage, decode %s, prefill %s", format_partition(choice.parts),
-             mix.prompt_tokens / mix.output_tokens, _ms(choice.decode_s), _ms(choice.prefill_s))
+    log.info("layer partition %s (auto: the split whose slowest stage is fastest, for a mix of %g:%g prompt:"
+             "generated tokens); predicted ms per stage, decode %s, prefill %s", format_partition(choice.parts),
+             mix.prompt_tokens, mix.output_tokens, _ms(choice.decode_s), _ms(choice.prefill_s))
 
 
 def _ms(seconds: list[float]) -> str:

@@ -1,9 +1,10 @@
 """Equal-cost prompt chunks at P > 1 while nothing decodes (engine/prompt_chunks.py)."""
+from test_scheduler import make_seq, run_step
+
 from asyncpp.core.config import ModelShape
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.prompt_chunks import attention_share, equal_cost_chunk
 from asyncpp.engine.scheduler import Scheduler, SchedulerLimits
-from test_scheduler import make_seq, run_step
 
 W = ModelShape(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1376,
                vocab_size=32000, max_positions=2048, gated_mlp=True)
