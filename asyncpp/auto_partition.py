@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from asyncpp.core.config import EngineConfig
 from asyncpp.core.partition_choice import (
-    DEFAULT_MIX,
     PartitionChoice,
     TrafficMix,
     choose_partition,
@@ -36,10 +35,10 @@ def default_measure(config: EngineConfig, threads: int) -> TimingTable:
     return measure_isolated(config, threads, PROFILE_TIMEOUT_S)
 
 
-def measured_partition(config: EngineConfig, measure_fn: Measure | None = None,
-                       mix: TrafficMix = DEFAULT_MIX) -> PartitionChoice | None:
-    """The split for `config`'s layout from its timing table (cached per model, layout and
-    host); `measure_fn` (default: default_measure) makes a table when none is cached."""
+def measured_partition(config: EngineConfig, measure_fn: Measure | None = None) -> PartitionChoice | None:
+    """The split for `config`'s layout and traffic mix from its timing table (cached per model,
+    layout and host); `measure_fn` (default: default_measure) makes a table when none is cached."""
+    mix = TrafficMix(*config.partition_mix)
     threads = config.threads_per_rank * config.stages[0].tp_size  # a stage's ranks, timed as one
     key = profile_key(config, threads)
     table, started = load_profile(key), time.perf_counter()
@@ -58,12 +57,14 @@ def measured_partition(config: EngineConfig, measure_fn: Measure | None = None,
     return choice
 
 
-def cached_predictor(config: EngineConfig, mix: TrafficMix = DEFAULT_MIX) -> Predict | None:
-    """Each stage's predicted time per request under a split, from the cached timing table of
-    `config`'s model, layout and host; None when none is cached (nothing is measured here)."""
+def cached_predictor(config: EngineConfig) -> Predict | None:
+    """Each stage's predicted time per request of `config`'s traffic mix under a split, from the
+    cached timing table of its model, layout and host; None when none is cached (nothing is
+    measured here)."""
     table = load_profile(profile_key(config, config.threads_per_rank * config.stages[0].tp_size))
     if table is None:
         return None
+    mix = TrafficMix(*config.partition_mix)
     return lambda parts: stage_seconds(table, parts, lambda p: mix_cost(p, table, mix))
 
 
@@ -84,9 +85,9 @@ def _log_choice(table: TimingTable, choice: PartitionChoice, mix: TrafficMix, ho
         log.info("  %s", line)
     if not choice.fits_memory:
         log.warning("layer partition: no split fits every stage's memory; choosing by time alone")
-    log.info("layer partition %s (auto: the split whose slowest stage is fastest, for %g prompt token(s) per "
-             "generated token); predicted ms per stage, decode %s, prefill %s", format_partition(choice.parts),
-             mix.prompt_tokens / mix.output_tokens, _ms(choice.decode_s), _ms(choice.prefill_s))
+    log.info("layer partition %s (auto: the split whose slowest stage is fastest, for a mix of %g:%g prompt:"
+             "generated tokens); predicted ms per stage, decode %s, prefill %s", format_partition(choice.parts),
+             mix.prompt_tokens, mix.output_tokens, _ms(choice.decode_s), _ms(choice.prefill_s))
 
 
 def _ms(seconds: list[float]) -> str:

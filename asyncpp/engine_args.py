@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import types
@@ -107,6 +108,10 @@ class EngineArgs:
         "auto", "layers per stage: auto (from each piece's time measured at start-up on the stage's threads, "
                 "cached per model, layout and host) | cost (balanced by an estimate from bytes) | counts, e.g. "
                 "8,8,7,7; x.5 splits a layer after its attention, e.g. 4.5,3.5")
+    pp_partition_mix: str = _arg(
+        "1:1", "prompt:generated tokens per request that --pp-layer-partition auto (and --pp-rebalance's "
+               "predictions) balance the stages for: 1:1 a chat turn; e.g. 20:1 where long prompts with short "
+               "answers dominate (the split then evens out prefill), 1:4 for long generations")
     pp_rebalance: bool = _arg(False, "re-balance the split while serving: when the busiest stage stays more than "
                               "--pp-rebalance-threshold above the mean for a window, move layer halves to its "
                               "less busy neighbour, as many as the busy fractions say balance the two (the "
@@ -191,6 +196,7 @@ class EngineArgs:
         if self.ray_address and self.distributed_executor_backend != "ray":
             raise ValueError("ray_address joins a Ray cluster: it needs distributed_executor_backend='ray', "
                              f"got {self.distributed_executor_backend!r}")
+        parse_partition_mix(self.pp_partition_mix)
         if self.pp_rebalance_window <= 0 or self.pp_rebalance_threshold < 0:
             raise ValueError("pp_rebalance_window must be > 0 and pp_rebalance_threshold >= 0, got "
                              f"{self.pp_rebalance_window!r} and {self.pp_rebalance_threshold!r}")
@@ -332,6 +338,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, num_virtual_engines=ves,
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
+        partition_mix=parse_partition_mix(args.pp_partition_mix),
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
         threads_per_rank=_threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args)),
         tp_comm=args.tp_comm, pp_comm=args.pp_comm,
@@ -347,6 +354,19 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
 
 
 PARTITION_MODES = ("auto", "cost")
+
+
+def parse_partition_mix(value: str) -> tuple[float, float]:
+    """'prompt:generated', e.g. '20:1' -> (20.0, 1.0)."""
+    prompt, colon, output = str(value).partition(":")
+    try:
+        mix = (float(prompt), float(output)) if colon else None
+    except ValueError:
+        mix = None
+    if mix is None or min(mix) < 0 or max(mix) <= 0 or not all(map(math.isfinite, mix)):
+        raise ValueError(f"pp_partition_mix must be 'prompt:generated' token counts >= 0, not both 0 "
+                         f"(e.g. 1:1, 20:1), got {value!r}")
+    return mix
 
 
 def partition_mode(value: str | None) -> str:

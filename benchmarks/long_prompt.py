@@ -11,6 +11,7 @@ row is the median round.
     python benchmarks/long_prompt.py --prompt-len 2000 --rounds 5 --json ttft.json
     python benchmarks/long_prompt.py --partitions 4,4     # and P=2 with an even split
     python benchmarks/long_prompt.py --partitions 4,4 --budgets 256   # and smaller chunks
+    python benchmarks/long_prompt.py --mixes 1:0      # and P=2 with `auto` balanced for prompts alone
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ class System:
     stats: str = ""
 
 
-def systems(prompt_len: int, partitions: list[str], budgets: list[int]) -> list[System]:
+def systems(prompt_len: int, partitions: list[str], budgets: list[int], mixes: list[str]) -> list[System]:
     one_chunk = prompt_len + 16
     rows = [System("P=1", {"pipeline_parallel_size": 1}),
             System("P=2, one chunk", {"pipeline_parallel_size": 2, "max_num_batched_tokens": one_chunk}),
             System("P=2, default", {"pipeline_parallel_size": 2})]
     rows += [System(f"P=2, layers {p}", {"pipeline_parallel_size": 2, "pp_layer_partition": p})
              for p in partitions]
+    rows += [System(f"P=2, auto for mix {m}", {"pipeline_parallel_size": 2, "pp_partition_mix": m}) for m in mixes]
     return rows + [System(f"P=2, {b}-token chunks{f', layers {p}' if p else ''}",
                           {"pipeline_parallel_size": 2, "max_num_batched_tokens": b,
                            **({"pp_layer_partition": p} if p else {})})
@@ -66,7 +68,7 @@ async def ttft(engine: AsyncLLM, prompt: list[int], request_id: str) -> float:
 async def run(args: argparse.Namespace) -> list[System]:
     model = str(make_workload_model())
     prompt = make_prompts(1, args.prompt_len, args.prompt_len, 32000, seed=args.seed)[0]
-    rows = systems(args.prompt_len, args.partitions, args.budgets)
+    rows = systems(args.prompt_len, args.partitions, args.budgets, args.mixes)
     async with AsyncExitStack() as stack:
         engines = []
         for row in rows:
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--partitions", nargs="*", default=[], help="also P=2 with these layer splits, e.g. 4,4")
     parser.add_argument("--budgets", nargs="*", type=int, default=[],
                         help="also P=2 with these chunk budgets (--max-num-batched-tokens), each partition too")
+    parser.add_argument("--mixes", nargs="*", default=[],
+                        help="also P=2 with `auto` for these prompt:generated mixes (--pp-partition-mix), e.g. 1:0")
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
     rows = anyio.run(run, args)

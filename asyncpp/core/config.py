@@ -138,7 +138,7 @@ def _moe_fields(c: Any, inner: int) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class RebalanceSettings:
-    """--pp-rebalance: live moves of a layer half between stages (engine/rebalancer.py)."""
+    """--pp-rebalance: live moves of layer halves between stages (engine/rebalancer.py)."""
     enabled: bool = False
     window_s: float = 10.0
     threshold: float = 0.10
@@ -190,6 +190,8 @@ class EngineConfig:
     # how layer_partition was chosen: "auto" (measured stage times), "cost" (estimated from bytes),
     # "given"; "" for one stage
     layer_partition_source: str = ""
+    # prompt tokens : generated tokens per request that `auto` and --pp-rebalance balance the stages for
+    partition_mix: tuple[float, float] = (1.0, 1.0)
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def kv_bytes_per_block(self, num_layers: int | None = None, num_kv_heads: int | None = None) -> int:

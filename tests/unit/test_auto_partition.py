@@ -168,3 +168,19 @@ def test_pp_rebalance_flags_reach_the_config(llama_dir):
     assert auto_config(llama_dir, pp=1, pp_rebalance=True).rebalance.enabled is False  # one stage: nothing to move
     with pytest.raises(ValueError, match="pp_rebalance_window"):
         EngineArgs(pp_rebalance_window=0)
+
+
+def test_the_traffic_mix_moves_the_split(llama_dir, cache, measured, caplog):
+    """The fake table's head weighs 4 halves in decode and nothing in prefill: prompts alone
+    balance at 2,2, generation alone at 3,1, the default chat mix at 2.5,1.5."""
+    assert auto_config(llama_dir, pp_partition_mix="1:0").layer_partition == [2.0, 2.0]
+    assert auto_config(llama_dir, pp_partition_mix="0:1").layer_partition == [3.0, 1.0]
+    assert auto_config(llama_dir).partition_mix == (1.0, 1.0)
+    prompts = auto_config(llama_dir, pp_layer_partition="3,1", pp_partition_mix="20:1")
+    assert prompts.partition_mix == (20.0, 1.0)
+    predict = auto_partition.cached_predictor(prompts)  # --pp-rebalance predicts for the same mix
+    assert predict is not None and max(predict([2.0, 2.0])) < max(predict([2.5, 1.5]))
+    assert len(measured.calls) == 1  # one table, whatever the mix
+    for bad in ("1", "a:b", "0:0", "-1:2", "inf:1"):
+        with pytest.raises(ValueError, match="pp_partition_mix"):
+            EngineArgs(pp_partition_mix=bad)
