@@ -21,7 +21,6 @@ from typing import Protocol
 from asyncpp.core.config import EngineConfig
 from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.prompt_budget import PromptBudget
-from asyncpp.engine.prompt_chunks import attention_share, equal_cost_chunk
 from asyncpp.engine.sequence import SeqStatus, Sequence
 
 
@@ -33,15 +32,11 @@ class SchedulerLimits:
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
     prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
     adaptive_prefill: bool = False  # ... or as many as measured step costs allow (prompt_budget.py)
-    # P > 1: while nothing decodes, prompt chunks of equal cost (prompt_chunks.py); 0: budget-long
-    chunk_attention_share: float = 0.0
 
     @classmethod
     def of(cls, config: EngineConfig) -> SchedulerLimits:
-        share = attention_share(config.shape) if len(config.layer_partition) > 1 else 0.0
         return cls(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget,
-                   share)
+                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget)
 
 
 @dataclass(slots=True)
@@ -100,8 +95,7 @@ class Scheduler:
         for little work)."""
         if in_flight and self._only_a_few_decodes_ready():
             return []
-        batch = _Batch(self.limits.max_num_batched_tokens, self._prefill_budget(),
-                       prompts_only=not (self.num_decoding or self.decoding_elsewhere()))
+        batch = _Batch(self.limits.max_num_batched_tokens, self._prefill_budget())
         preempted = self._schedule_running(batch)
         if not preempted:
             self._schedule_waiting(batch)
@@ -157,7 +151,7 @@ class Scheduler:
         for seq in ready:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted while this microbatch was being built
-            num_new = self._chunk(seq, batch)
+            num_new = min(seq.num_pending, batch.room(seq))
             if num_new <= 0:
                 continue
             proposal = self._proposal(seq, batch.room(seq) - num_new) if seq.decoding else []
@@ -169,16 +163,6 @@ class Scheduler:
                     return True
             batch.add(seq, num_new, proposal)
         return False
-
-    def _chunk(self, seq: Sequence, batch: _Batch) -> int:
-        """Tokens of seq this microbatch computes: a decode's one, else a prompt chunk that
-        fits; while the whole budget is the prompts' (nothing decodes) at P > 1, one of equal
-        cost (prompt_chunks.py)."""
-        num_new = min(seq.num_pending, batch.room(seq))
-        if seq.decoding or not self.limits.chunk_attention_share or not batch.prompts_only:
-            return num_new
-        return min(num_new, equal_cost_chunk(seq.num_scheduled, self.limits.max_num_batched_tokens,
-                                             self.limits.chunk_attention_share))
 
     def _proposal(self, seq: Sequence, room: int) -> list[int]:
         """Speculative tokens for a decoding sequence, with blocks for them; [] when there are
@@ -212,7 +196,7 @@ class Scheduler:
             else 0
         seq.num_computed = seq.num_scheduled = hit
         room = batch.room(seq)
-        num_new = self._chunk(seq, batch) if self.limits.chunked_prefill else seq.num_pending
+        num_new = min(seq.num_pending, room) if self.limits.chunked_prefill else seq.num_pending
         if num_new > room or not self.blocks.allocate(seq, hit + num_new):
             self.blocks.free(seq)
             seq.num_computed = seq.num_scheduled = 0
@@ -263,10 +247,9 @@ class _Batch:
     """The microbatch being built: what is left of its token budget, and of the part of it
     prompt chunks may take."""
 
-    def __init__(self, budget: int, prefill_budget: int, prompts_only: bool = False):
+    def __init__(self, budget: int, prefill_budget: int):
         self.budget = budget
         self.prefill_budget = prefill_budget
-        self.prompts_only = prompts_only  # no sequence decodes in any VE: prompt chunks only
         self.items: list[ScheduledSeq] = []
 
     def room(self, seq: Sequence) -> int:
