@@ -23,7 +23,6 @@ from torch import nn
 
 from asyncpp.core.config import ModelShape
 from asyncpp.model.gemm import linear
-from asyncpp.model.layers import RMSNorm
 from asyncpp.model.linear import ColumnParallelLinear, RowParallelLinear
 from asyncpp.model.llama import LlamaAttention, LlamaForCausalLM
 from asyncpp.model.loader import TensorSlice, WeightPlan, WeightSource, whole
@@ -87,12 +86,7 @@ class GptOssMoeBlock(SparseMoeBlock):
 
 class GptOssForCausalLM(LlamaForCausalLM):
     checkpoint_quantizations = ("mxfp4",)  # its experts' published format, dequantized while loading
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):  # transformers' GptOssRMSNorm: w * x in float32, rounded once
-                module.round_normalized = False
+    round_normalized = False  # transformers' GptOssRMSNorm: w * x in float32, rounded once
 
     def attention_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int, window: int | None
                         ) -> nn.Module | None:

@@ -87,14 +87,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, cfg: Any, shape: ModelShape, tp: TPGroup, qkv_bias: bool, o_bias: bool,
                  parts: tuple[bool, bool] = (True, True), qk_norm: bool = False, block: nn.Module | None = None,
-                 attn: nn.Module | None = None, window: int | None = None):
+                 attn: nn.Module | None = None, window: int | None = None, round_normalized: bool = True):
+        """`round_normalized`: how the layer's RMSNorms round (layers.RMSNorm)."""
         super().__init__()
         attention, mlp = parts
         eps = cfg.rms_norm_eps
-        self.input_layernorm = RMSNorm(shape.hidden_size, eps) if attention else None
+        self.input_layernorm = RMSNorm(shape.hidden_size, eps, round_normalized) if attention else None
         self.self_attn = (attn or LlamaAttention(shape, tp, qkv_bias, o_bias, eps if qk_norm else None, window)
                           if attention else None)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps) if mlp else None
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps, round_normalized) if mlp else None
         self.mlp = (block or LlamaMLP(shape, tp, bool(getattr(cfg, "mlp_bias", False)))) if mlp else None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
@@ -122,6 +123,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     intermediate_keys = ("hidden_states", "residual")
     qk_norm = False  # Qwen3: RMSNorm over each query and key head
+    round_normalized = True  # the layer and final norms round the normalized row before the weight (RMSNorm)
     checkpoint_quantizations: tuple[str, ...] = ()  # quant_method values whose checkpoints load (gpt-oss: mxfp4)
 
     def __init__(self, cfg: Any, stage: StageSpec, tp: TPGroup, max_positions: int, dtype: torch.dtype):
@@ -134,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.windows = layer_windows(cfg, max_positions)[stage.layer_start:stage.layer_end]
         self.layers = nn.ModuleList(self._layer(cfg, shape, tp, qkv_bias, o_bias, i) for i in range(stage.num_layers))
         self.rotary = RotaryEmbedding(cfg, shape.head_dim, max_positions, dtype)
-        self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
+        self.norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps, self.round_normalized) if stage.is_last else None
         self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, tp) if stage.is_last else None
         if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
@@ -146,7 +148,8 @@ class LlamaForCausalLM(nn.Module):
         layer, window = self.stage.layer_start + i, self.windows[i]
         return LlamaDecoderLayer(cfg, shape, tp, qkv_bias, o_bias, (attention, mlp), self.qk_norm,
                                  self.mlp_block(cfg, shape, tp, layer) if mlp else None,
-                                 self.attention_block(cfg, shape, tp, layer, window) if attention else None, window)
+                                 self.attention_block(cfg, shape, tp, layer, window) if attention else None, window,
+                                 self.round_normalized)
 
     def mlp_block(self, cfg: Any, shape: ModelShape, tp: TPGroup, layer: int) -> nn.Module | None:
         """Global layer `layer`'s MLP half when it is not the dense one (MoE models override)."""
