@@ -26,17 +26,14 @@ def spec_decode_line(before: EngineStats, now: EngineStats) -> str | None:
     """vLLM's "SpecDecoding metrics" line over the interval; None without drafts in it."""
     if before.spec_decode is None or now.spec_decode is None:
         return None
-    a, b = before.spec_decode, now.spec_decode
-    drafts, drafted = b.num_drafts - a.num_drafts, b.num_draft_tokens - a.num_draft_tokens
-    if not drafts:
+    d = now.spec_decode.since(before.spec_decode)
+    if not d.num_drafts:
         return None
-    accepted = b.num_accepted_tokens - a.num_accepted_tokens
-    per_position = ", ".join(f"{(y - x) / drafts:.3f}"
-                             for x, y in zip(a.accepted_per_position, b.accepted_per_position))
-    return (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, Accepted: {accepted} tokens, "
-            f"Drafted: {drafted} tokens, Per-position acceptance rate: {per_position}, "
-            f"Avg Draft acceptance rate: {100 * accepted / drafted if drafted else 0.0:.1f}%"
-            + (f", Draft model time: {b.draft_seconds - a.draft_seconds:.2f} s" if b.draft_seconds else ""))
+    per_position = ", ".join(f"{n / d.num_drafts:.3f}" for n in d.accepted_per_position)
+    return (f"SpecDecoding metrics: Mean acceptance length: {d.mean_acceptance_length:.2f}, Accepted: "
+            f"{d.num_accepted_tokens} tokens, Drafted: {d.num_draft_tokens} tokens, Per-position acceptance rate: "
+            f"{per_position}, Avg Draft acceptance rate: {100 * d.acceptance_rate:.1f}%"
+            + (f", Draft model time: {d.draft_seconds:.2f} s" if now.spec_decode.draft_seconds else ""))
 
 
 def _hit_rate(before: EngineStats, now: EngineStats) -> float:

@@ -53,7 +53,8 @@ def decide(policy: RebalancePolicy, sample: WindowSample, parts: Sequence[float]
     if mean <= 0 or busy[donor] <= (1 + policy.threshold) * mean:
         return None
     receiver = min((s for s in (donor - 1, donor + 1) if 0 <= s < len(busy)), key=lambda s: busy[s])
-    most = min(_balancing_halves(busy[donor], busy[receiver], to_halves(parts)[donor]), to_halves(parts)[donor] - 2)
+    donor_halves = to_halves(parts)[donor]
+    most = min(_balancing_halves(busy[donor], busy[receiver], donor_halves), donor_halves - 2)
     if most < 1 or _undoes(donor, receiver, sample.index, moves, policy.hold_windows):
         return None
     options = [_shifted(parts, donor, receiver, n) for n in range(1, most + 1)]

@@ -61,8 +61,7 @@ async def move_split(supervisor: Supervisor, ves: Sequence[VirtualEngine], parts
     paused = time.perf_counter() - started
     if reason:
         log.warning("layer move to %s abandoned after %.1f ms: %s", format_partition(parts), paused * 1e3, reason)
-        return MoveResult(False, list(supervisor.config.layer_partition), paused, recomputed=recomputed,
-                          reason=reason)
+        return MoveResult(False, old, paused, recomputed=recomputed, reason=reason)
     log.info("layer split moved to %s: %d rank(s) built their new layers, pipeline paused %.1f ms, %d running "
              "sequence(s) re-prefill", format_partition(parts), rebuilt, paused * 1e3, recomputed)
     return MoveResult(True, list(parts), paused, rebuilt, recomputed)

@@ -44,7 +44,7 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     grammar: GrammarState | None = None  # structured output: what its next token may be
-    draft: DraftState | None = None  # speculative decoding: its n-gram proposer
+    draft: DraftState | None = None  # speculative decoding: its n-gram index (or none: a draft model) and back-off
 
     @property
     def num_tokens(self) -> int:

@@ -36,6 +36,13 @@ class SpecDecodeStats:
         """Tokens a verified draft yields, the bonus token included (vLLM's log line)."""
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def since(self, before: SpecDecodeStats) -> SpecDecodeStats:
+        """The counts between `before` (an earlier snapshot of the same counters) and these."""
+        return SpecDecodeStats(self.num_drafts - before.num_drafts, self.num_draft_tokens - before.num_draft_tokens,
+                               self.num_accepted_tokens - before.num_accepted_tokens,
+                               [b - a for a, b in zip(before.accepted_per_position, self.accepted_per_position)],
+                               self.draft_seconds - before.draft_seconds)
+
     def add(self, other: SpecDecodeStats) -> None:
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens

@@ -227,13 +227,17 @@ class VirtualEngine:
     async def _draft(self) -> bool:
         """Draft-model speculation: draft for the decoding sequences the next microbatch may take;
         whether the draft ran."""
-        if self._paused or self._in_flight >= self.max_in_flight_per_ve:
+        if not self._may_send():
             return False
         assert self.speculator is not None
         return await self.speculator.prepare(s for s in self.scheduler.running if s.decoding and s.schedulable)
 
+    def _may_send(self) -> bool:
+        """Another microbatch may go out now: not paused, room in the pipeline for this VE."""
+        return not self._paused and self._in_flight < self.max_in_flight_per_ve
+
     def _schedule(self) -> list[ScheduledSeq]:
-        if self._paused or self._in_flight >= self.max_in_flight_per_ve:
+        if not self._may_send():
             return []
         return self.scheduler.schedule(self._in_flight)
 
@@ -376,7 +380,6 @@ class VirtualEngine:
             del self._requests[request_id]
             self.owner.request_done(request_id)
         entry[1].put(self.processor.request_output(request))
-
 
 
 def _emitted(output: StepOutput) -> Iterator[list[SampledToken]]:

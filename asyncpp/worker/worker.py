@@ -125,11 +125,10 @@ class StageWorker:
         try:
             runner = self.runner_factory(config, stage, self.tp)
             self.runner.init_kv_cache(0, 0)
-            needed = config.num_virtual_engines * blocks_per_ve
-            if runner.num_available_blocks() < needed:
-                raise RuntimeError(f"stage {stage.pp_rank} of the split {config.layer_partition} holds "
-                                   f"{runner.num_available_blocks()} KV blocks, fewer than the {needed} the engine "
-                                   "runs with")
+            needed, held = config.num_virtual_engines * blocks_per_ve, runner.num_available_blocks()
+            if held < needed:
+                raise RuntimeError(f"stage {stage.pp_rank} of the split {config.layer_partition} holds {held} KV "
+                                   f"blocks, fewer than the {needed} the engine runs with")
             runner.init_kv_cache(config.num_virtual_engines, blocks_per_ve)
         except _DEVICE_ERRORS:
             raise
