@@ -127,6 +127,10 @@ class EngineArgs:
         "(optional \"disable_by_batch_size\": no proposals while that many sequences run), or a draft model "
         "with the target's tokenizer: '{\"model\": \"/path/to/draft\", \"num_speculative_tokens\": 4}'")
     num_threads: int | None = _arg(None, "torch threads per rank (default cores // ranks)")
+    solo_stage_threads: bool = _arg(
+        True, "CPU, stages in local processes: a microbatch alone in the pipeline runs each stage on the cores "
+        "of every stage (they wait meanwhile), and a light load (under 16 sequences) is kept in one such "
+        "microbatch")
     tp_comm: str = _arg("auto", "TP all-reduce: auto (shared memory between CPU ranks of one machine, "
                         "else gloo/NCCL) | shm (insist) | gloo (always the world's library)", choices=_COMM)
     pp_comm: str = _arg("auto", "stage-to-stage tensors: auto | shm | gloo, as --tp-comm", choices=_COMM)
@@ -324,6 +328,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     mode = partition_mode(args.pp_layer_partition)
     parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition if mode == "given" else None,
                              shape.stage_costs(torch.finfo(dtype).bits // 8))
+    threads = _threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args))
     config = EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
@@ -340,7 +345,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
         partition_mix=parse_partition_mix(args.pp_partition_mix),
         backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        threads_per_rank=_threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args)),
+        threads_per_rank=threads, solo_threads=_solo_threads(args, device, pp, tp, threads),
         tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window,
@@ -468,6 +473,17 @@ def _threads_per_rank(args: EngineArgs, device: str, draft_beside: bool = False)
             "%d ranks x %d thread(s) on %d cores: the ranks share cores (oversubscribed); expect "
             "a slower engine than fewer ranks would give", ranks, threads, cores)
     return threads
+
+
+def _solo_threads(args: EngineArgs, device: str, pp: int, tp: int, threads: int) -> int:
+    """Threads a rank may use while its microbatch is alone in a pipeline of one host's CPU
+    processes: the cores the other stages' ranks would use then idle (0: no more than
+    `threads`)."""
+    backend = args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp")
+    if not args.solo_stage_threads or device != "cpu" or backend != "mp" or pp == 1:
+        return 0
+    solo = min(available_cores() // tp, threads * pp)
+    return solo if solo > threads else 0
 
 
 def available_cores() -> int:

@@ -1,8 +1,11 @@
 """N-gram speculative decoding against plain decoding, side by side: chat prompts that copy
 and edit a paragraph or a piece of code (n-gram lookup's best case), all in flight at once,
-greedy. The time after the last request's first token shows the decoding alone (prompts
-are prefilled alike either way). Both engines stay up for the whole run and take turns for --rounds interleaved rounds
-(one warm-up request each first); each row is the median round. Outputs must be identical.
+greedy, each request up to --max-tokens and ending where the model ends its answer (with
+--ignore-eos each goes on to --max-tokens: past its answer the model writes free text that
+n-grams seldom predict). The time after the last request's first token shows the decoding
+alone (prompts are prefilled alike either way). Both engines stay up for the whole run and
+take turns for --rounds interleaved rounds (one warm-up request each first); each row is the
+median round. Outputs must be identical.
 
     python benchmarks/speculative.py                       # bundled model, P=2, 4 prompts, 160 tokens
     python benchmarks/speculative.py --max-tokens 64 --rounds 1 --pp 2
@@ -105,7 +108,7 @@ async def take_turns(engines: dict[str, AsyncLLM], prompts: list[PromptInput], p
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = json.loads(args.speculative_config) if args.speculative_config else NGRAM
     common = {"model": args.model, "pipeline_parallel_size": args.pp, "dtype": args.dtype}
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     async with AsyncLLM(**common) as plain, AsyncLLM(**common, speculative_config=spec) as ngram:
         measured = await take_turns({"plain": plain, "ngram": ngram}, chats(args.concurrency), params, args.rounds)
         stats = ngram.stats().spec_decode
@@ -129,11 +132,13 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ignore-eos", action="store_true", help="every request generates --max-tokens")
     parser.add_argument("--speculative-config", default=None, help=f"JSON (default {json.dumps(NGRAM)})")
     parser.add_argument("--json", default=None, help="write the result here too")
     args = parser.parse_args()
     result = anyio.run(main, args)
-    print(f"P={args.pp}, {args.concurrency} prompts x {args.max_tokens} tokens, greedy: "
+    print(f"P={args.pp}, {args.concurrency} prompts, {result['tokens']} tokens (at most {args.max_tokens} each"
+          f"{', ignore_eos' if args.ignore_eos else ''}), greedy: "
           f"plain {result['plain_s']:.2f} s, n-gram {result['ngram_s']:.2f} s, speed-up {result['speedup']:.2f}x "
           f"(after the last first token: {result['plain_decode_s']:.2f} s vs {result['ngram_decode_s']:.2f} s, "
           f"{result['decode_speedup']:.2f}x), "

@@ -183,6 +183,9 @@ class EngineConfig:
     max_stage_restarts: int  # within stage_restart_window_s
     stage_restart_window_s: float
     rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
+    # CPU, all stages on this host: torch threads a rank may use for a microbatch that is alone in
+    # the pipeline (its stage then runs while the others wait); 0: always threads_per_rank
+    solo_threads: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
     max_logprobs: int = 20  # most logprobs a request may ask for per token
     stages: list[StageSpec] = field(default_factory=list)

@@ -74,6 +74,7 @@ class MicroBatch:
     # Structured output: int32 [rows, ceil(vocab / 32)], bit t of row r set when token t may
     # follow (xgrammar's layout); one row per constrained sampled row (SampleSpec.grammar_row).
     token_bitmask: np.ndarray | None = None
+    threads: int = 0  # torch threads each rank runs it with; 0: the rank's own count
 
     @property
     def num_tokens(self) -> int:

@@ -23,6 +23,8 @@ from asyncpp.engine.block_manager import BlockManager
 from asyncpp.engine.prompt_budget import PromptBudget
 from asyncpp.engine.sequence import SeqStatus, Sequence
 
+SOLO_DECODES = 16  # benchmarks/solo_pipeline.py: up to here one microbatch on every core is faster
+
 
 @dataclass(slots=True)
 class SchedulerLimits:
@@ -32,11 +34,16 @@ class SchedulerLimits:
     decode_groups: int = 1  # the decoding sequences are spread over this many microbatches
     prefill_while_decoding: int | None = None  # prompt tokens per microbatch while any sequence decodes
     adaptive_prefill: bool = False  # ... or as many as measured step costs allow (prompt_budget.py)
+    # ... unless this many or fewer decode: then one microbatch, which runs alone in the pipeline
+    # with every core per stage (CPU, MicroBatch.threads); 0: never
+    solo_decodes: int = 0
 
     @classmethod
     def of(cls, config: EngineConfig) -> SchedulerLimits:
+        solo = SOLO_DECODES if config.solo_threads else 0
         return cls(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget)
+                   config.decode_groups, config.max_prefill_tokens_while_decoding, config.adaptive_prefill_budget,
+                   solo)
 
 
 @dataclass(slots=True)
@@ -113,10 +120,13 @@ class Scheduler:
         decoding = [s for s in self.running if s.decoding]
         # The smaller share: with an odd count the groups differ by one, and waiting for the
         # larger would hold the smaller group back until the other returns, every step.
-        return sum(1 for s in decoding if s.schedulable) < len(decoding) // self.limits.decode_groups
+        return sum(1 for s in decoding if s.schedulable) < len(decoding) // self._decode_groups(len(decoding))
+
+    def _decode_groups(self, num_decoding: int) -> int:
+        return 1 if num_decoding <= self.limits.solo_decodes else self.limits.decode_groups
 
     def _decode_share(self, num_decoding: int) -> int:
-        return -(-num_decoding // self.limits.decode_groups)
+        return -(-num_decoding // self._decode_groups(num_decoding))
 
     def _prefill_budget(self) -> int:
         num_decoding = self.num_decoding

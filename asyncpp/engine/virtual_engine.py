@@ -20,7 +20,7 @@ from asyncpp.engine.draft_runner import DraftRunner
 from asyncpp.engine.grammar_state import GrammarState
 from asyncpp.engine.output_processor import OutputProcessor, SampledToken
 from asyncpp.engine.request_stream import RequestStream
-from asyncpp.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
+from asyncpp.engine.scheduler import SOLO_DECODES, ScheduledSeq, Scheduler, SchedulerLimits
 from asyncpp.engine.sequence import Request, Sequence
 from asyncpp.engine.speculator import SpecDecodeStats, Speculator
 from asyncpp.executor.executor import Executor
@@ -43,6 +43,17 @@ class VirtualEngineOwner(Protocol):
 
     def num_running_seqs(self) -> int:
         """Running sequences, every VE's together (speculation turns off above a batch size)."""
+
+    def num_unfinished_seqs(self) -> int:
+        """Running and waiting sequences, every VE's together."""
+
+
+def solo_threads(mb: MicroBatch, solo: int, num_unfinished: int) -> int:
+    """`solo` (every stage's cores, for each stage in turn; the executor keeps them only if the
+    pipeline is empty) under a light load, for a microbatch that samples every sequence: the next
+    one follows its results, while a prompt's middle chunk is followed at once by the next."""
+    light = num_unfinished <= SOLO_DECODES
+    return solo if light and all(s.sample is not None for s in mb.seqs) else 0
 
 
 @dataclass(slots=True)
@@ -82,6 +93,7 @@ class VirtualEngine:
         self.scheduler = Scheduler(SchedulerLimits.of(config), self.blocks, partial(owner.decoding_besides, ve_id),
                                    self.speculator)
         self.max_in_flight_per_ve = config.max_in_flight_per_ve
+        self.solo_threads = config.solo_threads
         self.supervisor = supervisor
         self.processor = processor
         self.owner = owner
@@ -214,6 +226,7 @@ class VirtualEngine:
                 if batch:
                     self._in_flight += 1
                     mb, grammars = self._microbatch(batch)
+                    mb.threads = solo_threads(mb, self.solo_threads, self.owner.num_unfinished_seqs())
                     if grammars:  # in a worker thread (xgrammar lets go of the GIL): other VEs run meanwhile
                         mb.token_bitmask = await anyio.to_thread.run_sync(self._token_bitmask, grammars)
                     tg.start_soon(self._run_microbatch, batch, mb)

@@ -144,7 +144,9 @@ class Executor:
         self._raise_if_unusable()
         mb.mb_id, self._next_mb_id = self._next_mb_id, self._next_mb_id + 1
         waiter = _Waiter(mb.mb_id)
-        if not self._pending:
+        if self._pending:
+            mb.threads = 0  # it overlaps another in the stages: each stage on its own cores
+        else:
             self._last_progress = time.monotonic()
         self._pending.append(waiter)
         self._clock.started(sum(s.num_tokens for s in mb.seqs))

@@ -82,6 +82,7 @@ class StageWorker:
             device = local_device(config.device)
         self.device = device
         self.sync_cuda = device.type == "cuda"
+        self.threads = self._threads_now = config.threads_per_rank
         self.tp = make_tp_communicator(self.stage.pp_size, self.stage.tp_size, args.rank, config.tp_comm)
         self.runner_factory = args.runner_factory
         self.runner = args.runner_factory(config, self.stage, self.tp)
@@ -147,6 +148,7 @@ class StageWorker:
         sequences' KV are untouched. The next stage still gets tensors of the right shape,
         so every stage stays in step. Link and device errors are not caught: after them
         the pipeline's state cannot be trusted, and the rank dies."""
+        self._use_threads(mb.threads)
         intermediate = None
         recv_start = recv_done = 0.0
         if not self.stage.is_first:
@@ -171,6 +173,14 @@ class StageWorker:
             return None, error, LinkTimes(recv_start, recv_done, send_start)
         link = LinkTimes(recv_start, recv_done) if self.distributed else None
         return (out if self.samples else None), error, link
+
+    def _use_threads(self, threads: int) -> None:
+        """A microbatch alone in the pipeline brings its own thread count (the other stages'
+        cores are idle meanwhile); the next one without it goes back to the rank's own."""
+        wanted = threads or self.threads
+        if wanted != self._threads_now:
+            torch.set_num_threads(wanted)
+            self._threads_now = wanted
 
     def _placeholder(self, num_tokens: int) -> IntermediateTensors:
         spec = self.runner.intermediate_spec(num_tokens)

@@ -16,9 +16,11 @@ MAX_TOKENS = 8
 
 @pytest.mark.parametrize("pp,ves,budget", [(2, 1, 16), (2, 2, 64), (3, 1, 32), (3, 3, 16), (4, 1, 48), (4, 4, 32)])
 def test_parity_with_several_microbatches_in_flight(llama_dir, pp, ves, budget):
+    """Stages on their own cores, so a light load spreads over the VEs (test_solo_pipeline.py
+    keeps it in one)."""
     prompts = mixed_prompts(6, lo=1, hi=200, seed=40 + pp)
     tokens, stats = engine_tokens(llama_dir, prompts, MAX_TOKENS, pipeline_parallel_size=pp,
-                                  num_virtual_engines=ves, max_num_batched_tokens=budget)
+                                  num_virtual_engines=ves, max_num_batched_tokens=budget, solo_stage_threads=False)
     assert tokens == hf_greedy(llama_dir, prompts, MAX_TOKENS)
     assert stats.kv_blocks_used == 0
     assert stats.pipeline.in_flight_max > ves  # some VE had more than one microbatch in flight
@@ -64,3 +66,18 @@ async def test_aborts_while_chunks_are_in_flight(llama_dir):
         assert engine.stats().pipeline.in_flight_max >= 2
     assert all(out.outputs[0].finish_reason == "abort" for out in aborted)
     assert [outputs[i] for i in (1, 2, 4)] == hf_greedy(llama_dir, [prompts[i] for i in (1, 2, 4)], MAX_TOKENS)
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_a_light_load_runs_in_one_microbatch_on_every_core_with_parity(llama_dir, pp, monkeypatch):
+    """solo_stage_threads (the default on CPU): the six requests stay in one VE, their decodes go in one
+    microbatch per step, each stage runs it on the cores of all (2 here): fewer microbatches than with
+    the stages on their own cores, and the same tokens as transformers."""
+    monkeypatch.setattr("asyncpp.engine_args.available_cores", lambda: 2)
+    prompts = mixed_prompts(6, lo=1, hi=120, seed=60 + pp)
+    solo, solo_stats = engine_tokens(llama_dir, prompts, MAX_TOKENS, pipeline_parallel_size=pp, num_threads=1)
+    shared, shared_stats = engine_tokens(llama_dir, prompts, MAX_TOKENS, pipeline_parallel_size=pp, num_threads=1,
+                                         solo_stage_threads=False)
+    assert solo == shared == hf_greedy(llama_dir, prompts, MAX_TOKENS)
+    assert solo_stats.kv_blocks_used == shared_stats.kv_blocks_used == 0
+    assert solo_stats.pipeline.microbatches < shared_stats.pipeline.microbatches

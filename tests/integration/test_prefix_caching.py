@@ -71,11 +71,13 @@ async def test_reset_frees_what_no_request_holds(llama_dir):
 @pytest.mark.parametrize("cache_aware", [True, False])
 async def test_same_prefix_lands_on_the_ve_caching_it(llama_dir, cache_aware):
     """A's prefix is cached in VE 0, which is busier than VE 1 when B arrives: least-loaded
-    placement would send B to VE 1 and miss; cache-aware placement hits."""
+    placement would send B to VE 1 and miss; cache-aware placement hits. (A light load that
+    is kept in one VE, solo_stage_threads, would send B to VE 0 either way.)"""
     prompts = shared_prefix_prompts(seed=2)
     a, b, busy = prompts[0], prompts[5], [7] * 20
     async with AsyncLLM(str(llama_dir), pipeline_parallel_size=2, num_virtual_engines=2, skip_tokenizer_init=True,
-                        dtype="float32", device="cpu", cache_aware_placement=cache_aware) as engine:
+                        dtype="float32", device="cpu", cache_aware_placement=cache_aware,
+                        solo_stage_threads=False) as engine:
         async for _ in engine.generate(a, greedy(MAX_TOKENS)):  # to VE 0: both idle
             pass
         async with await engine.add_request(busy, greedy(400)) as long_one:  # to VE 0 too: both idle again

@@ -223,6 +223,24 @@ def test_uneven_decode_groups_both_stay_in_flight():
 
 
 
+def test_few_decodes_go_in_one_microbatch_when_it_may_run_alone_on_every_core():
+    sched = Scheduler(SchedulerLimits(64, 64, True, decode_groups=2, solo_decodes=4), BlockManager(256, 16))
+    seqs = [make_seq(4) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    assert len(sched.schedule()) == 4  # four decoding: one group
+    assert sched.schedule(in_flight=1) == []
+    more = [make_seq(4) for _ in range(2)]
+    for s in more:
+        sched.add(s)
+    run_step(sched)  # the two prompts (the four are still in flight)
+    for s in seqs:
+        s.num_computed, s.awaiting_sample = s.num_scheduled, False
+        s.output_token_ids.append(7)
+    assert len(sched.schedule()) == 3  # six decoding, more than solo_decodes: two groups again
+
+
 def test_preempt_all_requeues_every_running_sequence_ahead_of_the_waiting_in_order():
     """A live move of the split: every running sequence re-prefills on the new stages, in the
     order it ran, before any request that was still waiting."""
