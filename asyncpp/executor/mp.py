@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
 from asyncpp.core.config import EngineConfig
@@ -69,7 +70,7 @@ class MultiprocTransport(Transport):
         with _spin_briefly(self.config):
             self._spawn(ctx, init_method)
 
-    def _spawn(self, ctx, init_method: str) -> None:
+    def _spawn(self, ctx: SpawnContext, init_method: str) -> None:
         for rank in range(self.config.world_size):
             control_r, control_w = ctx.Pipe(duplex=False)
             results_r, results_w = ctx.Pipe(duplex=False)
