@@ -50,8 +50,9 @@ class VirtualEngineOwner(Protocol):
 
 def solo_threads(mb: MicroBatch, solo: int, num_unfinished: int) -> int:
     """`solo` (every stage's cores, for each stage in turn; the executor keeps them only if the
-    pipeline is empty) under a light load, for a microbatch that samples every sequence: the next
-    one follows its results, while a prompt's middle chunk is followed at once by the next."""
+    pipeline is empty, and holds the next microbatch back until this one is done) under a light
+    load, for a microbatch that samples every sequence: a prompt's middle chunk is followed at
+    once by the next, which would have to wait."""
     light = num_unfinished <= SOLO_DECODES
     return solo if light and all(s.sample is not None for s in mb.seqs) else 0
 

@@ -67,6 +67,7 @@ class Executor:
         self._clock = InFlightClock()
         self._hops = HopClock([s.rank for s in config.stages if s.tp_rank == 0])
         self._next_mb_id = 0
+        self._solo: anyio.Event | None = None  # set when the microbatch alone on every core is back
         self._blame = RootCause(config.stages)
         self._gone: set[int] = set()  # ranks seen dead
         self._dead: BaseException | None = None  # what killed the pipeline
@@ -140,7 +141,12 @@ class Executor:
 
     # -- microbatches ------------------------------------------------------------------
     async def submit(self, mb: MicroBatch) -> StepOutput:
-        """Run one microbatch through every stage; raises EngineDeadError if a rank died."""
+        """Run one microbatch through every stage; raises EngineDeadError if a rank died.
+        One that brings its own thread count (every stage's cores, MicroBatch.threads) keeps
+        them only when it enters an empty pipeline, and then nothing enters until it is back:
+        a stage beside it would oversubscribe the cores."""
+        while self._solo is not None:
+            await self._solo.wait()
         self._raise_if_unusable()
         mb.mb_id, self._next_mb_id = self._next_mb_id, self._next_mb_id + 1
         waiter = _Waiter(mb.mb_id)
@@ -148,6 +154,7 @@ class Executor:
             mb.threads = 0  # it overlaps another in the stages: each stage on its own cores
         else:
             self._last_progress = time.monotonic()
+        solo = self._solo = anyio.Event() if mb.threads else None
         self._pending.append(waiter)
         self._clock.started(sum(s.num_tokens for s in mb.seqs))
         try:
@@ -155,6 +162,9 @@ class Executor:
             await waiter.event.wait()
         finally:
             self._clock.finished()
+            if solo is not None:
+                self._solo = None
+                solo.set()
         if waiter.error is not None:
             raise waiter.error
         assert waiter.output is not None

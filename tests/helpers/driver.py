@@ -243,11 +243,11 @@ class InFlight:
 
 
 async def greedy_generate(executor: Executor, prompts: list[list[int]], new_tokens: int,
-                          num_ves: int, blocks_per_ve: int, block_size: int
+                          num_ves: int, blocks_per_ve: int, block_size: int, threads: int = 0
                           ) -> tuple[list[list[int]], int]:
     """Spread prompts over `num_ves` concurrent VEs, each prefilling all its prompts in its
-    first microbatch; returns generated ids per prompt and the most microbatches that were
-    in flight at once."""
+    first microbatch (each microbatch asking for `threads`); returns generated ids per prompt
+    and the most microbatches that were submitted at once."""
     seqs = sequences(prompts, new_tokens)
     ves = [GreedyVE(v, seqs[v::num_ves], BlockAllocator.shuffled(blocks_per_ve, block_size, v))
            for v in range(num_ves)]
@@ -256,6 +256,7 @@ async def greedy_generate(executor: Executor, prompts: list[list[int]], new_toke
     async def run(ve: GreedyVE) -> None:
         while not ve.finished:
             mb = ve.next_microbatch()
+            mb.threads = threads
             in_flight.now += 1
             in_flight.most = max(in_flight.most, in_flight.now)
             out = await executor.submit(mb)

@@ -57,6 +57,20 @@ async def test_mp_pipeline_matches_uni_and_transformers(llama_dir, pp, tp):
     assert all(0 < f <= 1 for f in stats.busy_fractions)
 
 
+async def test_a_microbatch_on_every_core_runs_alone_and_keeps_parity(llama_dir):
+    """Microbatches that ask for every stage's cores (MicroBatch.threads) from two VEs at once:
+    each enters only an empty pipeline and nothing enters beside it; the tokens stay
+    transformers'."""
+    config = engine_config(llama_dir, 2, num_virtual_engines=2)
+    async with running(config, BLOCKS_PER_VE) as executor:
+        tokens, submitted_at_once = await greedy_generate(executor, prompts(), NEW_TOKENS, 2, BLOCKS_PER_VE,
+                                                          config.block_size, threads=2)
+        stats = executor.stats()
+    assert tokens == hf_greedy(llama_dir, prompts(), NEW_TOKENS)
+    assert submitted_at_once == 2 and stats.in_flight_max == 1
+    assert stats.microbatches == 2 * NEW_TOKENS
+
+
 async def test_mp_tied_head_gpt2(gpt2_dir):
     """GPT-2 ties its head to the embedding: the last stage loads it too."""
     config = engine_config(gpt2_dir, 2)
