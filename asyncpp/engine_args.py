@@ -329,6 +329,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     parts = partition_layers(shape.num_layers, pp, args.pp_layer_partition if mode == "given" else None,
                              shape.stage_costs(torch.finfo(dtype).bits // 8))
     threads = _threads_per_rank(args, device, _draft_beside_stages(speculative, ves, pp, args))
+    backend = args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp")
     config = EngineConfig(
         model_path=str(model_path), served_model_name=args.served_model_name or str(args.model or DEFAULT_MODEL_NAME),
         tokenizer_path=None if args.skip_tokenizer_init else str(args.tokenizer or model_path),
@@ -344,8 +345,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         max_in_flight_per_ve=args.max_microbatches_in_flight or pp, decode_groups=-(-pp // ves),
         layer_partition=parts, layer_partition_source=mode if pp > 1 else "",
         partition_mix=parse_partition_mix(args.pp_partition_mix),
-        backend=args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp"),
-        threads_per_rank=threads, solo_threads=_solo_threads(args, device, pp, tp, threads),
+        backend=backend, threads_per_rank=threads,
+        solo_threads=_solo_threads(args.solo_stage_threads and device == "cpu" and backend == "mp", pp, tp, threads),
         tp_comm=args.tp_comm, pp_comm=args.pp_comm,
         onednn=args.onednn, stage_timeout_s=args.stage_timeout, max_stage_restarts=args.max_stage_restarts,
         stage_restart_window_s=args.stage_restart_window,
@@ -475,12 +476,11 @@ def _threads_per_rank(args: EngineArgs, device: str, draft_beside: bool = False)
     return threads
 
 
-def _solo_threads(args: EngineArgs, device: str, pp: int, tp: int, threads: int) -> int:
+def _solo_threads(wanted: bool, pp: int, tp: int, threads: int) -> int:
     """Threads a rank may use while its microbatch is alone in a pipeline of one host's CPU
-    processes: the cores the other stages' ranks would use then idle (0: no more than
-    `threads`)."""
-    backend = args.distributed_executor_backend or ("uni" if args.world_size == 1 else "mp")
-    if not args.solo_stage_threads or device != "cpu" or backend != "mp" or pp == 1:
+    processes (`wanted`): the cores the other stages' ranks would use then idle (0: no more
+    than `threads`)."""
+    if not wanted or pp == 1:
         return 0
     solo = min(available_cores() // tp, threads * pp)
     return solo if solo > threads else 0

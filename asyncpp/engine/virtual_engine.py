@@ -227,7 +227,8 @@ class VirtualEngine:
                 if batch:
                     self._in_flight += 1
                     mb, grammars = self._microbatch(batch)
-                    mb.threads = solo_threads(mb, self.solo_threads, self.owner.num_unfinished_seqs())
+                    if self.solo_threads:
+                        mb.threads = solo_threads(mb, self.solo_threads, self.owner.num_unfinished_seqs())
                     if grammars:  # in a worker thread (xgrammar lets go of the GIL): other VEs run meanwhile
                         mb.token_bitmask = await anyio.to_thread.run_sync(self._token_bitmask, grammars)
                     tg.start_soon(self._run_microbatch, batch, mb)
